@@ -1,0 +1,232 @@
+"""Offline demo models: real mlx-lm architectures, random float32 weights, and a
+byte-level BPE tokenizer trained on the spot with a ChatML chat template.
+
+No model hub is needed: a demo model is a normal mlx-lm model directory, loaded by the
+same ``mlx_lm.utils.load`` that loads ``mlx-community/...`` models. Builds are
+deterministic for a seed and cached, so a second call returns at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import engine  # noqa: F401  (BLAS preload before mlx)
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map_with_path
+from mlx_lm.utils import _get_classes
+
+FORMAT_VERSION = 1
+DEMO_PREFIX = "demo:"
+
+IM_START, IM_END, EOT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    size: str
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    seed: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def name(self) -> str:
+        return f"{self.size}-{self.arch}"
+
+    def digest(self) -> str:
+        blob = json.dumps({**asdict(self), "format": FORMAT_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+SIZES = {
+    # A few MB: for tests. Big enough that greedy outputs vary from token to token.
+    "tiny": dict(vocab_size=1024, hidden_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
+                 max_position_embeddings=8192),
+    # ~80M parameters: for benchmarks.
+    "bench": dict(vocab_size=8192, hidden_size=768, num_hidden_layers=12,
+                  num_attention_heads=12, num_key_value_heads=4, intermediate_size=2048,
+                  max_position_embeddings=16384),
+}
+ARCHS = ("qwen3", "llama")
+
+
+def demo_spec(size: str = "tiny", arch: str = "qwen3", seed: int = 0) -> DemoSpec:
+    if size not in SIZES:
+        raise ValueError(f"unknown demo size {size!r}; choose from {sorted(SIZES)}")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown demo architecture {arch!r}; choose from {ARCHS}")
+    return DemoSpec(size=size, arch=arch, seed=seed, **SIZES[size])
+
+
+def parse_demo_id(model: str) -> DemoSpec | None:
+    """``demo:tiny``, ``demo:bench-llama``, ``demo:tiny-qwen3@7`` (seed 7) -> a spec."""
+    if not model.startswith(DEMO_PREFIX):
+        return None
+    name, _, seed = model[len(DEMO_PREFIX):].partition("@")
+    size, _, arch = name.partition("-")
+    return demo_spec(size, arch or "qwen3", int(seed) if seed else 0)
+
+
+def cache_home() -> Path:
+    root = os.environ.get("BLOCKSERVE_HOME") or Path.home() / ".cache" / "blockserve"
+    return Path(root) / "models"
+
+
+def model_config(spec: DemoSpec, tok_ids: dict[str, int]) -> dict:
+    config = dict(
+        model_type=spec.arch,
+        architectures=["Qwen3ForCausalLM" if spec.arch == "qwen3" else "LlamaForCausalLM"],
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        intermediate_size=spec.intermediate_size,
+        head_dim=spec.head_dim,
+        max_position_embeddings=spec.max_position_embeddings,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,  # tied, the argmax copies the input token
+        torch_dtype="float32",
+        eos_token_id=[tok_ids[IM_END], tok_ids[EOT]],
+        bos_token_id=None,
+    )
+    if spec.arch == "llama":
+        config.update(attention_bias=False, mlp_bias=False, rope_scaling=None)
+    return config
+
+
+def build_demo_model(spec: DemoSpec, out_dir: Path) -> None:
+    """Write a complete mlx-lm model directory for ``spec`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok_ids = _train_tokenizer(spec, out_dir)
+    config = model_config(spec, tok_ids)
+    model_cls, args_cls = _get_classes(config)
+    model = model_cls(args_cls.from_dict(config))
+    mx.random.seed(spec.seed)
+
+    def init(path: str, p: mx.array) -> mx.array:
+        if p.ndim == 1:  # norm scales; any bias would be 0
+            return mx.ones_like(p) if path.endswith("weight") else mx.zeros_like(p)
+        if "embed" in path:
+            return mx.random.normal(p.shape)
+        # N(0, 1/fan_in): activations keep their scale, so greedy outputs vary.
+        return mx.random.normal(p.shape) * (p.shape[-1] ** -0.5)
+
+    model.update(tree_map_with_path(init, model.parameters()))
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (out_dir / "blockserve-demo.json").write_text(
+        json.dumps({**asdict(spec), "format": FORMAT_VERSION}, indent=2)
+    )
+
+
+def ensure_demo_model(spec: DemoSpec, home: Path | None = None) -> Path:
+    """The cached directory of ``spec``, built on first use (atomically)."""
+    home = home or cache_home()
+    path = home / f"{spec.name}-s{spec.seed}-{spec.digest()}"
+    if (path / "blockserve-demo.json").exists():
+        return path
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=home))
+    try:
+        build_demo_model(spec, tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process won the race; its build is identical
+            if not (path / "blockserve-demo.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# ---- tokenizer -------------------------------------------------------------------
+
+_WORDS = (
+    "the of and to in is you that it he was for on are as with his they at be this "
+    "have from or one had by word but not what all were we when your can said there "
+    "use an each which she do how their if will up other about out many then them these "
+    "so some her would make like him into time has look two more write go see number no "
+    "way could people my than first water been call who oil its now find long down day "
+    "did get come made may part system prompt user assistant cache block token model "
+    "server request reply tool result error file code function return value list print "
+    "import class def self none true false agent turn prefix memory batch stream query"
+).split()
+_EXTRA = ("café", "naïve", "über", "日本語", "中文", "emoji 🙂", "👍🏽", "Ωμέγα", "привет")
+_CODE = ("def f(x):\n    return x + 1\n", "for i in range(10):\n    print(i)\n",
+         "if (a && b) { return c; }\n", '{"key": [1, 2, 3], "ok": true}\n')
+
+
+def _corpus(seed: int, lines: int = 4000) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 16))]
+        if rng.random() < 0.2:
+            words.insert(rng.randrange(len(words)), rng.choice(_EXTRA))
+        line = " ".join(words)
+        if rng.random() < 0.5:
+            line = line.capitalize() + rng.choice([".", "?", "!", ",", ":"])
+        if rng.random() < 0.1:
+            line += " " + str(rng.randint(0, 10**6))
+        out.append(line)
+        if rng.random() < 0.05:
+            out.append(rng.choice(_CODE))
+    return out
+
+
+def _train_tokenizer(spec: DemoSpec, out_dir: Path) -> dict[str, int]:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = [EOT, IM_START, IM_END]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(spec.seed), trainer)
+    tok.save(str(out_dir / "tokenizer.json"))
+    ids = {s: tok.token_to_id(s) for s in specials}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHATML_TEMPLATE,
+        "eos_token": IM_END,
+        "pad_token": EOT,
+        "bos_token": None,
+        "unk_token": None,
+        "add_bos_token": False,
+        "model_max_length": spec.max_position_embeddings,
+        "clean_up_tokenization_spaces": False,
+    }, indent=2))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(
+        {"eos_token": IM_END, "pad_token": EOT}, indent=2))
+    return ids

@@ -1,0 +1,89 @@
+"""Loading a model with mlx-lm, and what the rest of blockserve needs to know about it."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import engine  # noqa: F401  (BLAS preload before mlx)
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.utils import load
+
+from engine.demo import ensure_demo_model, parse_demo_id
+from kvpool import Namespace
+
+DEFAULT_MODEL = "demo:tiny"
+
+
+class UnsupportedModelError(ValueError):
+    """The model's cache layout can't be served with block-level prefix reuse yet."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    model_id: str  # what clients name in "model"
+    identity: str  # model id + revision + dtype + a weights digest: the cache namespace
+    num_layers: int
+    kv_bytes_per_token: int
+    max_context: int
+    eos_token_ids: frozenset[int]
+
+    def namespace(self, cache_salt: str | None = None) -> Namespace:
+        return Namespace(self.identity, cache_salt)
+
+
+def resolve(model: str | None) -> tuple[str, str]:
+    """(model id shown to clients, path or hub id for mlx-lm)."""
+    model = model or DEFAULT_MODEL
+    spec = parse_demo_id(model)
+    if spec is not None:
+        return model, str(ensure_demo_model(spec))
+    return model, model
+
+
+def load_model(model: str | None = None, revision: str | None = None) -> LoadedModel:
+    model_id, path = resolve(model)
+    net, tokenizer, config = load(path, revision=revision, return_config=True)
+    caches = make_prompt_cache(net)
+    if not all(type(c) is KVCache for c in caches):
+        kinds = sorted({type(c).__name__ for c in caches})
+        raise UnsupportedModelError(
+            f"{model_id} uses caches {kinds}; only plain attention (KVCache) models are "
+            "supported so far (hybrid and sliding-window models are planned)"
+        )
+    # One token through the model gives the K/V shapes without parsing configs.
+    net(mx.array([[0]]), cache=caches)
+    per_token = sum(
+        (c.keys.shape[1] * c.keys.shape[3] + c.values.shape[1] * c.values.shape[3])
+        * c.keys.dtype.size
+        for c in caches
+    )
+    dtype = str(caches[0].keys.dtype)
+    local = Path(path)
+    digest = ""
+    if (local / "config.json").exists():
+        digest = hashlib.sha256((local / "config.json").read_bytes()).hexdigest()[:12]
+        weights = sorted(local.glob("*.safetensors"))
+        digest += "-" + "-".join(f"{w.stat().st_size}" for w in weights)
+    identity = f"{model_id}@{revision or 'main'}:{dtype}:{digest}"
+    max_context = int(
+        config.get("max_position_embeddings")
+        or (config.get("text_config") or {}).get("max_position_embeddings")
+        or 4096
+    )
+    return LoadedModel(
+        model=net,
+        tokenizer=tokenizer,
+        model_id=model_id,
+        identity=identity,
+        num_layers=len(caches),
+        kv_bytes_per_token=per_token,
+        max_context=max_context,
+        eos_token_ids=frozenset(tokenizer.eos_token_ids),
+    )
+

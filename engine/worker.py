@@ -1,0 +1,267 @@
+"""The batch thread: one thread owns mlx-lm's ``BatchGenerator`` and runs every MLX call.
+
+MLX streams and ``BatchGenerator`` are not thread-safe, so the scheduler never calls
+them directly: it queues commands (insert, abort), and this thread reports tokens,
+computed blocks, finishes and errors through the ``emit`` callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import engine  # noqa: F401  (BLAS preload before mlx)
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, StopSequences
+
+from engine.kvblocks import blocks_from_cache, cache_from_blocks
+from engine.model import LoadedModel, load_model
+from engine.sampling import make_sampler
+from engine.text import IncrementalDetokenizer, StopStringFilter
+from kvpool import TIER_GENERATED, Namespace
+from scheduler.protocol import (
+    BlocksEvent,
+    EngineEvent,
+    ErrorEvent,
+    FinishEvent,
+    SequenceSpec,
+    TokenEvent,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sequence:
+    spec: SequenceSpec
+    detok: IncrementalDetokenizer
+    stops: StopStringFilter
+    checkpoints: dict[int, int]  # prompt offset -> tier, still to publish
+    published_blocks: int  # blocks [0, published_blocks) are in the pool or cached
+
+
+class EngineWorker:
+    """Implements ``scheduler.protocol.Generator`` on a real mlx-lm model."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        block_size: int = 32,
+        max_running: int = 16,
+        prefill_batch_size: int = 8,
+        prefill_step_size: int = 512,
+        revision: str | None = None,
+    ):
+        self.block_size = block_size
+        self._model_name = model
+        self._revision = revision
+        self._max_running = max_running
+        self._prefill_batch_size = prefill_batch_size
+        self._prefill_step_size = prefill_step_size
+        self._commands: queue.Queue = queue.Queue()
+        self._emit: Callable[[EngineEvent], None] | None = None
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="blockserve-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
+        m = self.loaded
+        self.namespace: Namespace = m.namespace()
+        self.kv_bytes_per_token = m.kv_bytes_per_token
+        self.max_context = m.max_context
+        self.tokenizer = m.tokenizer
+
+    # ---- the Generator protocol (any thread) ----------------------------------
+
+    def start(self, emit: Callable[[EngineEvent], None]) -> None:
+        self._emit = emit
+        self._commands.put(("start", None))
+
+    def insert(self, spec: SequenceSpec) -> None:
+        self._commands.put(("insert", spec))
+
+    def abort(self, seq_id: str) -> None:
+        self._commands.put(("abort", seq_id))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._commands.put(("close", None))
+            self._thread.join()
+
+    def run_sync(self, fn: Callable[[LoadedModel], object]) -> object:
+        """Run ``fn(loaded_model)`` on the engine thread and wait (tests, tools)."""
+        done: queue.Queue = queue.Queue()
+        self._commands.put(("call", (fn, done)))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    # ---- the engine thread ----------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.loaded = load_model(self._model_name, self._revision)
+        except BaseException as e:  # reported to the constructor's caller
+            self._load_error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        stream = mx.default_stream(mx.default_device())
+        self._seqs: dict[int, _Sequence] = {}
+        self._uids: dict[str, int] = {}
+        self._bg = self._new_batch_generator(stream)
+        running = True
+        while running:
+            block = not self._seqs
+            while True:
+                try:
+                    cmd, arg = self._commands.get(block=block)
+                except queue.Empty:
+                    break
+                block = False
+                if cmd == "close":
+                    running = False
+                    break
+                self._handle(cmd, arg, stream)
+            if running and self._seqs:
+                try:
+                    self._step()
+                except Exception as e:  # a broken batch fails its sequences, not the server
+                    log.exception("batch step failed")
+                    for seq in list(self._seqs.values()):
+                        self._send(ErrorEvent(seq.spec.seq_id, f"generation failed: {e}"))
+                    self._seqs.clear()
+                    self._uids.clear()
+                    self._bg = self._new_batch_generator(stream)
+        self._bg.close()
+
+    def _new_batch_generator(self, stream) -> BatchGenerator:
+        return BatchGenerator(
+            self.loaded.model,
+            completion_batch_size=self._max_running,
+            prefill_batch_size=self._prefill_batch_size,
+            prefill_step_size=self._prefill_step_size,
+            stream=stream,
+        )
+
+    def _send(self, event: EngineEvent) -> None:
+        if self._emit is not None:
+            self._emit(event)
+
+    def _handle(self, cmd: str, arg, stream) -> None:
+        if cmd == "insert":
+            try:
+                with mx.stream(stream):
+                    self._insert(arg)
+            except Exception as e:
+                log.exception("insert failed")
+                self._send(ErrorEvent(arg.seq_id, f"could not start generation: {e}"))
+        elif cmd == "abort":
+            uid = self._uids.pop(arg, None)
+            if uid is not None:
+                self._seqs.pop(uid, None)
+                self._bg.remove([uid])
+        elif cmd == "call":
+            fn, done = arg
+            try:
+                with mx.stream(stream):
+                    done.put((True, fn(self.loaded)))
+            except Exception as e:
+                done.put((False, e))
+
+    def _insert(self, spec: SequenceSpec) -> None:
+        bs = self.block_size
+        n_prompt = len(spec.prompt)
+        if not 0 <= spec.cached_tokens < n_prompt:
+            raise ValueError("a sequence must leave at least one prompt token to compute")
+        if spec.cached_tokens != len(spec.cached_payloads) * bs:
+            raise ValueError("cached_tokens must equal the cached blocks' tokens")
+        cache = cache_from_blocks(spec.cached_payloads, self.loaded.num_layers)
+        checkpoints = {
+            c.tokens: c.tier
+            for c in spec.checkpoints
+            if spec.cached_tokens < c.tokens < n_prompt and c.tokens % bs == 0
+        }
+        cuts = [spec.cached_tokens, *sorted(checkpoints), n_prompt]
+        segments = [spec.prompt[a:b] for a, b in zip(cuts, cuts[1:])]
+        p = spec.sampling
+        stop_ids = set(p.stop_token_ids)
+        if not p.ignore_eos:
+            stop_ids |= self.loaded.eos_token_ids
+        (uid,) = self._bg.insert_segments(
+            [segments],
+            max_tokens=[p.max_tokens],
+            caches=[cache],
+            all_tokens=[list(spec.prompt[: spec.cached_tokens])],
+            samplers=[make_sampler(p)],
+            stop_sequences=[StopSequences([[t] for t in sorted(stop_ids)] or None)],
+        )
+        self._uids[spec.seq_id] = uid
+        self._seqs[uid] = _Sequence(
+            spec=spec,
+            detok=IncrementalDetokenizer(self.loaded.tokenizer),
+            stops=StopStringFilter(p.stop),
+            checkpoints=checkpoints,
+            published_blocks=spec.cached_tokens // bs,
+        )
+
+    def _step(self) -> None:
+        prompt_responses, gen_responses = self._bg.next()
+        for r in prompt_responses:
+            seq = self._seqs.get(r.uid)
+            if seq is None or not r.end_of_segment or r.end_of_prompt:
+                continue
+            done = seq.spec.cached_tokens + r.progress[0]
+            tier = seq.checkpoints.pop(done, None)
+            if tier is not None:
+                cache, tokens = self._bg.extract_cache([r.uid])[r.uid]
+                self._publish(seq, cache, list(tokens), tier)
+        finished_by_string: list[int] = []
+        for r in gen_responses:
+            seq = self._seqs.get(r.uid)
+            if seq is None:
+                continue
+            seq_id = seq.spec.seq_id
+            if r.finish_reason == "stop":  # a stop token: its text is not part of the reply
+                self._finish(seq, r.uid, r.prompt_cache, r.all_tokens, "stop")
+                continue
+            text = seq.stops.push(seq.detok.add(r.token))
+            if seq.stops.stopped:
+                self._send(TokenEvent(seq_id, r.token, text))
+                finished_by_string.append(r.uid)
+                continue
+            if r.finish_reason == "length":
+                self._send(TokenEvent(seq_id, r.token, text))
+                self._finish(seq, r.uid, r.prompt_cache, r.all_tokens, "length")
+                continue
+            self._send(TokenEvent(seq_id, r.token, text))
+        if finished_by_string:
+            caches = self._bg.remove(finished_by_string, return_prompt_caches=True)
+            for uid in finished_by_string:
+                cache, tokens = caches[uid]
+                self._finish(self._seqs[uid], uid, cache, tokens, "stop")
+
+    def _finish(self, seq: _Sequence, uid: int, cache, tokens, reason: str) -> None:
+        """Publish the sequence's remaining full blocks, then report the finish with
+        the text still held back (an incomplete character, a possible stop string)."""
+        tail = seq.stops.push(seq.detok.flush()) + seq.stops.flush()
+        self._publish(seq, cache, list(tokens), TIER_GENERATED)
+        del self._seqs[uid]
+        self._uids.pop(seq.spec.seq_id, None)
+        self._send(FinishEvent(seq.spec.seq_id, reason, tail))
+
+    def _publish(self, seq: _Sequence, cache, tokens: list[int], tier: int) -> None:
+        end = len(tokens) // self.block_size
+        if end <= seq.published_blocks:
+            return
+        payloads = blocks_from_cache(cache, seq.published_blocks, end, self.block_size)
+        self._send(BlocksEvent(seq.spec.seq_id, tokens[: end * self.block_size],
+                               seq.published_blocks, payloads, tier))
+        seq.published_blocks = end

@@ -1,0 +1,37 @@
+"""blockserve's paged KV prefix cache: block keys, refcounts, tiers, eviction, budget.
+
+Pure bookkeeping: no MLX, no asyncio. The KV payload of a block is opaque (anything
+with ``nbytes``); the engine makes it and reads it back.
+"""
+
+from kvpool.hashing import BlockKey, Namespace, chain_keys, iter_chain_keys, token_bytes
+from kvpool.pool import (
+    TIER_CONVERSATION,
+    TIER_GENERATED,
+    TIER_SYSTEM,
+    TIERS,
+    Block,
+    BlockPool,
+    InsertResult,
+    Payload,
+    PoolStats,
+    PrefixHit,
+)
+
+__all__ = [
+    "TIER_CONVERSATION",
+    "TIER_GENERATED",
+    "TIER_SYSTEM",
+    "TIERS",
+    "Block",
+    "BlockKey",
+    "BlockPool",
+    "InsertResult",
+    "Namespace",
+    "Payload",
+    "PoolStats",
+    "PrefixHit",
+    "chain_keys",
+    "iter_chain_keys",
+    "token_bytes",
+]

@@ -1,0 +1,410 @@
+"""The block pool: refcounted, deduplicated, byte-budgeted KV blocks keyed by prefix.
+
+Threading: the pool is plain Python with no locks. One thread owns it, in blockserve
+the scheduler's asyncio event loop. The engine thread only ever receives payloads that
+are pinned, and hands new payloads back through the scheduler.
+
+Eviction order (documented here because tests pin it down):
+  1. Only *evictable* blocks go: refcount 0 and no cached children (a leaf). Evicting an
+     inner block would orphan its children, which could then never be hit.
+  2. Lowest tier first (0 generated tail, 1 conversation checkpoint, 2 system prompt).
+  3. Within a tier, least recently used first. Lookups and inserts count as use.
+A parent becomes evictable once its last child is gone, keeping its own tier and age.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from kvpool.hashing import BlockKey, Namespace, Tokens, iter_chain_keys, token_bytes
+
+TIER_GENERATED = 0
+TIER_CONVERSATION = 1
+TIER_SYSTEM = 2
+TIERS = (TIER_GENERATED, TIER_CONVERSATION, TIER_SYSTEM)
+
+
+class Payload(Protocol):
+    """What the pool stores per block: opaque to it, apart from its size."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+@dataclass(eq=False, slots=True)
+class Block:
+    """One cached block of ``block_size`` tokens and the KV payload computed for them."""
+
+    key: BlockKey
+    parent: Block | None
+    namespace: Namespace
+    token_bytes: bytes
+    payload: Any
+    nbytes: int
+    tier: int
+    last_used: int
+    refcount: int = 0
+    children: int = 0
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return tuple(np.frombuffer(self.token_bytes, dtype="<i4").tolist())
+
+    @property
+    def evictable(self) -> bool:
+        return self.refcount == 0 and self.children == 0
+
+
+@dataclass
+class PrefixHit:
+    """The longest cached chain for a prompt. If pinned, the caller must release it."""
+
+    blocks: list[Block]
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.blocks) * self.block_size
+
+    @property
+    def payloads(self) -> list[Any]:
+        return [b.payload for b in self.blocks]
+
+
+@dataclass
+class InsertResult:
+    new_keys: list[BlockKey]
+    deduplicated: int
+    refused: int
+
+
+@dataclass
+class PoolStats:
+    """A snapshot: counters since start (or reset) and gauges now."""
+
+    block_size: int
+    budget_bytes: int
+    lookups: int = 0
+    queried_tokens: int = 0
+    hit_tokens: int = 0
+    inserted_blocks: int = 0
+    deduplicated_blocks: int = 0
+    refused_blocks: int = 0
+    collisions: int = 0
+    evictions: dict[int, int] = field(default_factory=lambda: {t: 0 for t in TIERS})
+    blocks_pinned: int = 0
+    blocks_cached: int = 0
+    bytes_pinned: int = 0
+    bytes_cached: int = 0
+
+    @property
+    def blocks_stored(self) -> int:
+        return self.blocks_pinned + self.blocks_cached
+
+    @property
+    def bytes_stored(self) -> int:
+        return self.bytes_pinned + self.bytes_cached
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
+def _verifies(b: Block, parent: Block | None, ns: Namespace, chunk: bytes) -> bool:
+    """A hash hit counts only if tokens, parent and namespace all agree."""
+    return b.token_bytes == chunk and b.parent is parent and b.namespace == ns
+
+
+class BlockPool:
+    def __init__(self, block_size: int, budget_bytes: int):
+        if block_size <= 0:
+            raise ValueError("block_size must be positive")
+        if budget_bytes < 0:
+            raise ValueError("budget_bytes must be >= 0")
+        self.block_size = block_size
+        self.budget_bytes = budget_bytes
+        self._blocks: dict[BlockKey, Block] = {}
+        # Lazy heap of (tier, last_used, seq, block); stale entries are skipped on pop.
+        self._evict_heap: list[tuple[int, int, int, Block]] = []
+        self._seq = 0
+        self._clock = 0
+        self._bytes = 0
+        self._pinned_blocks = 0
+        self._pinned_bytes = 0
+        self._counters = PoolStats(block_size, budget_bytes)
+
+    # ---- queries -------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, key: BlockKey) -> bool:
+        return key in self._blocks
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def blocks(self) -> list[Block]:
+        return list(self._blocks.values())
+
+    def cached_prefix_blocks(self, namespace: Namespace, tokens: Tokens) -> int:
+        """How many leading blocks a lookup would hit now, with no side effects."""
+        return len(self._match(namespace, token_bytes(tokens)))
+
+    def lookup(self, namespace: Namespace, tokens: Tokens, pin: bool = True) -> PrefixHit:
+        """The longest verified chain of cached blocks, leaving >= 1 token to compute.
+
+        With ``pin`` every returned block gets refcount +1; ``release`` undoes it.
+        """
+        raw = token_bytes(tokens)
+        blocks = self._match(namespace, raw)
+        self._counters.lookups += 1
+        self._counters.queried_tokens += len(raw) // 4
+        self._counters.hit_tokens += len(blocks) * self.block_size
+        self._clock += 1
+        for b in blocks:
+            if pin:
+                self._incref(b)
+            b.last_used = self._clock
+        if blocks and not pin:
+            self._push_if_evictable(blocks[-1])  # only a chain's last block can be a leaf
+        return PrefixHit(blocks, self.block_size)
+
+    def _match(self, namespace: Namespace, raw: bytes) -> list[Block]:
+        step = 4 * self.block_size
+        # A fully cached prompt must still compute its last token, so at most
+        # (len - 1) // block_size blocks can hit.
+        usable = max(len(raw) // 4 - 1, 0) // self.block_size
+        raw = raw[: usable * step]
+        chain: list[Block] = []
+        parent: Block | None = None
+        get = self._blocks.get
+        for i, key in enumerate(iter_chain_keys(namespace, raw, self.block_size)):
+            b = get(key)
+            if b is None:
+                break
+            if not _verifies(b, parent, namespace, raw[i * step : (i + 1) * step]):
+                self._counters.collisions += 1
+                break
+            chain.append(b)
+            parent = b
+        return chain
+
+    # ---- pins ----------------------------------------------------------------
+
+    def pin(self, blocks: Sequence[Block]) -> None:
+        for b in blocks:
+            if self._blocks.get(b.key) is not b:
+                raise KeyError("cannot pin a block that is not in the pool")
+            self._incref(b)
+
+    def release(self, blocks: Sequence[Block]) -> None:
+        for b in blocks:
+            if b.refcount <= 0:
+                raise ValueError("release of a block that is not pinned")
+            b.refcount -= 1
+            if b.refcount == 0:
+                self._pinned_blocks -= 1
+                self._pinned_bytes -= b.nbytes
+                self._push_if_evictable(b)
+        if self._bytes > self.budget_bytes:
+            self._make_room(0)  # pins had held the pool over budget
+
+    def _incref(self, b: Block) -> None:
+        if b.refcount == 0:
+            self._pinned_blocks += 1
+            self._pinned_bytes += b.nbytes
+        b.refcount += 1
+
+    # ---- insert --------------------------------------------------------------
+
+    def insert(
+        self,
+        namespace: Namespace,
+        tokens: Tokens,
+        payloads: Sequence[Payload] | Callable[[int], Payload],
+        tier: int = TIER_GENERATED,
+        pinned_prefix: Sequence[Block] = (),
+    ) -> InsertResult:
+        """Store the full blocks of ``tokens`` not yet present; keep (dedup) the rest.
+
+        ``payloads`` gives block i's payload, as a sequence or as a callable so that
+        the caller builds payloads only for blocks that are really new. Blocks that
+        don't fit in the budget are refused (with the rest of the chain); this never
+        raises and never evicts a pinned block. ``pinned_prefix``, the caller's pinned
+        hit for these tokens, spares hashing and verifying that prefix again.
+        """
+        if tier not in TIERS:
+            raise ValueError(f"tier must be one of {TIERS}")
+        raw = token_bytes(tokens)
+        step = 4 * self.block_size
+        n_blocks = len(raw) // step
+        if not callable(payloads):
+            n_blocks = min(n_blocks, len(payloads))
+            get_payload: Callable[[int], Payload] = payloads.__getitem__
+        else:
+            get_payload = payloads
+        raw = raw[: n_blocks * step]
+        result = InsertResult([], 0, 0)
+        self._clock += 1
+        parent: Block | None = None
+        skip = min(len(pinned_prefix), n_blocks)
+        for b in pinned_prefix[:skip]:
+            if b.refcount <= 0 or b.parent is not parent or b.namespace != namespace:
+                raise ValueError("pinned_prefix is not a pinned chain of this namespace")
+            if tier > b.tier:
+                b.tier = tier
+            b.last_used = self._clock
+            parent = b
+        result.deduplicated = skip
+        keys = iter_chain_keys(
+            namespace, raw, self.block_size, start_block=skip,
+            parent_key=None if parent is None else parent.key,
+        )
+        for i, key in enumerate(keys, start=skip):
+            chunk = raw[i * step : (i + 1) * step]
+            b = self._blocks.get(key)
+            if b is not None:
+                if not _verifies(b, parent, namespace, chunk):
+                    # A collision: the key is taken by other content. Keep the
+                    # resident block and store nothing below this point.
+                    self._counters.collisions += 1
+                    result.refused += n_blocks - i
+                    break
+                if tier > b.tier:
+                    b.tier = tier
+                b.last_used = self._clock
+                result.deduplicated += 1
+            else:
+                payload = get_payload(i)
+                b = self._store(key, parent, namespace, chunk, payload, tier)
+                if b is None:
+                    result.refused += n_blocks - i
+                    break
+                result.new_keys.append(key)
+            parent = b
+        if parent is not None:
+            self._push_if_evictable(parent)  # the chain's end is the only possible new leaf
+        self._counters.inserted_blocks += len(result.new_keys)
+        self._counters.deduplicated_blocks += result.deduplicated
+        self._counters.refused_blocks += result.refused
+        return result
+
+    def _store(
+        self,
+        key: BlockKey,
+        parent: Block | None,
+        namespace: Namespace,
+        chunk: bytes,
+        payload: Payload,
+        tier: int,
+    ) -> Block | None:
+        size = int(payload.nbytes)
+        if self._bytes + size > self.budget_bytes:
+            # The parent is a leaf until this child lands: shield it from eviction.
+            if parent is not None:
+                self._incref(parent)
+            try:
+                if not self._make_room(size):
+                    return None
+            finally:
+                if parent is not None:
+                    self.release([parent])
+        b = Block(key, parent, namespace, chunk, payload, size, tier, self._clock)
+        self._blocks[key] = b
+        self._bytes += size
+        if parent is not None:
+            parent.children += 1
+        return b
+
+    # ---- budget and eviction -------------------------------------------------
+
+    def set_budget(self, budget_bytes: int) -> None:
+        """Change the byte budget, evicting down to it as far as pins allow."""
+        if budget_bytes < 0:
+            raise ValueError("budget_bytes must be >= 0")
+        self.budget_bytes = budget_bytes
+        self._make_room(0)
+
+    def _make_room(self, size: int) -> bool:
+        while self._bytes + size > self.budget_bytes:
+            victim = self._pop_evictable()
+            if victim is None:
+                return False
+            self._evict(victim)
+        return True
+
+    def _evict(self, b: Block) -> None:
+        del self._blocks[b.key]
+        self._bytes -= b.nbytes
+        self._counters.evictions[b.tier] += 1
+        parent = b.parent
+        b.parent = None  # drop the reference chain so payloads can be freed
+        if parent is not None:
+            parent.children -= 1
+            self._push_if_evictable(parent)
+
+    def _push_if_evictable(self, b: Block) -> None:
+        if not b.evictable:
+            return
+        self._seq += 1
+        heapq.heappush(self._evict_heap, (b.tier, b.last_used, self._seq, b))
+        if len(self._evict_heap) > 2 * len(self._blocks) + 64:
+            self._rebuild_heap()
+
+    def _pop_evictable(self) -> Block | None:
+        while self._evict_heap:
+            tier, last_used, _, b = heapq.heappop(self._evict_heap)
+            current = (
+                self._blocks.get(b.key) is b
+                and b.evictable
+                and b.tier == tier
+                and b.last_used == last_used
+            )
+            if current:
+                return b
+        return None
+
+    def _rebuild_heap(self) -> None:
+        self._evict_heap = []
+        for b in self._blocks.values():
+            if b.evictable:
+                self._seq += 1
+                self._evict_heap.append((b.tier, b.last_used, self._seq, b))
+        heapq.heapify(self._evict_heap)
+
+    def reset(self) -> bool:
+        """Drop every block, like vLLM's ``reset_prefix_cache``. Refused (False) if any
+        block is pinned, so a flush is never half-done."""
+        if self._pinned_blocks:
+            return False
+        self._blocks.clear()
+        self._evict_heap.clear()
+        self._bytes = 0  # counters stay: they are monotonic, as Prometheus expects
+        return True
+
+    # ---- statistics ----------------------------------------------------------
+
+    def stats(self) -> PoolStats:
+        c = self._counters
+        return PoolStats(
+            block_size=self.block_size,
+            budget_bytes=self.budget_bytes,
+            lookups=c.lookups,
+            queried_tokens=c.queried_tokens,
+            hit_tokens=c.hit_tokens,
+            inserted_blocks=c.inserted_blocks,
+            deduplicated_blocks=c.deduplicated_blocks,
+            refused_blocks=c.refused_blocks,
+            collisions=c.collisions,
+            evictions=dict(c.evictions),
+            blocks_pinned=self._pinned_blocks,
+            blocks_cached=len(self._blocks) - self._pinned_blocks,
+            bytes_pinned=self._pinned_bytes,
+            bytes_cached=self._bytes - self._pinned_bytes,
+        )

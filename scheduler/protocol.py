@@ -1,0 +1,101 @@
+"""The narrow protocol between the scheduler and a generator (the MLX engine, or a fake).
+
+The scheduler sends a ``SequenceSpec`` per admitted request and may abort it. The
+generator runs on its own thread and reports back through one ``emit`` callback with
+the events below. Payloads are opaque here: the generator makes them and reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Union
+
+from kvpool import Namespace
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means off
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings; never part of the streamed text
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Publish the blocks of ``prompt[:tokens]`` (block-aligned) as soon as computed."""
+
+    tokens: int
+    tier: int
+
+
+@dataclass
+class SequenceSpec:
+    seq_id: str
+    prompt: list[int]
+    cached_tokens: int  # prompt[:cached_tokens] is covered by cached_payloads
+    cached_payloads: list[Any]  # one per cached block, in order
+    checkpoints: list[Checkpoint]  # strictly inside (cached_tokens, len(prompt))
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class TokenEvent:
+    """One generated token and the text it completes (may be empty: UTF-8 or a
+    possible stop string is still pending)."""
+
+    seq_id: str
+    token: int
+    text: str
+
+
+@dataclass
+class BlocksEvent:
+    """Full blocks computed by a sequence: ``payloads[i]`` is block ``first_block + i``
+    of ``tokens`` (the whole token prefix these blocks belong to)."""
+
+    seq_id: str
+    tokens: list[int]
+    first_block: int
+    payloads: list[Any]
+    tier: int
+
+
+@dataclass
+class FinishEvent:
+    seq_id: str
+    finish_reason: str  # "stop" | "length"
+    text: str = ""  # held-back text released at the end
+
+
+@dataclass
+class ErrorEvent:
+    seq_id: str
+    message: str
+
+
+EngineEvent = Union[TokenEvent, BlocksEvent, FinishEvent, ErrorEvent]
+
+
+class Generator(Protocol):
+    """What the scheduler needs from a model runner."""
+
+    namespace: Namespace  # model identity, the root of block keys
+    block_size: int
+    kv_bytes_per_token: int  # for memory admission of active requests
+    max_context: int
+
+    def start(self, emit: Callable[[EngineEvent], None]) -> None:
+        """Begin running; ``emit`` may be called from any thread."""
+
+    def insert(self, spec: SequenceSpec) -> None: ...
+
+    def abort(self, seq_id: str) -> None:
+        """Drop the sequence; events already emitted for it may still arrive."""
+
+    def close(self) -> None: ...
