@@ -103,6 +103,10 @@ class EngineWorker:
             raise value
         return value
 
+    def active_sequences(self) -> tuple[int, int]:
+        """(sequences this worker tracks, bytes of KV the BatchGenerator still holds)."""
+        return self.run_sync(lambda _: (len(self._seqs), self._bg.prompt_cache_nbytes))
+
     # ---- the engine thread ----------------------------------------------------
 
     def _run(self) -> None:

@@ -227,14 +227,15 @@ class BlockPool:
         self,
         namespace: Namespace,
         tokens: Tokens,
-        payloads: Sequence[Payload] | Callable[[int], Payload],
+        payloads: Sequence[Payload] | Callable[[int], Payload | None],
         tier: int = TIER_GENERATED,
         pinned_prefix: Sequence[Block] = (),
     ) -> InsertResult:
         """Store the full blocks of ``tokens`` not yet present; keep (dedup) the rest.
 
         ``payloads`` gives block i's payload, as a sequence or as a callable so that
-        the caller builds payloads only for blocks that are really new. Blocks that
+        the caller builds payloads only for blocks that are really new; a payload of
+        None (the caller no longer has that block) ends the insert there. Blocks that
         don't fit in the budget are refused (with the rest of the chain); this never
         raises and never evicts a pinned block. ``pinned_prefix``, the caller's pinned
         hit for these tokens, spares hashing and verifying that prefix again.
@@ -246,7 +247,7 @@ class BlockPool:
         n_blocks = len(raw) // step
         if not callable(payloads):
             n_blocks = min(n_blocks, len(payloads))
-            get_payload: Callable[[int], Payload] = payloads.__getitem__
+            get_payload: Callable[[int], Payload | None] = payloads.__getitem__
         else:
             get_payload = payloads
         raw = raw[: n_blocks * step]
@@ -282,7 +283,8 @@ class BlockPool:
                 result.deduplicated += 1
             else:
                 payload = get_payload(i)
-                b = self._store(key, parent, namespace, chunk, payload, tier)
+                b = None if payload is None else self._store(
+                    key, parent, namespace, chunk, payload, tier)
                 if b is None:
                     result.refused += n_blocks - i
                     break

@@ -1,2 +1,34 @@
 """The asyncio scheduler: queue, admission under budgets, cache-aware order, streams,
 aborts. No MLX: it drives a generator through ``scheduler.protocol``."""
+
+from scheduler.protocol import SamplingParams
+from scheduler.scheduler import (
+    PromptTooLongError,
+    QueueFullError,
+    Request,
+    RequestOutput,
+    RequestStream,
+    RequestTooLargeError,
+    Scheduler,
+    SchedulerClosedError,
+    SchedulerConfig,
+    SchedulerError,
+    SchedulerStats,
+    Usage,
+)
+
+__all__ = [
+    "PromptTooLongError",
+    "QueueFullError",
+    "Request",
+    "RequestOutput",
+    "RequestStream",
+    "RequestTooLargeError",
+    "SamplingParams",
+    "Scheduler",
+    "SchedulerClosedError",
+    "SchedulerConfig",
+    "SchedulerError",
+    "SchedulerStats",
+    "Usage",
+]

@@ -278,3 +278,10 @@ def test_insert_after_a_pinned_hit_resumes_the_chain():
     pool.release(hit.blocks)
     with pytest.raises(ValueError):  # an unpinned "prefix" is a caller bug
         pool.insert(NS, toks, payloads_for(toks), pinned_prefix=hit.blocks)
+
+
+def test_a_missing_payload_ends_the_insert_there():
+    pool = BlockPool(BS, 10_000)
+    toks = list(range(16))
+    res = pool.insert(NS, toks, lambda i: None if i == 2 else FakePayload(()))
+    assert len(res.new_keys) == 2 and res.refused == 2 and len(pool) == 2

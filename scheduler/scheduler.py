@@ -1,0 +1,367 @@
+"""The asyncio scheduler: waiting queue, admission under budgets, cache-aware order,
+in-flight prefix sharing, per-request output streams and aborts.
+
+It owns the block pool and runs entirely on one event loop; the generator's events
+arrive from its thread through ``loop.call_soon_threadsafe``.
+
+Pins: a running request keeps its prefix hit pinned until it ends. Its blocks are in
+use for its whole life, and the finish-time insert resumes the chain from them without
+hashing or verifying it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+from kvpool import BlockKey, BlockPool, Namespace, PrefixHit, chain_keys, token_bytes
+from scheduler.protocol import (
+    BlocksEvent,
+    Checkpoint,
+    EngineEvent,
+    ErrorEvent,
+    FinishEvent,
+    Generator,
+    SamplingParams,
+    SequenceSpec,
+    TokenEvent,
+)
+
+
+class SchedulerError(Exception):
+    """Base of the scheduler's typed errors; ``str(e)`` is a message for the client."""
+
+
+class QueueFullError(SchedulerError):
+    """Too many requests are waiting; retry later (HTTP 429)."""
+
+
+class PromptTooLongError(SchedulerError):
+    """The prompt does not fit the context limit (HTTP 400)."""
+
+
+class RequestTooLargeError(SchedulerError):
+    """Prompt + max_tokens would need more KV memory than the active budget (HTTP 400)."""
+
+
+class SchedulerClosedError(SchedulerError):
+    """The server is shutting down (HTTP 503)."""
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # (token offset, tier) of prompt checkpoints, e.g. from ``engine.chat``; unaligned.
+    checkpoints: list[tuple[int, int]] = field(default_factory=list)
+    cache_salt: str | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class RequestOutput:
+    """One step of a request's stream. The last one has ``finish_reason`` set."""
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    usage: Usage | None = None
+    error: str | None = None
+
+
+@dataclass
+class SchedulerConfig:
+    max_running: int = 16
+    max_queue: int = 256
+    max_prompt_tokens: int | None = None  # default: the generator's context limit
+    active_kv_budget_bytes: int = 8 << 30  # KV of running requests, prompt + max_tokens
+    aging_limit: int = 8  # a waiting request is overtaken at most this many times
+    share_inflight: bool = True
+
+
+@dataclass
+class SchedulerStats:
+    submitted: int = 0
+    prefill_tokens: int = 0  # prompt tokens actually computed
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    inflight_shares: int = 0  # requests that waited for a running request's blocks
+    finished: Counter = field(default_factory=Counter)  # by finish_reason
+
+
+@dataclass(eq=False)
+class _State:
+    req: Request
+    namespace: Namespace
+    raw: bytes  # the prompt as token_bytes, converted once
+    keys: list[BlockKey]  # keys of the prompt's hittable blocks, hashed once
+    reserve_bytes: int
+    arrival: int
+    outputs: asyncio.Queue
+    overtaken: int = 0
+    deferred: bool = False  # waited for another request's in-flight blocks
+    hit: PrefixHit | None = None
+    inflight_keys: list[BlockKey] = field(default_factory=list)
+    usage: Usage | None = None
+    done: bool = False
+
+
+class RequestStream:
+    """Async iterator over one request's outputs. Closing it early aborts the request."""
+
+    def __init__(self, scheduler: Scheduler, state: _State):
+        self._scheduler = scheduler
+        self._state = state
+        self.request_id = state.req.request_id
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._state.done and self._state.outputs.empty():
+            raise StopAsyncIteration
+        return await self._state.outputs.get()
+
+    def cancel(self) -> None:
+        """Abort the request if it has not finished (a client went away)."""
+        self._scheduler.abort(self.request_id)
+
+
+class Scheduler:
+    def __init__(self, generator: Generator, pool: BlockPool, config: SchedulerConfig):
+        if pool.block_size != generator.block_size:
+            raise ValueError("the pool and the generator must use one block size")
+        self.generator = generator
+        self.pool = pool
+        self.config = config
+        self.stats = SchedulerStats()
+        self._waiting: dict[str, _State] = {}  # insertion order = arrival order
+        self._running: dict[str, _State] = {}
+        self._inflight: dict[BlockKey, str] = {}  # key -> request that will publish it
+        self._arrivals = itertools.count()
+        self._reserved_bytes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    # ---- public API (event loop) --------------------------------------------
+
+    def start(self) -> None:
+        """Bind to the running loop and start the generator."""
+        self._loop = asyncio.get_running_loop()
+        loop = self._loop
+        self.generator.start(lambda e: loop.call_soon_threadsafe(self._on_event, e))
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.config.max_prompt_tokens or self.generator.max_context
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def namespace(self, cache_salt: str | None) -> Namespace:
+        return Namespace(self.generator.namespace.model, cache_salt)
+
+    def submit(self, req: Request) -> RequestStream:
+        """Queue a request; raises a ``SchedulerError`` if it can't be accepted."""
+        if self._closed:
+            raise SchedulerClosedError("the server is shutting down")
+        if not req.prompt:
+            raise PromptTooLongError("the prompt is empty: at least one token is required")
+        limit = self.max_prompt_tokens
+        if len(req.prompt) >= limit:
+            raise PromptTooLongError(
+                f"the prompt has {len(req.prompt)} tokens; this server's context limit is "
+                f"{limit} tokens, including at least one generated token"
+            )
+        if req.request_id in self._waiting or req.request_id in self._running:
+            raise SchedulerError(f"request id {req.request_id!r} is already in use")
+        max_tokens = min(req.sampling.max_tokens, limit - len(req.prompt))
+        if max_tokens != req.sampling.max_tokens:
+            req.sampling = replace(req.sampling, max_tokens=max_tokens)
+        reserve = (len(req.prompt) + max_tokens) * self.generator.kv_bytes_per_token
+        if reserve > self.config.active_kv_budget_bytes:
+            raise RequestTooLargeError(
+                f"prompt + max_tokens = {len(req.prompt) + max_tokens} tokens needs "
+                f"{reserve} bytes of KV; the active budget is "
+                f"{self.config.active_kv_budget_bytes} bytes"
+            )
+        if len(self._waiting) >= self.config.max_queue:
+            raise QueueFullError(
+                f"the queue is full ({self.config.max_queue} requests waiting); retry later"
+            )
+        ns = self.namespace(req.cache_salt)
+        raw = token_bytes(req.prompt)
+        usable = (len(req.prompt) - 1) // self.pool.block_size
+        keys = chain_keys(ns, raw[: usable * 4 * self.pool.block_size], self.pool.block_size)
+        state = _State(req, ns, raw, keys, reserve, next(self._arrivals), asyncio.Queue())
+        self._waiting[req.request_id] = state
+        self.stats.submitted += 1
+        self._schedule()
+        return RequestStream(self, state)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request at any stage and free all it holds. False if unknown/ended."""
+        state = self._waiting.pop(request_id, None)
+        if state is None:
+            state = self._running.get(request_id)
+            if state is None:
+                return False
+            self.generator.abort(request_id)
+        self._end(state, RequestOutput(request_id, finish_reason="abort",
+                                       usage=state.usage))
+        return True
+
+    def reset_cache(self) -> bool:
+        """Flush the pool; refused (False) while any block is pinned."""
+        return self.pool.reset()
+
+    async def shutdown(self) -> None:
+        """Refuse new requests, abort what is left, and stop the generator."""
+        self._closed = True
+        for rid in list(self._waiting) + list(self._running):
+            self.abort(rid)
+        await asyncio.get_running_loop().run_in_executor(None, self.generator.close)
+
+    # ---- admission ------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        while self._waiting and len(self._running) < self.config.max_running:
+            state = self._pick()
+            if state is None:
+                return
+            if (self._running and
+                    self._reserved_bytes + state.reserve_bytes
+                    > self.config.active_kv_budget_bytes):
+                return  # wait for memory; running requests will free it
+            self._admit(state)
+
+    def _pick(self) -> _State | None:
+        """Longest cached prefix first (SGLang's LPM), but a request overtaken
+        ``aging_limit`` times goes next, so none waits forever."""
+        eligible: list[tuple[_State, int]] = []
+        for state in self._waiting.values():
+            n_hit = 0
+            for key in state.keys:
+                if key not in self.pool:
+                    break
+                n_hit += 1
+            if (self.config.share_inflight and n_hit < len(state.keys)
+                    and state.keys[n_hit] in self._inflight):
+                state.deferred = True  # its next blocks are being computed: wait for them
+                continue
+            if state.overtaken >= self.config.aging_limit:
+                chosen = state  # the oldest aged request, in arrival order
+                break
+            eligible.append((state, n_hit))
+        else:
+            if not eligible:
+                return None
+            chosen = max(eligible, key=lambda e: (e[1], -e[0].arrival))[0]
+        for state, _ in eligible:
+            if state.arrival < chosen.arrival:
+                state.overtaken += 1
+        return chosen
+
+    def _admit(self, state: _State) -> None:
+        req = state.req
+        del self._waiting[req.request_id]
+        hit = self.pool.lookup(state.namespace, state.raw, pin=True)
+        state.hit = hit
+        bs = self.pool.block_size
+        tiers: dict[int, int] = {}
+        for offset, tier in req.checkpoints:
+            aligned = offset // bs * bs
+            if hit.num_tokens < aligned < len(req.prompt):
+                tiers[aligned] = max(tier, tiers.get(aligned, tier))
+        checkpoints = [Checkpoint(t, tier) for t, tier in sorted(tiers.items())]
+        if checkpoints:
+            last = checkpoints[-1].tokens // bs
+            for key in state.keys[len(hit.blocks) : last]:
+                if key not in self._inflight:
+                    self._inflight[key] = req.request_id
+                    state.inflight_keys.append(key)
+        state.usage = Usage(len(req.prompt), hit.num_tokens, 0)
+        self._running[req.request_id] = state
+        self._reserved_bytes += state.reserve_bytes
+        self.stats.prompt_tokens += len(req.prompt)
+        self.stats.cached_tokens += hit.num_tokens
+        self.stats.prefill_tokens += len(req.prompt) - hit.num_tokens
+        if state.deferred and hit.blocks:
+            self.stats.inflight_shares += 1
+        self.generator.insert(SequenceSpec(
+            req.request_id, req.prompt, hit.num_tokens, hit.payloads, checkpoints,
+            req.sampling,
+        ))
+
+    # ---- generator events ----------------------------------------------------
+
+    def _on_event(self, event: EngineEvent) -> None:
+        state = self._running.get(event.seq_id)
+        if state is None:
+            return  # an aborted request: its late events (and KV) are dropped
+        if isinstance(event, TokenEvent):
+            state.usage.completion_tokens += 1
+            state.outputs.put_nowait(
+                RequestOutput(event.seq_id, event.text, [event.token]))
+        elif isinstance(event, BlocksEvent):
+            self._publish(state, event)
+        elif isinstance(event, FinishEvent):
+            self._end(state, RequestOutput(event.seq_id, event.text,
+                                           finish_reason=event.finish_reason,
+                                           usage=state.usage))
+        elif isinstance(event, ErrorEvent):
+            self._end(state, RequestOutput(event.seq_id, finish_reason="error",
+                                           usage=state.usage, error=event.message))
+
+    def _publish(self, state: _State, event: BlocksEvent) -> None:
+        first, payloads = event.first_block, event.payloads
+        self.pool.insert(
+            state.namespace, event.tokens,
+            lambda i: payloads[i - first] if i >= first else None,
+            event.tier, pinned_prefix=state.hit.blocks,
+        )
+        done = len(event.tokens) // self.pool.block_size
+        published = set(state.keys[:done])
+        if any(k in published for k in state.inflight_keys):
+            self._drop_inflight(state, published)
+            self._schedule()  # requests deferred on these blocks can now hit
+
+    def _drop_inflight(self, state: _State, keys: set[BlockKey] | None = None) -> None:
+        keep = []
+        for k in state.inflight_keys:
+            if keys is None or k in keys:
+                if self._inflight.get(k) == state.req.request_id:
+                    del self._inflight[k]
+            else:
+                keep.append(k)
+        state.inflight_keys = keep
+
+    def _end(self, state: _State, final: RequestOutput) -> None:
+        """Release everything a request holds and close its stream."""
+        rid = state.req.request_id
+        if self._running.pop(rid, None) is not None:
+            self._reserved_bytes -= state.reserve_bytes
+        if state.hit is not None:
+            self.pool.release(state.hit.blocks)
+            state.hit = None
+        self._drop_inflight(state)
+        state.done = True
+        state.outputs.put_nowait(final)
+        self.stats.finished[final.finish_reason] += 1
+        self._schedule()

@@ -1,0 +1,51 @@
+"""Shared helpers for tests that run real tiny models through the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import greedy_sampler
+
+from engine.worker import EngineWorker
+from kvpool import BlockPool
+from scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
+
+
+def reference_tokens(model, prompt: list[int], n: int) -> list[int]:
+    """mlx-lm's own single-request greedy generation (no stop tokens)."""
+    out = []
+    for tok, _ in generate_step(mx.array(prompt), model, max_tokens=n, sampler=greedy_sampler):
+        out.append(int(tok))
+    return out
+
+
+def make_scheduler(worker: EngineWorker, budget: int = 256 << 20, **config) -> Scheduler:
+    pool = BlockPool(worker.block_size, budget)
+    sched = Scheduler(worker, pool, SchedulerConfig(**config))
+    sched.start()
+    return sched
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, ignore_eos=True)
+
+
+async def run(sched: Scheduler, prompt: list[int], n: int, **kw):
+    """(tokens, final output) of one request."""
+    outs = [o async for o in sched.submit(Request(list(prompt), greedy(n), **kw))]
+    assert outs[-1].finish_reason == "length", outs[-1]
+    return [t for o in outs for t in o.token_ids], outs[-1]
+
+
+async def run_many(sched, prompts, n, **kw):
+    return await asyncio.gather(*(run(sched, p, n, **kw) for p in prompts))
+
+
+def assert_idle(sched: Scheduler, worker: EngineWorker) -> None:
+    s = sched.pool.stats()
+    assert s.blocks_pinned == 0
+    assert sched.num_running == 0 and sched.num_waiting == 0
+    assert worker.run_sync(lambda m: 0) == 0  # the engine thread is responsive
+    assert worker.active_sequences() == (0, 0)

@@ -1,0 +1,116 @@
+"""A fake generator behind ``scheduler.protocol``: scripted tokens and timing, no MLX.
+
+Tokens are a hash of everything before them, so an output depends on the whole
+context. Payloads record the tokens they were computed for, and every cached prefix
+handed in is checked against the prompt: a scheduler that passes the wrong blocks
+gets an error event, and tests fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import xxhash
+
+from kvpool import Namespace
+from scheduler.protocol import (
+    BlocksEvent,
+    ErrorEvent,
+    FinishEvent,
+    SequenceSpec,
+    TokenEvent,
+)
+
+VOCAB = 1000
+EOS = 999
+
+
+@dataclass
+class FakePayload:
+    tokens: tuple
+    nbytes: int = 64
+
+
+def next_token(context: list[int]) -> int:
+    return xxhash.xxh64_intdigest(repr(context).encode()) % (VOCAB - 1)
+
+
+@dataclass
+class FakeGenerator:
+    block_size: int = 4
+    kv_bytes_per_token: int = 16
+    max_context: int = 4096
+    prefill_delay: float = 0.0  # seconds per computed prompt token
+    token_delay: float = 0.0  # seconds per generated token
+    namespace: Namespace = field(default_factory=lambda: Namespace("fake-model"))
+
+    def __post_init__(self):
+        self.inserted: list[SequenceSpec] = []
+        self.prefilled_tokens = 0
+        self.aborted: list[str] = []
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._emit = None
+        self.closed = False
+
+    # the protocol
+    def start(self, emit) -> None:
+        self._emit = emit
+
+    def insert(self, spec: SequenceSpec) -> None:
+        self.inserted.append(spec)
+        self._tasks[spec.seq_id] = asyncio.get_running_loop().create_task(self._run(spec))
+
+    def abort(self, seq_id: str) -> None:
+        self.aborted.append(seq_id)
+        task = self._tasks.pop(seq_id, None)
+        if task is not None:
+            task.cancel()
+
+    def close(self) -> None:
+        self.closed = True
+
+    @property
+    def active(self) -> int:
+        return len(self._tasks)
+
+    # the fake model
+    def _blocks(self, tokens: list[int], first: int, end: int) -> list[FakePayload]:
+        bs = self.block_size
+        return [FakePayload(tuple(tokens[i * bs : (i + 1) * bs])) for i in range(first, end)]
+
+    async def _run(self, spec: SequenceSpec) -> None:
+        bs = self.block_size
+        try:
+            expected = self._blocks(spec.prompt, 0, spec.cached_tokens // bs)
+            if [p.tokens for p in spec.cached_payloads] != [p.tokens for p in expected]:
+                self._emit(ErrorEvent(spec.seq_id, "cached payloads do not match the prompt"))
+                return
+            done = spec.cached_tokens
+            for cp in spec.checkpoints:
+                await asyncio.sleep(self.prefill_delay * (cp.tokens - done))
+                self.prefilled_tokens += cp.tokens - done
+                self._emit(BlocksEvent(spec.seq_id, spec.prompt[: cp.tokens], done // bs,
+                                       self._blocks(spec.prompt, done // bs, cp.tokens // bs),
+                                       cp.tier))
+                done = cp.tokens
+            await asyncio.sleep(self.prefill_delay * (len(spec.prompt) - done))
+            self.prefilled_tokens += len(spec.prompt) - done
+            context = list(spec.prompt)
+            reason = "length"
+            for _ in range(spec.sampling.max_tokens):
+                await asyncio.sleep(self.token_delay)
+                tok = next_token(context)
+                if tok in spec.sampling.stop_token_ids:
+                    reason = "stop"
+                    break
+                context.append(tok)
+                self._emit(TokenEvent(spec.seq_id, tok, f"<{tok}>"))
+            kv_tokens = context[:-1] if reason == "length" else context
+            end = len(kv_tokens) // bs
+            first = done // bs
+            self._emit(BlocksEvent(spec.seq_id, kv_tokens[: end * bs], first,
+                                   self._blocks(kv_tokens, first, end), 0))
+            self._emit(FinishEvent(spec.seq_id, reason))
+        finally:
+            self._tasks.pop(spec.seq_id, None)

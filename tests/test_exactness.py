@@ -1,0 +1,122 @@
+"""Exactness: with greedy sampling, a request served from cached blocks produces the
+tokens of the same request computed cold, and of mlx-lm's own generation."""
+
+import pytest
+from mlx_lm.utils import load
+
+from engine.chat import render_chat
+from engine.model import resolve
+from engine.worker import EngineWorker
+from tests.engine_harness import assert_idle, make_scheduler, reference_tokens, run, run_many
+
+N = 12  # generated tokens per request
+BS = 16
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama"])
+def engine_pair(request):
+    name = f"demo:tiny-{request.param}"
+    worker = EngineWorker(name, block_size=BS, max_running=8)
+    ref_model, _ = load(resolve(name)[1])
+    yield worker, ref_model
+    worker.close()
+
+
+def chat(tokenizer, system, *turns):
+    msgs = [{"role": "system", "content": system}]
+    for i, t in enumerate(turns):
+        msgs.append({"role": "user" if i % 2 == 0 else "assistant", "content": t})
+    return render_chat(tokenizer, msgs)
+
+
+SYSTEM = ("You are a careful coding agent. Use the tools, read the files, and return "
+          "the value of each function call in the list. ") * 3
+
+
+async def test_cold_full_partial_and_divergent(engine_pair):
+    worker, ref_model = engine_pair
+    tok = worker.tokenizer
+    sched = make_scheduler(worker)
+    a = chat(tok, SYSTEM, "What is in the cache block of the first file?")
+    b = chat(tok, SYSTEM, "Print the list of tool results, then import the model.")
+    ref_a = reference_tokens(ref_model, a.tokens, N)
+    ref_b = reference_tokens(ref_model, b.tokens, N)
+    assert len(set(ref_a)) > N // 2, "the demo model must give varied greedy output"
+
+    cold, out = await run(sched, a.tokens, N, checkpoints=a.checkpoints)
+    assert cold == ref_a and out.usage.cached_tokens == 0
+    full, out = await run(sched, a.tokens, N, checkpoints=a.checkpoints)
+    assert full == ref_a
+    assert out.usage.cached_tokens == (len(a.tokens) - 1) // BS * BS
+    partial, out = await run(sched, b.tokens, N, checkpoints=b.checkpoints)
+    assert partial == ref_b
+    system_end = a.checkpoints[0][0]
+    assert out.usage.cached_tokens == system_end // BS * BS > 0
+    # A divergent branch: same conversation up to a point inside the user turn.
+    c_tokens = a.tokens[: len(a.tokens) - 9] + tok.encode(" and the second one?")
+    ref_c = reference_tokens(ref_model, c_tokens, N)
+    branch, out = await run(sched, c_tokens, N)
+    assert branch == ref_c
+    assert out.usage.cached_tokens == (len(a.tokens) - 9) // BS * BS
+    assert_idle(sched, worker)
+
+
+async def test_four_turn_conversation_hits_every_turn(engine_pair):
+    worker, ref_model = engine_pair
+    tok = worker.tokenizer
+    sched = make_scheduler(worker)
+    turns = []
+    users = ["Open the file.", "Now print each value.", "Return the list.", "Done?"]
+    for i, user in enumerate(users):
+        turns.append(user)
+        prompt = chat(tok, SYSTEM, *turns)
+        tokens, out = await run(sched, prompt.tokens, N, checkpoints=prompt.checkpoints)
+        assert tokens == reference_tokens(ref_model, prompt.tokens, N)
+        if i > 0:
+            # Everything up to the previous reply's text was cached.
+            assert out.usage.cached_tokens >= (previous_len // BS) * BS
+        previous_len = len(prompt.tokens)
+        turns.append(tok.decode(tokens))
+    assert_idle(sched, worker)
+
+
+async def test_eight_concurrent_mixed_requests(engine_pair):
+    worker, ref_model = engine_pair
+    tok = worker.tokenizer
+    sched = make_scheduler(worker)
+    warm = chat(tok, SYSTEM, "What is in the cache block of the first file?")
+    await run(sched, warm.tokens, N, checkpoints=warm.checkpoints)
+    prompts = [
+        warm,  # full hit
+        chat(tok, SYSTEM, "What is in the cache block of the second file?"),  # partial
+        chat(tok, SYSTEM, "Write a function please"),  # partial
+        chat(tok, "A different system prompt entirely.", "Hello"),  # cold
+        chat(tok, SYSTEM, "What is in the cache block of the first file?", "It is empty.",
+             "Then fill it."),  # multi-turn
+        chat(tok, SYSTEM, "Write a function please"),  # shares in flight with #2
+        chat(tok, "Short.", "x"),  # cold and short
+        chat(tok, SYSTEM + " Extra rules apply.", "café 日本語 🙂"),  # divergent system
+    ]
+    results = await run_many(sched, [p.tokens for p in prompts], N)
+    for p, (tokens, _) in zip(prompts, results):
+        assert tokens == reference_tokens(ref_model, p.tokens, N)
+    assert sum(r[1].usage.cached_tokens for r in results) > 0
+    assert_idle(sched, worker)
+
+
+async def test_a_corrupted_cached_block_changes_the_output(engine_pair):
+    """The exactness tests can fail: serve a prompt from a shifted cached block."""
+    worker, ref_model = engine_pair
+    tok = worker.tokenizer
+    sched = make_scheduler(worker)
+    a = chat(tok, SYSTEM, "What is in the cache block of the first file?")
+    ref = reference_tokens(ref_model, a.tokens, N)
+    assert (await run(sched, a.tokens, N))[0] == ref
+    # Serve the last cached block with block 0's KV (other tokens, other positions).
+    # A swap would not do: attention is invariant to the order of cached entries.
+    hit = sched.pool.lookup(sched.namespace(None), a.tokens, pin=False)
+    hit.blocks[-1].payload = hit.blocks[0].payload
+    served, out = await run(sched, a.tokens, N)
+    assert out.usage.cached_tokens > 0
+    assert served != ref
+    assert_idle(sched, worker)

@@ -1,0 +1,276 @@
+"""Scheduler tests with the fake generator: no MLX, scripted tokens and timing."""
+
+import asyncio
+
+import pytest
+
+from kvpool import TIER_CONVERSATION, TIER_SYSTEM, BlockPool
+from scheduler import (
+    PromptTooLongError,
+    QueueFullError,
+    Request,
+    RequestTooLargeError,
+    SamplingParams,
+    Scheduler,
+    SchedulerConfig,
+)
+from tests.fakes import FakeGenerator, next_token
+
+BS = 4
+
+
+def make(config=None, **fake_kw):
+    gen = FakeGenerator(block_size=BS, **fake_kw)
+    pool = BlockPool(BS, budget_bytes=1 << 20)
+    sched = Scheduler(gen, pool, config or SchedulerConfig())
+    sched.start()
+    return sched, gen, pool
+
+
+def expected_tokens(prompt, n):
+    ctx = list(prompt)
+    for _ in range(n):
+        ctx.append(next_token(ctx))
+    return ctx[len(prompt):]
+
+
+async def collect(stream):
+    outs = [o async for o in stream]
+    tokens = [t for o in outs for t in o.token_ids]
+    return tokens, outs[-1]
+
+
+def assert_idle(sched, gen, pool):
+    s = pool.stats()
+    assert s.blocks_pinned == 0 and s.blocks_pinned + s.blocks_cached == len(pool)
+    assert gen.active == 0
+    assert sched.num_running == 0 and sched.num_waiting == 0
+
+
+async def test_usage_counts_and_a_full_hit():
+    sched, gen, pool = make()
+    prompt = list(range(1, 19))  # 18 tokens: 4 full blocks are hittable
+    tokens, last = await collect(sched.submit(Request(prompt, SamplingParams(max_tokens=5))))
+    assert tokens == expected_tokens(prompt, 5)
+    assert last.finish_reason == "length"
+    assert (last.usage.prompt_tokens, last.usage.cached_tokens,
+            last.usage.completion_tokens) == (18, 0, 5)
+    tokens2, last2 = await collect(sched.submit(Request(prompt, SamplingParams(max_tokens=5))))
+    assert tokens2 == tokens
+    assert last2.usage.cached_tokens == 16  # (18 - 1) // 4 * 4: one token is recomputed
+    assert gen.inserted[-1].cached_tokens == 16
+    assert sched.stats.prefill_tokens == 18 + 2
+    assert_idle(sched, gen, pool)
+
+
+async def test_stop_token_and_next_turn_hits_generated_blocks():
+    sched, gen, pool = make()
+    prompt = [5] * 10
+    reply = expected_tokens(prompt, 8)
+    tokens, last = await collect(sched.submit(Request(prompt, SamplingParams(max_tokens=8))))
+    # The next turn includes the reply: the blocks of prompt + reply (minus the last,
+    # never-fed token) were published at finish.
+    turn2 = prompt + reply + [7, 7, 7]
+    _, last2 = await collect(sched.submit(Request(turn2, SamplingParams(max_tokens=2))))
+    assert last2.usage.cached_tokens == (len(prompt) + len(reply) - 1) // BS * BS
+    stop_at = reply[3]
+    _, last3 = await collect(sched.submit(
+        Request(prompt, SamplingParams(max_tokens=8, stop_token_ids=(stop_at,)))))
+    assert last3.finish_reason == "stop" and last3.usage.completion_tokens == 3
+    assert_idle(sched, gen, pool)
+
+
+async def test_admission_prefers_the_longest_cached_prefix():
+    sched, gen, pool = make(SchedulerConfig(max_running=1), token_delay=0.001)
+    long_prefix = list(range(100, 132))
+    await collect(sched.submit(Request(long_prefix + [1], SamplingParams(max_tokens=1))))
+    blocker = sched.submit(Request([9] * 8, SamplingParams(max_tokens=5)))
+    miss = sched.submit(Request([50] * 20, SamplingParams(max_tokens=1)))
+    short = sched.submit(Request(long_prefix[:8] + [3] * 12, SamplingParams(max_tokens=1)))
+    long = sched.submit(Request(long_prefix + [2] * 4, SamplingParams(max_tokens=1)))
+    await asyncio.gather(*(collect(s) for s in (blocker, miss, short, long)))
+    order = [s.seq_id for s in gen.inserted[1:]]
+    assert order == [blocker.request_id, long.request_id, short.request_id, miss.request_id]
+    assert_idle(sched, gen, pool)
+
+
+async def test_aging_bounds_how_often_a_request_is_overtaken():
+    limit = 3
+    sched, gen, pool = make(SchedulerConfig(max_running=1, aging_limit=limit),
+                            token_delay=0.001)
+    hot = list(range(200, 240))
+    await collect(sched.submit(Request(hot + [0], SamplingParams(max_tokens=1))))
+    blocker = sched.submit(Request([1] * 8, SamplingParams(max_tokens=3)))
+    victim = sched.submit(Request([2] * 8, SamplingParams(max_tokens=1)))  # never hits
+    streams = [blocker, victim]
+    # Keep a steady supply of requests that hit the hot prefix, as a busy server would.
+    for i in range(12):
+        streams.append(sched.submit(Request(hot + [i + 10], SamplingParams(max_tokens=1))))
+    await asyncio.gather(*(collect(s) for s in streams))
+    order = [s.seq_id for s in gen.inserted[1:]]
+    overtakes = order.index(victim.request_id) - 1  # admitted after the blocker
+    assert overtakes == limit
+    # Without aging the victim would have gone last.
+    assert order.index(victim.request_id) < len(order) - 1
+    assert_idle(sched, gen, pool)
+
+
+async def test_queue_overflow_and_size_limits_raise_typed_errors():
+    sched, gen, pool = make(SchedulerConfig(max_running=1, max_queue=2,
+                                            active_kv_budget_bytes=16 * 300),
+                            token_delay=0.01, max_context=512)
+    streams = [sched.submit(Request([i] * 5, SamplingParams(max_tokens=2))) for i in range(3)]
+    with pytest.raises(QueueFullError, match="queue is full"):
+        sched.submit(Request([7] * 5))
+    with pytest.raises(PromptTooLongError, match="512"):
+        sched.submit(Request([1] * 512))
+    with pytest.raises(PromptTooLongError, match="empty"):
+        sched.submit(Request([]))
+    with pytest.raises(RequestTooLargeError, match="active budget"):
+        sched.submit(Request([1] * 400, SamplingParams(max_tokens=600)))
+    await asyncio.gather(*(collect(s) for s in streams))
+    # The scheduler keeps serving after each error.
+    tokens, last = await collect(sched.submit(Request([3] * 6, SamplingParams(max_tokens=2))))
+    assert len(tokens) == 2 and last.finish_reason == "length"
+    assert_idle(sched, gen, pool)
+
+
+async def test_max_tokens_is_clamped_to_the_context():
+    sched, gen, pool = make(max_context=20)
+    _, last = await collect(sched.submit(Request([1] * 15, SamplingParams(max_tokens=100))))
+    assert last.usage.completion_tokens == 5
+
+
+async def test_memory_budget_makes_requests_wait_instead_of_overrunning():
+    # Each request reserves (8 + 4) * 16 = 192 bytes; the budget fits two at a time.
+    sched, gen, pool = make(SchedulerConfig(max_running=8, active_kv_budget_bytes=400),
+                            token_delay=0.002)
+    peak = 0
+
+    def watch(_):
+        nonlocal peak
+        peak = max(peak, sched.num_running)
+
+    streams = [sched.submit(Request([i + 1] * 8, SamplingParams(max_tokens=4)))
+               for i in range(6)]
+    gen_emit = gen._emit
+    gen._emit = lambda e: (watch(e), gen_emit(e))
+    results = await asyncio.gather(*(collect(s) for s in streams))
+    assert all(r[1].finish_reason == "length" for r in results)
+    assert peak == 2
+    assert_idle(sched, gen, pool)
+
+
+@pytest.mark.parametrize("stage", ["waiting", "prefilling", "decoding"])
+async def test_abort_in_every_stage_frees_everything(stage):
+    sched, gen, pool = make(SchedulerConfig(max_running=1),
+                            prefill_delay=0.002, token_delay=0.01)
+    shared = list(range(40))
+    await collect(sched.submit(Request(shared + [1], SamplingParams(max_tokens=1))))
+    blocks_before = len(pool)
+    blocker = sched.submit(Request([3] * 6, SamplingParams(max_tokens=3)))
+    victim = sched.submit(Request(shared + [2] * 30, SamplingParams(max_tokens=50),
+                                  checkpoints=[(40, TIER_SYSTEM)]))
+    if stage == "waiting":
+        assert sched.num_waiting == 1
+        assert sched.abort(victim.request_id)
+    else:
+        await collect(blocker)
+        assert victim.request_id in {s.seq_id for s in gen.inserted}
+        assert pool.stats().blocks_pinned == 10  # its shared prefix hit is pinned
+        if stage == "prefilling":
+            await asyncio.sleep(0.01)
+        else:
+            first = await victim.__anext__()
+            assert first.token_ids
+        assert sched.abort(victim.request_id)
+        assert victim.request_id in gen.aborted
+    outs = [o async for o in victim]
+    assert outs[-1].finish_reason == "abort"
+    await asyncio.sleep(0.05)  # any late events must be dropped
+    if stage == "waiting":
+        await collect(blocker)
+    # Nothing of the aborted request was published: only the first request's blocks
+    # and the blocker's remain.
+    victim_blocks = {b.tokens for b in pool.blocks()} & {tuple([2] * 4)}
+    assert not victim_blocks
+    assert len(pool) <= blocks_before + 2
+    assert not sched.abort(victim.request_id)  # already gone
+    assert_idle(sched, gen, pool)
+
+
+async def test_inflight_sharing_prefills_a_shared_system_prompt_once():
+    sched, gen, pool = make(SchedulerConfig(max_running=8), prefill_delay=0.0002,
+                            token_delay=0.001)
+    system = [(i * 7) % 900 + 1 for i in range(1024)]
+    users = [[1000 + u] * 20 for u in range(8)]
+    streams = [
+        sched.submit(Request(system + u, SamplingParams(max_tokens=4),
+                             checkpoints=[(len(system), TIER_SYSTEM),
+                                          (len(system) + 20, TIER_CONVERSATION)]))
+        for u in users
+    ]
+    results = await asyncio.gather(*(collect(s) for s in streams))
+    for u, (tokens, last) in zip(users, results):
+        assert tokens == expected_tokens(system + u, 4)
+    cached = [r[1].usage.cached_tokens for r in results]
+    assert sorted(cached)[0] == 0 and all(c >= 1024 for c in sorted(cached)[1:])
+    # The system prompt was computed once, not 8 times.
+    assert gen.prefilled_tokens == 1024 + 8 * 20
+    assert sched.stats.inflight_shares == 7
+    assert_idle(sched, gen, pool)
+
+
+async def test_without_inflight_sharing_the_burst_prefills_eight_times():
+    sched, gen, pool = make(SchedulerConfig(max_running=8, share_inflight=False),
+                            prefill_delay=0.0002)
+    system = list(range(1, 1025))
+    streams = [sched.submit(Request(system + [2000 + u] * 20, SamplingParams(max_tokens=2),
+                                    checkpoints=[(1024, TIER_SYSTEM)])) for u in range(8)]
+    await asyncio.gather(*(collect(s) for s in streams))
+    assert gen.prefilled_tokens == 8 * (1024 + 20)
+
+
+async def test_a_broken_cached_prefix_is_detected_by_the_fake():
+    """The fake's payload check can fail: corrupt a cached block and see the error."""
+    sched, gen, pool = make()
+    prompt = list(range(1, 19))
+    await collect(sched.submit(Request(prompt, SamplingParams(max_tokens=1))))
+    pool.blocks()[0].payload.tokens = (0, 0, 0, 0)
+    _, last = await collect(sched.submit(Request(prompt, SamplingParams(max_tokens=1))))
+    assert last.finish_reason == "error" and "do not match" in last.error
+    assert_idle(sched, gen, pool)
+
+
+async def test_cache_salt_isolates_tenants():
+    sched, gen, pool = make()
+    prompt = list(range(1, 19))
+    await collect(sched.submit(Request(prompt, SamplingParams(max_tokens=1), cache_salt="a")))
+    _, other = await collect(sched.submit(
+        Request(prompt, SamplingParams(max_tokens=1), cache_salt="b")))
+    _, same = await collect(sched.submit(
+        Request(prompt, SamplingParams(max_tokens=1), cache_salt="a")))
+    assert other.usage.cached_tokens == 0 and same.usage.cached_tokens == 16
+
+
+async def test_reset_cache_is_refused_while_requests_hold_blocks():
+    sched, gen, pool = make(token_delay=0.01)
+    prompt = list(range(1, 19))
+    await collect(sched.submit(Request(prompt, SamplingParams(max_tokens=1))))
+    s = sched.submit(Request(prompt, SamplingParams(max_tokens=3)))
+    await asyncio.sleep(0)
+    assert sched.reset_cache() is False
+    await collect(s)
+    assert sched.reset_cache() is True and len(pool) == 0
+
+
+async def test_shutdown_aborts_everything_and_refuses_new_work():
+    sched, gen, pool = make(token_delay=0.01)
+    s = sched.submit(Request([1] * 8, SamplingParams(max_tokens=100)))
+    await asyncio.sleep(0.02)
+    await sched.shutdown()
+    _, last = await collect(s)
+    assert last.finish_reason == "abort" and gen.closed
+    with pytest.raises(Exception, match="shutting down"):
+        sched.submit(Request([1] * 8))
+    assert_idle(sched, gen, pool)
