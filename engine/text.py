@@ -55,6 +55,7 @@ class StopStringFilter:
         self._hold = max((len(s) for s in self._stops), default=1) - 1
         self._buf = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def push(self, text: str) -> str:
         if self.stopped:
@@ -62,8 +63,9 @@ class StopStringFilter:
         if not self._stops:
             return text
         self._buf += text
-        cut = min((i for i in (self._buf.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self._stops if (i := self._buf.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found)
             self.stopped = True
             out, self._buf = self._buf[:cut], ""
             return out

@@ -41,6 +41,7 @@ class _Sequence:
     stops: StopStringFilter
     checkpoints: dict[int, int]  # prompt offset -> tier, still to publish
     published_blocks: int  # blocks [0, published_blocks) are in the pool or cached
+    generated: int = 0
 
 
 class EngineWorker:
@@ -111,6 +112,12 @@ class EngineWorker:
 
     def _run(self) -> None:
         try:
+            self._serve()
+        finally:
+            mx.clear_streams()  # MLX needs this at the end of every thread that used it
+
+    def _serve(self) -> None:
+        try:
             self.loaded = load_model(self._model_name, self._revision)
         except BaseException as e:  # reported to the constructor's caller
             self._load_error = e
@@ -145,6 +152,9 @@ class EngineWorker:
                     self._uids.clear()
                     self._bg = self._new_batch_generator(stream)
         self._bg.close()
+        self._seqs.clear()
+        del self._bg
+        mx.synchronize(stream)
 
     def _new_batch_generator(self, stream) -> BatchGenerator:
         return BatchGenerator(
@@ -233,6 +243,7 @@ class EngineWorker:
             if seq is None:
                 continue
             seq_id = seq.spec.seq_id
+            seq.generated += 1
             if r.finish_reason == "stop":  # a stop token: its text is not part of the reply
                 self._finish(seq, r.uid, r.prompt_cache, r.all_tokens, "stop")
                 continue
@@ -259,7 +270,8 @@ class EngineWorker:
         self._publish(seq, cache, list(tokens), TIER_GENERATED)
         del self._seqs[uid]
         self._uids.pop(seq.spec.seq_id, None)
-        self._send(FinishEvent(seq.spec.seq_id, reason, tail))
+        self._send(FinishEvent(seq.spec.seq_id, reason, seq.generated, tail,
+                               seq.stops.matched))
 
     def _publish(self, seq: _Sequence, cache, tokens: list[int], tier: int) -> None:
         end = len(tokens) // self.block_size

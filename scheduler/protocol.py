@@ -70,7 +70,9 @@ class BlocksEvent:
 class FinishEvent:
     seq_id: str
     finish_reason: str  # "stop" | "length"
+    completion_tokens: int  # every generated token, a stop token included
     text: str = ""  # held-back text released at the end
+    stop_string: str | None = None  # the stop string that ended generation, if one did
 
 
 @dataclass

@@ -78,6 +78,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     usage: Usage | None = None
     error: str | None = None
+    stop_string: str | None = None  # which stop string ended the request
 
 
 @dataclass
@@ -322,9 +323,10 @@ class Scheduler:
         elif isinstance(event, BlocksEvent):
             self._publish(state, event)
         elif isinstance(event, FinishEvent):
+            state.usage.completion_tokens = event.completion_tokens
             self._end(state, RequestOutput(event.seq_id, event.text,
                                            finish_reason=event.finish_reason,
-                                           usage=state.usage))
+                                           usage=state.usage, stop_string=event.stop_string))
         elif isinstance(event, ErrorEvent):
             self._end(state, RequestOutput(event.seq_id, finish_reason="error",
                                            usage=state.usage, error=event.message))

@@ -98,9 +98,11 @@ class FakeGenerator:
             self.prefilled_tokens += len(spec.prompt) - done
             context = list(spec.prompt)
             reason = "length"
+            generated = 0
             for _ in range(spec.sampling.max_tokens):
                 await asyncio.sleep(self.token_delay)
                 tok = next_token(context)
+                generated += 1
                 if tok in spec.sampling.stop_token_ids:
                     reason = "stop"
                     break
@@ -111,6 +113,6 @@ class FakeGenerator:
             first = done // bs
             self._emit(BlocksEvent(spec.seq_id, kv_tokens[: end * bs], first,
                                    self._blocks(kv_tokens, first, end), 0))
-            self._emit(FinishEvent(spec.seq_id, reason))
+            self._emit(FinishEvent(spec.seq_id, reason, generated))
         finally:
             self._tasks.pop(spec.seq_id, None)

@@ -76,7 +76,7 @@ async def test_stop_token_and_next_turn_hits_generated_blocks():
     stop_at = reply[3]
     _, last3 = await collect(sched.submit(
         Request(prompt, SamplingParams(max_tokens=8, stop_token_ids=(stop_at,)))))
-    assert last3.finish_reason == "stop" and last3.usage.completion_tokens == 3
+    assert last3.finish_reason == "stop" and last3.usage.completion_tokens == 4
     assert_idle(sched, gen, pool)
 
 
