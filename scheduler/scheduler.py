@@ -70,7 +70,8 @@ class Usage:
 
 @dataclass
 class RequestOutput:
-    """One step of a request's stream. The last one has ``finish_reason`` set."""
+    """One step of a request's stream. The last one has ``finish_reason`` set; ``usage``
+    is a snapshot, present once the request has been admitted."""
 
     request_id: str
     text: str = ""
@@ -232,12 +233,12 @@ class Scheduler:
         """Flush the pool; refused (False) while any block is pinned."""
         return self.pool.reset()
 
-    async def shutdown(self) -> None:
-        """Refuse new requests, abort what is left, and stop the generator."""
+    def shutdown(self) -> None:
+        """Refuse new requests and abort what is left. The generator stays open: its
+        owner closes it (a test may share one between schedulers)."""
         self._closed = True
         for rid in list(self._waiting) + list(self._running):
             self.abort(rid)
-        await asyncio.get_running_loop().run_in_executor(None, self.generator.close)
 
     # ---- admission ------------------------------------------------------------
 
@@ -318,8 +319,8 @@ class Scheduler:
             return  # an aborted request: its late events (and KV) are dropped
         if isinstance(event, TokenEvent):
             state.usage.completion_tokens += 1
-            state.outputs.put_nowait(
-                RequestOutput(event.seq_id, event.text, [event.token]))
+            state.outputs.put_nowait(RequestOutput(event.seq_id, event.text, [event.token],
+                                                   usage=replace(state.usage)))
         elif isinstance(event, BlocksEvent):
             self._publish(state, event)
         elif isinstance(event, FinishEvent):

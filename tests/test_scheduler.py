@@ -268,9 +268,9 @@ async def test_shutdown_aborts_everything_and_refuses_new_work():
     sched, gen, pool = make(token_delay=0.01)
     s = sched.submit(Request([1] * 8, SamplingParams(max_tokens=100)))
     await asyncio.sleep(0.02)
-    await sched.shutdown()
+    sched.shutdown()
     _, last = await collect(s)
-    assert last.finish_reason == "abort" and gen.closed
+    assert last.finish_reason == "abort" and gen.aborted == [s.request_id]
     with pytest.raises(Exception, match="shutting down"):
         sched.submit(Request([1] * 8))
     assert_idle(sched, gen, pool)

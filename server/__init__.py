@@ -1,0 +1,1 @@
+"""The HTTP front end (aiohttp) and the ``blockserve`` command line."""

@@ -1,0 +1,306 @@
+"""The HTTP server against real clients: the official openai and anthropic SDKs, raw
+sockets for disconnects, and every error case followed by a good request."""
+
+import asyncio
+import json
+import random
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+from mlx_lm.utils import load
+
+from engine.model import resolve
+from engine.worker import EngineWorker
+from tests.engine_harness import reference_tokens
+from tests.server_harness import serve
+
+MODEL = "demo:tiny"
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = EngineWorker(MODEL, block_size=16, max_running=16)
+    yield w
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def ref_model():
+    return load(resolve(MODEL)[1])[0]
+
+
+def oa(url, key="unused"):
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+CHAT = [{"role": "system", "content": "You are a careful coding agent. " * 4},
+        {"role": "user", "content": "Open the file and print each value."}]
+
+
+async def metrics(url) -> dict[str, float]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url + "/metrics") as r:
+            text = await r.text()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+async def wait_idle(url):
+    for _ in range(100):
+        m = await metrics(url)
+        if (m['blockserve_kv_blocks{state="pinned"}'] == 0
+                and m["blockserve_requests_running"] == 0
+                and m["blockserve_requests_waiting"] == 0):
+            return m
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"server not idle: {m}")
+
+
+async def test_openai_chat_stream_and_cached_tokens(worker):
+    async with serve(worker) as srv:
+        client = oa(srv.url)
+        r1 = await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8,
+                                                  temperature=0)
+        assert r1.choices[0].finish_reason in ("length", "stop")
+        assert r1.usage.prompt_tokens > 32 and r1.usage.prompt_tokens_details.cached_tokens == 0
+        r2 = await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8,
+                                                  temperature=0)
+        assert r2.choices[0].message.content == r1.choices[0].message.content
+        assert r2.usage.prompt_tokens_details.cached_tokens > 0
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=8, temperature=0, stream=True,
+            stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == r1.choices[0].message.content
+        assert chunks[-1].usage.completion_tokens == r1.usage.completion_tokens
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+        models = await client.models.list()
+        assert [m.id for m in models.data] == [MODEL]
+        await wait_idle(srv.url)
+
+
+async def test_openai_completions_stream_and_not(worker):
+    async with serve(worker) as srv:
+        client = oa(srv.url)
+        r = await client.completions.create(model=MODEL, prompt="The cache block of",
+                                            max_tokens=6, temperature=0)
+        assert r.choices[0].text and r.usage.completion_tokens == 6
+        stream = await client.completions.create(model=MODEL, prompt="The cache block of",
+                                                 max_tokens=6, temperature=0, stream=True)
+        text = "".join([c.choices[0].text async for c in stream])
+        assert text == r.choices[0].text
+
+
+async def test_anthropic_messages_stream_and_not(worker):
+    async with serve(worker) as srv:
+        client = anthropic.AsyncAnthropic(base_url=srv.url, api_key="unused", max_retries=0,
+                                         timeout=60)
+        system = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=1; h=abc"},
+                  {"type": "text", "text": "You are a careful coding agent. " * 4}]
+        msgs = [{"role": "user", "content": [{"type": "text", "text": "List the files."}]}]
+        greedy = {"extra_body": {"temperature": 0}}  # SDK 2.x has no sampling arguments
+        m1 = await client.messages.create(model=MODEL, max_tokens=8, system=system,
+                                          messages=msgs, **greedy)
+        assert m1.content[0].type == "text" and m1.stop_reason in ("max_tokens", "end_turn")
+        assert m1.usage.cache_read_input_tokens == 0
+        # Another billing hash must not defeat reuse: the block is dropped.
+        system[0]["text"] = "x-anthropic-billing-header: cc_version=1; h=def"
+        async with client.messages.stream(model=MODEL, max_tokens=8, system=system,
+                                          messages=msgs, **greedy) as stream:
+            text = "".join([t async for t in stream.text_stream])
+            final = await stream.get_final_message()
+        assert text == m1.content[0].text
+        assert final.usage.cache_read_input_tokens > 0
+        assert final.usage.output_tokens == m1.usage.output_tokens
+        await wait_idle(srv.url)
+
+
+async def test_greedy_over_http_equals_mlx_lm(worker, ref_model):
+    async with serve(worker) as srv:
+        client = oa(srv.url)
+        for msgs in (CHAT, CHAT[:1] + [{"role": "user", "content": "Write a function"}]):
+            prompt = srv.frontend.render_chat(msgs).tokens
+            ref = reference_tokens(ref_model, prompt, 20)
+            r = await client.chat.completions.create(
+                model=MODEL, messages=msgs, max_tokens=20, temperature=0,
+                extra_body={"ignore_eos": True})
+            assert r.usage.completion_tokens == 20
+            assert r.choices[0].message.content == worker.tokenizer.decode(ref)
+
+
+async def post(url, path, body, headers=None, raw=None):
+    async with aiohttp.ClientSession() as s:
+        data = raw if raw is not None else json.dumps(body)
+        h = {"Content-Type": "application/json", **(headers or {})}
+        async with s.post(url + path, data=data, headers=h) as r:
+            return r.status, await r.json(), r.headers
+
+
+@pytest.mark.parametrize("body, raw, status, param", [
+    (None, b"{not json", 400, None),
+    ({"messages": "hello"}, None, 400, "messages"),
+    ({"messages": []}, None, 400, "messages"),
+    ({"messages": CHAT, "max_tokens": -5}, None, 400, "max_tokens"),
+    ({"messages": CHAT, "temperature": "hot"}, None, 400, "temperature"),
+    ({"messages": CHAT, "n": 2}, None, 400, "n"),
+    ({"messages": CHAT, "logprobs": True}, None, 400, "logprobs"),
+    ({"messages": CHAT, "frobnicate": 1}, None, 400, "frobnicate"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, None, 400, "messages"),
+    ({"model": "gpt-17", "messages": CHAT}, None, 404, "model"),
+])
+async def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(
+        worker, body, raw, status, param):
+    async with serve(worker) as srv:
+        code, err, _ = await post(srv.url, "/v1/chat/completions", body, raw=raw)
+        assert code == status
+        assert set(err["error"]) == {"message", "type", "param", "code"}
+        assert err["error"]["param"] == param and err["error"]["message"]
+        ok, good, _ = await post(srv.url, "/v1/chat/completions",
+                                 {"messages": CHAT, "max_tokens": 2})
+        assert ok == 200 and good["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+async def test_prompt_over_the_context_limit_is_refused_before_compute(worker):
+    async with serve(worker, max_model_len=64) as srv:
+        long = [{"role": "user", "content": "word " * 200}]
+        code, err, _ = await post(srv.url, "/v1/chat/completions", {"messages": long})
+        assert code == 400 and "64" in err["error"]["message"]
+        assert err["error"]["code"] == "context_length_exceeded"
+        m = await metrics(srv.url)
+        assert m["blockserve_prompt_tokens_computed_total"] == 0
+        code, err, _ = await post(srv.url, "/v1/messages",
+                                  {"messages": long, "max_tokens": 4})
+        assert code == 400 and err["type"] == "error"
+        assert err["error"]["type"] == "invalid_request_error"
+        ok, _, _ = await post(srv.url, "/v1/chat/completions",
+                              {"messages": CHAT[1:], "max_tokens": 2})
+        assert ok == 200
+
+
+async def test_anthropic_errors_use_anthropic_shape(worker):
+    async with serve(worker) as srv:
+        code, err, _ = await post(srv.url, "/v1/messages", {"messages": CHAT[1:]})
+        assert code == 400 and err == {"type": "error", "error": {
+            "type": "invalid_request_error", "message": "'max_tokens' is required"}}
+        code, err, _ = await post(srv.url, "/v1/messages",
+                                  {"model": "claude-9", "max_tokens": 3,
+                                   "messages": CHAT[1:]})
+        assert code == 404 and err["error"]["type"] == "not_found_error"
+
+
+async def test_api_key_is_required_when_set(worker):
+    async with serve(worker, api_key="sekret") as srv:
+        body = {"messages": CHAT, "max_tokens": 2}
+        code, err, _ = await post(srv.url, "/v1/chat/completions", body)
+        assert code == 401 and err["error"]["type"] == "authentication_error"
+        code, _, _ = await post(srv.url, "/v1/chat/completions", body,
+                                {"Authorization": "Bearer wrong"})
+        assert code == 401
+        code, err, _ = await post(srv.url, "/v1/messages", {**body, "messages": CHAT[1:]})
+        assert code == 401 and err["error"]["type"] == "authentication_error"
+        code, _, _ = await post(srv.url, "/v1/chat/completions", body,
+                                {"Authorization": "Bearer sekret"})
+        assert code == 200
+        code, _, _ = await post(srv.url, "/v1/messages", {**body, "messages": CHAT[1:]},
+                                {"x-api-key": "sekret"})
+        assert code == 200
+        async with aiohttp.ClientSession() as s:
+            async with s.get(srv.url + "/health") as r:
+                assert r.status == 200  # health stays open for load balancers
+
+
+async def test_full_queue_gets_429_with_retry_after(worker):
+    async with serve(worker, max_running=1, max_queue=1) as srv:
+        long_body = {"messages": CHAT, "max_tokens": 400, "ignore_eos": True}
+        first = asyncio.create_task(post(srv.url, "/v1/chat/completions", long_body))
+        second = asyncio.create_task(post(srv.url, "/v1/chat/completions", long_body))
+        for _ in range(100):
+            if srv.scheduler.num_waiting == 1:
+                break
+            await asyncio.sleep(0.01)
+        code, err, headers = await post(srv.url, "/v1/chat/completions", long_body)
+        assert code == 429 and headers["Retry-After"] == "1"
+        assert err["error"]["code"] == "queue_full"
+        for t in (first, second):
+            status, _, _ = await t
+            assert status == 200
+        ok, _, _ = await post(srv.url, "/v1/chat/completions",
+                              {"messages": CHAT, "max_tokens": 2})
+        assert ok == 200
+
+
+async def test_client_disconnect_mid_stream_frees_everything(worker):
+    async with serve(worker) as srv:
+        await post(srv.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 1})
+        body = {"messages": CHAT, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        reader, writer = await asyncio.open_connection("127.0.0.1",
+                                                       int(srv.url.rsplit(":", 1)[1]))
+        payload = json.dumps(body).encode()
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\n"
+                     + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        await writer.drain()
+        seen = b""
+        while seen.count(b"data:") < 4:
+            seen += await reader.read(4096)
+        m = await metrics(srv.url)
+        assert m["blockserve_requests_running"] == 1
+        assert m['blockserve_kv_blocks{state="pinned"}'] > 0  # its cached prefix
+        writer.close()  # the client goes away mid-stream
+        m = await wait_idle(srv.url)
+        assert m['blockserve_requests_total{finish_reason="abort"}'] == 1
+        assert srv.scheduler.stats.finished["abort"] == 1
+        assert worker.active_sequences() == (0, 0)
+
+
+async def test_sixteen_concurrent_streams_finish_correctly(worker, ref_model):
+    async with serve(worker) as srv:
+        client = oa(srv.url)
+        rng = random.Random(0)
+        words = "file code value list tool agent cache block model token reply".split()
+        users = [" ".join(rng.choice(words) for _ in range(8)) for _ in range(16)]
+
+        async def one(u):
+            msgs = [CHAT[0], {"role": "user", "content": u}]
+            stream = await client.chat.completions.create(
+                model=MODEL, messages=msgs, max_tokens=10, temperature=0, stream=True,
+                extra_body={"ignore_eos": True})
+            text = "".join([c.choices[0].delta.content or "" async for c in stream])
+            ref = reference_tokens(ref_model, srv.frontend.render_chat(msgs).tokens, 10)
+            return text, worker.tokenizer.decode(ref)
+
+        results = await asyncio.gather(*(one(u) for u in users))
+        for text, expected in results:
+            assert text == expected  # each stream got its own request's tokens
+        # As distinct as the model makes them (a random tiny model has attractors).
+        assert len({t for t, _ in results}) == len({e for _, e in results}) >= 12
+        await wait_idle(srv.url)
+
+
+async def test_cache_admin_stats_and_refused_flush(worker):
+    async with serve(worker) as srv:
+        await post(srv.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2})
+        async with aiohttp.ClientSession() as s:
+            async with s.get(srv.url + "/v1/cache/stats") as r:
+                stats = await r.json()
+        assert stats["pool"]["blocks_stored"] > 0
+        task = asyncio.create_task(post(srv.url, "/v1/chat/completions",
+                                        {"messages": CHAT, "max_tokens": 300,
+                                         "ignore_eos": True}))
+        for _ in range(200):
+            if srv.scheduler.pool.stats().blocks_pinned:
+                break
+            await asyncio.sleep(0.01)
+        code, err, _ = await post(srv.url, "/v1/cache/reset", {})
+        assert code == 409 and "in use" in err["error"]["message"]
+        await task
+        code, body, _ = await post(srv.url, "/v1/cache/reset", {})
+        assert code == 200 and body == {"reset": True}
+        assert srv.scheduler.pool.stats().blocks_stored == 0
