@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo:bench")
     ap.add_argument("--block-size", type=int, default=32)
-    ap.add_argument("--prefill-step-size", type=int, default=512)
+    ap.add_argument("--prefill-step-size", type=int, default=256)
     ap.add_argument("--no-inflight", action="store_true", help="disable in-flight sharing")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)

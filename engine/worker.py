@@ -54,7 +54,7 @@ class EngineWorker:
         block_size: int = 32,
         max_running: int = 16,
         prefill_batch_size: int = 8,
-        prefill_step_size: int = 512,
+        prefill_step_size: int = 256,
         revision: str | None = None,
     ):
         self.block_size = block_size

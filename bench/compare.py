@@ -1,0 +1,168 @@
+"""blockserve against ``mlx_lm server``: same model, same machine, one run.
+
+    blockserve compare [--model demo:bench]
+
+Starts each server in turn on 127.0.0.1 (never both at once: they would share the
+cores), runs the same seeded workloads against it, stops it, and writes
+``bench/results/compare.{json,md}`` and TTFT CDF plots. Both servers get the system
+OpenBLAS: blockserve loads it itself, mlx_lm server through LD_PRELOAD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from bench.loadgen import plot_ttft_cdf, records_json
+from bench.run import bench_once, load_tokenizer, make_target, make_trim
+from bench.workloads import agent_sessions, shared_prefix
+
+TARGETS = {"ttft_p90_ratio": 0.5, "requests_per_s_ratio": 1.5, "prefill_efficiency": 0.9}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo:bench")
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--port", type=int, default=8310, help="first of two ports")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--system-tokens", type=int, default=1024)
+    p.add_argument("--output-tokens", type=int, default=32)
+    p.add_argument("--max-seconds", type=float, default=900)
+
+
+def _workloads(args, trim):
+    return [
+        (shared_prefix(4, 8, args.system_tokens, 32, args.output_tokens, 0, trim),
+         args.concurrency),
+        (agent_sessions(4, 4, args.system_tokens, output_tokens=args.output_tokens, seed=1,
+                        trim=trim), 4),
+    ]
+
+
+def _server_commands(args, model_path: str, port: int) -> list[tuple[str, list[str], str, dict]]:
+    from engine.blas import find_openblas
+
+    env = dict(os.environ)
+    blas = find_openblas()
+    mlx_env = {**env, "LD_PRELOAD": blas} if blas and sys.platform.startswith("linux") else env
+    n = str(args.concurrency)
+    return [
+        ("blockserve", [sys.executable, "-m", "server.cli", "serve", "--model", args.model,
+                        "--port", str(port), "--max-num-seqs", n, "--log-level", "WARNING"],
+         args.model, env),
+        ("mlx_lm server", [sys.executable, "-m", "mlx_lm.server", "--model", model_path,
+                           "--port", str(port + 1), "--decode-concurrency", n,
+                           "--prompt-concurrency", n, "--log-level", "WARNING"],
+         model_path, mlx_env),
+    ]
+
+
+async def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                async with http.get(url + "/health") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.5)
+    raise TimeoutError(f"{url} did not become ready")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _row(workload: str, server: str, s: dict) -> str:
+    eff = s["prefill_efficiency"]
+    return (f"| {workload} | {server} | {s['requests_per_s']:.2f} | "
+            f"{s['output_tokens_per_s']:.1f} | {s['ttft_s']['p50']:.2f} | "
+            f"{s['ttft_s']['p90']:.2f} | {(s['tpot_s']['p50'] or 0) * 1e3:.0f} | "
+            f"{s['hit_rate']:.2f} | {s['prompt_tokens_computed']} | "
+            f"{s['distinct_prefix_tokens']} | {'n/a' if eff is None else f'{eff:.2f}'} | "
+            f"{s['errors']} |")
+
+
+def main(args: argparse.Namespace) -> int:
+    from engine.demo import ensure_demo_model, parse_demo_id
+
+    spec = parse_demo_id(args.model)
+    model_path = str(ensure_demo_model(spec)) if spec else args.model
+    tok = load_tokenizer(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, dict]] = {}
+    records: dict[str, dict[str, list]] = {}
+    for server, cmd, model_name, env in _server_commands(args, model_path, args.port):
+        url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+        print(f"starting {server}: {' '.join(cmd)}")
+        proc = subprocess.Popen(cmd, env=env)
+        try:
+            asyncio.run(_wait_ready(url, proc))
+            target = make_target(url, model_name, tok)
+            for workload, concurrency in _workloads(args, make_trim(tok)):
+                summary, recs = asyncio.run(bench_once(target, workload, concurrency, None,
+                                                       args.max_seconds, 0))
+                results.setdefault(workload.name, {})[server] = summary
+                records.setdefault(workload.name, {})[server] = recs
+                print(f"  {workload.name}: {summary['requests_per_s']:.2f} req/s, "
+                      f"TTFT p90 {summary['ttft_s']['p90']:.2f} s, "
+                      f"efficiency {summary['prefill_efficiency']}")
+        finally:
+            _stop(proc)
+    lines = [
+        f"Model `{args.model}`, {platform.machine()} {platform.system()}, "
+        f"{os.cpu_count()} cores; concurrency {args.concurrency} (agent: 4 sessions); "
+        f"output {args.output_tokens} tokens, greedy.", "",
+        "| workload | server | req/s | out tok/s | TTFT p50 s | TTFT p90 s | TPOT p50 ms | "
+        "hit rate | prompt tokens computed | distinct prefix tokens | prefill efficiency | "
+        "errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for workload, by_server in results.items():
+        for server, s in by_server.items():
+            lines.append(_row(workload, server, s))
+    lines.append("")
+    for workload, by_server in results.items():
+        a, b = by_server.get("blockserve"), by_server.get("mlx_lm server")
+        if a and b:
+            rps = a["requests_per_s"] / b["requests_per_s"]
+            ttft = a["ttft_s"]["p90"] / b["ttft_s"]["p90"]
+            lines.append(
+                f"- {workload}: requests/s ratio **{rps:.2f}x** (target >= "
+                f"{TARGETS['requests_per_s_ratio']}x), p90 TTFT ratio **{ttft:.2f}** (target "
+                f"<= {TARGETS['ttft_p90_ratio']}), blockserve prefill efficiency "
+                f"**{a['prefill_efficiency']:.2f}** (target >= "
+                f"{TARGETS['prefill_efficiency']})")
+        name = workload.split()[0]
+        try:
+            plot_ttft_cdf(records[workload], str(out / f"compare-{name}-ttft.png"))
+        except ImportError:
+            pass
+    table = "\n".join(lines) + "\n"
+    (out / "compare.md").write_text(table)
+    (out / "compare.json").write_text(json.dumps(
+        {"summaries": results,
+         "records": {w: {s: records_json(r) for s, r in by.items()}
+                     for w, by in records.items()}}, indent=1))
+    print(table)
+    return 0

@@ -1,0 +1,144 @@
+"""``blockserve bench``: run a seeded workload against a server and write the results.
+
+Writes ``<out>/<name>.json`` (every request and the summary) and PNG plots: the TTFT
+CDF, and throughput against concurrency when ``--concurrency`` lists several values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from pathlib import Path
+
+from bench.loadgen import (
+    Target,
+    plot_sweep,
+    plot_ttft_cdf,
+    records_json,
+    run_workload,
+    scrape,
+    summarize,
+)
+from bench.workloads import WORKLOADS, Workload
+
+
+def load_tokenizer(model: str, tokenizer: str | None = None):
+    """The target model's tokenizer, to size prompts and count distinct prefix tokens."""
+    from transformers import AutoTokenizer
+
+    path = tokenizer
+    if path is None:
+        from engine.demo import ensure_demo_model, parse_demo_id
+
+        spec = parse_demo_id(model)
+        path = str(ensure_demo_model(spec)) if spec else model
+    return AutoTokenizer.from_pretrained(path)
+
+
+def make_target(url: str, model: str, tok) -> Target:
+    def render(msgs: list[dict]) -> list[int]:
+        out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                      return_dict=False)
+        return list(out)
+
+    return Target(url.rstrip("/"), model, render)
+
+
+def make_trim(tok):
+    def trim(text: str, n: int) -> str:
+        return tok.decode(tok.encode(text, add_special_tokens=False)[:n])
+
+    return trim
+
+
+def build_workload(args: argparse.Namespace, tok) -> Workload:
+    trim = make_trim(tok)
+    if args.workload == "shared-prefix":
+        return WORKLOADS[args.workload](args.groups, args.prompts_per_group, args.system_tokens,
+                                        args.question_tokens, args.output_tokens, args.seed,
+                                        trim)
+    if args.workload == "agent":
+        return WORKLOADS[args.workload](args.sessions, args.turns, args.system_tokens,
+                                        output_tokens=args.output_tokens, seed=args.seed,
+                                        trim=trim)
+    return WORKLOADS[args.workload](args.requests, args.prompt_tokens, args.output_tokens,
+                                    args.seed, trim)
+
+
+async def bench_once(target: Target, workload: Workload, concurrency: int | None,
+                     rate: float | None, max_seconds: float, seed: int,
+                     progress: bool = True) -> tuple[dict, list]:
+    before = await scrape(target.url)
+    records, wall = await run_workload(target, workload, concurrency, rate, max_seconds,
+                                       seed, progress)
+    after = await scrape(target.url)
+    return summarize(records, wall, before, after), records
+
+
+def format_summary(name: str, s: dict) -> str:
+    eff = s["prefill_efficiency"]
+    return (f"{name}: {s['requests']} requests ({s['errors']} errors) in {s['wall_s']:.1f} s | "
+            f"{s['requests_per_s']:.2f} req/s, {s['output_tokens_per_s']:.1f} out tok/s | "
+            f"TTFT p50 {s['ttft_s']['p50'] or 0:.3f} s p90 {s['ttft_s']['p90'] or 0:.3f} s | "
+            f"TPOT p50 {(s['tpot_s']['p50'] or 0) * 1e3:.0f} ms | hit rate {s['hit_rate']:.2f} | "
+            f"prefill efficiency {'n/a' if eff is None else f'{eff:.2f}'} "
+            f"({s['prompt_tokens_computed']} computed, from {s['computed_from']})")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default="demo:tiny", help="model name to send")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="shared-prefix")
+    p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--prompts-per-group", type=int, default=8)
+    p.add_argument("--system-tokens", type=int, default=1024)
+    p.add_argument("--question-tokens", type=int, default=32)
+    p.add_argument("--output-tokens", type=int, default=32)
+    p.add_argument("--sessions", type=int, default=4)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concurrency", default="8",
+                   help="closed-loop concurrency; a comma list sweeps it")
+    p.add_argument("--rate", type=float, default=None,
+                   help="open loop: Poisson arrivals, sessions per second")
+    p.add_argument("--max-seconds", type=float, default=600)
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--name", default=None, help="file name stem (default: the workload)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    tok = load_tokenizer(args.model, args.tokenizer)
+    target = make_target(args.url, args.model, tok)
+    levels = [None] if args.rate else [int(c) for c in args.concurrency.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or args.workload
+    runs, sweep = [], []
+    for c in levels:
+        workload = build_workload(args, tok)  # fresh sessions (histories) per level
+        summary, records = asyncio.run(bench_once(target, workload, c, args.rate,
+                                                  args.max_seconds, args.seed,
+                                                  not args.no_progress))
+        label = f"rate {args.rate}/s" if args.rate else f"concurrency {c}"
+        print(format_summary(f"{workload.name}, {label}", summary))
+        runs.append({"concurrency": c, "rate": args.rate, "summary": summary,
+                     "records": records_json(records)})
+        sweep.append((c, summary["output_tokens_per_s"], records, label))
+    (out / f"{stem}.json").write_text(json.dumps(
+        {"url": args.url, "model": args.model, "workload": args.workload, "seed": args.seed,
+         "runs": runs}, indent=1))
+    try:
+        plot_ttft_cdf({label: recs for _, _, recs, label in sweep}, str(out / f"{stem}-ttft.png"))
+        if len(sweep) > 1:
+            plot_sweep({args.model: [(c, v) for c, v, _, _ in sweep]},
+                       str(out / f"{stem}-sweep.png"))
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+    print(f"wrote {os.path.join(args.out, stem)}.json")
+    return 0

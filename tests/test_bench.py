@@ -1,0 +1,104 @@
+"""The load generator: metric definitions, workload determinism, and a short run."""
+
+import pytest
+
+from bench.loadgen import Record, distinct_prefix_tokens, record_stream, \
+    run_workload, scrape, summarize
+from bench.run import bench_once, make_target, make_trim
+from bench.workloads import agent_sessions, no_sharing, shared_prefix
+from engine.worker import EngineWorker
+from tests.server_harness import serve
+
+
+def chunk(text=None, usage=None):
+    c = {"choices": [{"delta": {"content": text}}] if text is not None else []}
+    if usage:
+        c["usage"] = usage
+    return c
+
+
+def test_metrics_from_a_recorded_stream():
+    t0 = 100.0
+    events = [(100.1, chunk("")),  # the role chunk: no content, not a token
+              (100.5, chunk("a")), (100.7, chunk("b")), (101.2, chunk("c")),
+              (101.3, chunk(usage={"prompt_tokens": 50, "completion_tokens": 3,
+                                   "prompt_tokens_details": {"cached_tokens": 32}}))]
+    rec = Record(0, 0)
+    record_stream(rec, t0, events)
+    assert rec.ttft == pytest.approx(0.5)
+    assert rec.itl == pytest.approx([0.2, 0.5])
+    assert rec.e2e == pytest.approx(1.3)
+    assert rec.tpot == pytest.approx((1.3 - 0.5) / 2)
+    assert (rec.prompt_tokens, rec.cached_tokens, rec.completion_tokens) == (50, 32, 3)
+    assert rec.text == "abc"
+    other = Record(1, 0, ttft=1.5, e2e=2.0, prompt_tokens=50, completion_tokens=1,
+                   prompt_ids=[1, 2, 3, 9])
+    rec.prompt_ids = [1, 2, 3, 4]
+    bad = Record(2, 0, error="HTTP 500")
+    s = summarize([rec, other, bad], wall=2.0)
+    assert s["requests"] == 3 and s["errors"] == 1
+    assert s["requests_per_s"] == 1.0 and s["output_tokens_per_s"] == 2.0
+    assert s["ttft_s"]["mean"] == pytest.approx(1.0)
+    assert s["ttft_s"]["p50"] == pytest.approx(1.0)
+    assert s["ttft_s"]["p90"] == pytest.approx(1.4)
+    assert s["hit_rate"] == pytest.approx(32 / 100)
+    assert s["prompt_tokens_computed"] == 68 and s["computed_from"] == "usage"
+    assert s["distinct_prefix_tokens"] == 5
+    assert s["prefill_efficiency"] == pytest.approx(5 / 68)
+    # /metrics deltas win over usage when the target exposes them.
+    s = summarize([rec, other], 2.0, {"blockserve_prompt_tokens_computed_total": 10},
+                  {"blockserve_prompt_tokens_computed_total": 15})
+    assert s["prompt_tokens_computed"] == 5 and s["computed_from"] == "metrics"
+
+
+def test_distinct_prefix_tokens_is_the_trie_size():
+    assert distinct_prefix_tokens([[1, 2, 3], [1, 2, 4], [1, 2, 3], [5]]) == 5
+    assert distinct_prefix_tokens([]) == 0
+
+
+def _shape(w):
+    return [(s.system, [t.message["content"] for t in s.turns], s.group) for s in w.sessions]
+
+
+@pytest.mark.parametrize("make", [shared_prefix, agent_sessions, no_sharing])
+def test_workloads_are_deterministic_for_a_seed(make):
+    assert _shape(make(seed=3)) == _shape(make(seed=3))
+    assert _shape(make(seed=3)) != _shape(make(seed=4))
+
+
+def test_shared_prefix_groups_share_their_system_prompt():
+    w = shared_prefix(groups=3, prompts_per_group=4, system_tokens=20, seed=0)
+    assert w.num_requests == 12
+    systems = {}
+    for s in w.sessions:
+        systems.setdefault(s.group, set()).add(s.system)
+    assert all(len(v) == 1 for v in systems.values()) and len(systems) == 3
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = EngineWorker("demo:tiny", block_size=16, max_running=8)
+    yield w
+    w.close()
+
+
+async def test_a_short_end_to_end_bench_run(worker):
+    tok = worker.tokenizer
+    async with serve(worker) as srv:
+        target = make_target(srv.url, "demo:tiny", tok)
+        w = shared_prefix(groups=2, prompts_per_group=3, system_tokens=80, question_tokens=8,
+                          output_tokens=4, seed=0, trim=make_trim(tok))
+        summary, records = await bench_once(target, w, 3, None, 60, 0, progress=False)
+        assert summary["errors"] == 0 and summary["requests"] == 6
+        assert all(r.ttft is not None and r.completion_tokens == 4 for r in records)
+        assert summary["computed_from"] == "metrics"
+        assert summary["hit_rate"] > 0.3
+        assert 0.5 < summary["prefill_efficiency"] <= 1.2
+        agent = agent_sessions(sessions=2, turns=3, system_tokens=60, output_tokens=4,
+                               seed=1, trim=make_trim(tok))
+        recs, wall = await run_workload(target, agent, 2, None, 60, 0, progress=False)
+        assert len(recs) == 6 and all(r.error is None for r in recs)
+        later = [r for r in recs if r.turn > 0]
+        assert all(r.cached_tokens > 0 for r in later)
+        assert (await scrape(srv.url))["blockserve_requests_running"] == 0
+        assert await scrape("http://127.0.0.1:9") == {}  # nothing there: no metrics
