@@ -4,7 +4,7 @@
 
 Starts each server in turn on 127.0.0.1 (never both at once: they would share the
 cores), runs the same seeded workloads against it, stops it, and writes
-``bench/results/compare.{json,md}`` and TTFT CDF plots. Both servers get the system
+``bench/results/<name>.{json,md}`` and TTFT CDF plots. Both servers get the system
 OpenBLAS: blockserve loads it itself, mlx_lm server through LD_PRELOAD.
 """
 
@@ -38,15 +38,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-tokens", type=int, default=1024)
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--max-seconds", type=float, default=900)
+    p.add_argument("--workloads", default="shared-prefix,agent",
+                   help="comma list of: shared-prefix, agent")
+    p.add_argument("--name", default="compare", help="stem of the result files")
 
 
 def _workloads(args, trim):
-    return [
-        (shared_prefix(4, 8, args.system_tokens, 32, args.output_tokens, 0, trim),
-         args.concurrency),
-        (agent_sessions(4, 4, args.system_tokens, output_tokens=args.output_tokens, seed=1,
-                        trim=trim), 4),
-    ]
+    chosen = args.workloads.split(",")
+    out = []
+    if "shared-prefix" in chosen:
+        out.append((shared_prefix(4, 8, args.system_tokens, 32, args.output_tokens, 0, trim),
+                    args.concurrency))
+    if "agent" in chosen:
+        out.append((agent_sessions(4, 4, args.system_tokens, output_tokens=args.output_tokens,
+                                   seed=1, trim=trim), 4))
+    return out
 
 
 def _server_commands(args, model_path: str, port: int) -> list[tuple[str, list[str], str, dict]]:
@@ -155,12 +161,12 @@ def main(args: argparse.Namespace) -> int:
                 f"{TARGETS['prefill_efficiency']})")
         name = workload.split()[0]
         try:
-            plot_ttft_cdf(records[workload], str(out / f"compare-{name}-ttft.png"))
+            plot_ttft_cdf(records[workload], str(out / f"{args.name}-{name}-ttft.png"))
         except ImportError:
             pass
     table = "\n".join(lines) + "\n"
-    (out / "compare.md").write_text(table)
-    (out / "compare.json").write_text(json.dumps(
+    (out / f"{args.name}.md").write_text(table)
+    (out / f"{args.name}.json").write_text(json.dumps(
         {"summaries": results,
          "records": {w: {s: records_json(r) for s, r in by.items()}
                      for w, by in records.items()}}, indent=1))

@@ -22,26 +22,12 @@ import time
 from dataclasses import dataclass, field
 
 import engine  # noqa: F401  (BLAS preload before mlx)
+from bench.loadgen import distinct_prefix_tokens
 from engine.blas import active_blas
 from engine.chat import render_chat
 from engine.worker import EngineWorker
 from kvpool import BlockPool
 from scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
-
-
-def distinct_prefix_tokens(prompts: list[list[int]]) -> int:
-    """Nodes of the token trie of all prompts: the prefill an ideal cache would do."""
-    root: dict = {}
-    count = 0
-    for p in prompts:
-        node = root
-        for t in p:
-            nxt = node.get(t)
-            if nxt is None:
-                nxt = node[t] = {}
-                count += 1
-            node = nxt
-    return count
 
 
 @dataclass

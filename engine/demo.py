@@ -70,7 +70,11 @@ SIZES = {
                   num_attention_heads=12, num_key_value_heads=4, intermediate_size=2048,
                   max_position_embeddings=16384),
 }
-ARCHS = ("qwen3", "llama")
+# qwen3_next: Gated DeltaNet (ArraysCache) layers with full attention every 2nd layer.
+# gemma3_text: sliding-window (RotatingKVCache) layers with a global one every 2nd layer;
+# the window is smaller than test prompts, so it wraps.
+ARCHS = ("qwen3", "llama", "qwen3_next", "gemma3_text")
+SLIDING_WINDOW = {"tiny": 48, "bench": 256}
 
 
 def demo_spec(size: str = "tiny", arch: str = "qwen3", seed: int = 0) -> DemoSpec:
@@ -116,6 +120,23 @@ def model_config(spec: DemoSpec, tok_ids: dict[str, int]) -> dict:
     )
     if spec.arch == "llama":
         config.update(attention_bias=False, mlp_bias=False, rope_scaling=None)
+    elif spec.arch == "qwen3_next":
+        n = spec.num_hidden_layers
+        config.update(
+            architectures=["Qwen3NextForCausalLM"], full_attention_interval=2,
+            linear_num_value_heads=spec.num_attention_heads,
+            linear_num_key_heads=spec.num_key_value_heads,
+            linear_key_head_dim=spec.head_dim, linear_value_head_dim=spec.head_dim,
+            linear_conv_kernel_dim=4, partial_rotary_factor=0.25,
+            # Dense MLPs everywhere: the MoE fields are required but unused.
+            num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+            mlp_only_layers=list(range(n)), moe_intermediate_size=spec.intermediate_size,
+            shared_expert_intermediate_size=spec.intermediate_size)
+    elif spec.arch == "gemma3_text":
+        config.update(
+            architectures=["Gemma3ForCausalLM"], sliding_window=SLIDING_WINDOW[spec.size],
+            sliding_window_pattern=2, query_pre_attn_scalar=spec.head_dim,
+            rope_local_base_freq=10000.0)
     return config
 
 

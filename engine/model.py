@@ -9,10 +9,12 @@ from typing import Any
 
 import engine  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load
 
 from engine.demo import ensure_demo_model, parse_demo_id
+from engine.kvblocks import CacheLayout
 from kvpool import Namespace
 
 DEFAULT_MODEL = "demo:tiny"
@@ -29,7 +31,8 @@ class LoadedModel:
     model_id: str  # what clients name in "model"
     identity: str  # model id + revision + dtype + a weights digest: the cache namespace
     num_layers: int
-    kv_bytes_per_token: int
+    layout: CacheLayout
+    kv_bytes_per_token: int  # attention layers only; state layers are a per-request constant
     max_context: int
     eos_token_ids: frozenset[int]
 
@@ -50,20 +53,20 @@ def load_model(model: str | None = None, revision: str | None = None) -> LoadedM
     model_id, path = resolve(model)
     net, tokenizer, config = load(path, revision=revision, return_config=True)
     caches = make_prompt_cache(net)
-    if not all(type(c) is KVCache for c in caches):
-        kinds = sorted({type(c).__name__ for c in caches})
-        raise UnsupportedModelError(
-            f"{model_id} uses caches {kinds}; only plain attention (KVCache) models are "
-            "supported so far (hybrid and sliding-window models are planned)"
-        )
+    try:
+        layout = CacheLayout.of(caches)
+    except TypeError as e:
+        raise UnsupportedModelError(f"{model_id}: {e}; supported are KVCache, ArraysCache "
+                                    "and RotatingKVCache layers") from e
     # One token through the model gives the K/V shapes without parsing configs.
     net(mx.array([[0]]), cache=caches)
+    kv = [caches[i] for i in layout.kv_layers]
     per_token = sum(
         (c.keys.shape[1] * c.keys.shape[3] + c.values.shape[1] * c.values.shape[3])
         * c.keys.dtype.size
-        for c in caches
+        for c in kv
     )
-    dtype = str(caches[0].keys.dtype)
+    dtype = str(tree_flatten(net.parameters())[0][1].dtype)
     local = Path(path)
     digest = ""
     if (local / "config.json").exists():
@@ -82,6 +85,7 @@ def load_model(model: str | None = None, revision: str | None = None) -> LoadedM
         model_id=model_id,
         identity=identity,
         num_layers=len(caches),
+        layout=layout,
         kv_bytes_per_token=per_token,
         max_context=max_context,
         eos_token_ids=frozenset(tokenizer.eos_token_ids),

@@ -16,8 +16,9 @@ from typing import Callable
 import engine  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import make_prompt_cache
 
-from engine.kvblocks import blocks_from_cache, cache_from_blocks
+from engine.kvblocks import KVBlock, blocks_from_cache, cache_from_blocks
 from engine.model import LoadedModel, load_model
 from engine.sampling import make_sampler
 from engine.text import IncrementalDetokenizer, StopStringFilter
@@ -77,6 +78,7 @@ class EngineWorker:
         self.kv_bytes_per_token = m.kv_bytes_per_token
         self.max_context = m.max_context
         self.tokenizer = m.tokenizer
+        self.needs_snapshots = m.layout.needs_snapshots
 
     # ---- the Generator protocol (any thread) ----------------------------------
 
@@ -89,6 +91,11 @@ class EngineWorker:
 
     def abort(self, seq_id: str) -> None:
         self._commands.put(("abort", seq_id))
+
+    @staticmethod
+    def prefix_end_ok(payload: KVBlock) -> bool:
+        """Whether a cached prefix may end on this block (state layers need a snapshot)."""
+        return payload.has_snapshot
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -197,7 +204,8 @@ class EngineWorker:
             raise ValueError("a sequence must leave at least one prompt token to compute")
         if spec.cached_tokens != len(spec.cached_payloads) * bs:
             raise ValueError("cached_tokens must equal the cached blocks' tokens")
-        cache = cache_from_blocks(spec.cached_payloads, self.loaded.num_layers)
+        cache = cache_from_blocks(spec.cached_payloads, make_prompt_cache(self.loaded.model),
+                                  self.loaded.layout)
         checkpoints = {
             c.tokens: c.tier
             for c in spec.checkpoints
@@ -236,7 +244,7 @@ class EngineWorker:
             tier = seq.checkpoints.pop(done, None)
             if tier is not None:
                 cache, tokens = self._bg.extract_cache([r.uid])[r.uid]
-                self._publish(seq, cache, list(tokens), tier)
+                self._publish(seq, cache, list(tokens), tier, snapshot=True)
         finished_by_string: list[int] = []
         for r in gen_responses:
             seq = self._seqs.get(r.uid)
@@ -267,17 +275,21 @@ class EngineWorker:
         """Publish the sequence's remaining full blocks, then report the finish with
         the text still held back (an incomplete character, a possible stop string)."""
         tail = seq.stops.push(seq.detok.flush()) + seq.stops.flush()
-        self._publish(seq, cache, list(tokens), TIER_GENERATED)
+        # State layers describe all the tokens, so a snapshot fits only an aligned end.
+        aligned = len(tokens) % self.block_size == 0
+        self._publish(seq, cache, list(tokens), TIER_GENERATED, snapshot=aligned)
         del self._seqs[uid]
         self._uids.pop(seq.spec.seq_id, None)
         self._send(FinishEvent(seq.spec.seq_id, reason, seq.generated, tail,
                                seq.stops.matched))
 
-    def _publish(self, seq: _Sequence, cache, tokens: list[int], tier: int) -> None:
+    def _publish(self, seq: _Sequence, cache, tokens: list[int], tier: int,
+                 snapshot: bool) -> None:
         end = len(tokens) // self.block_size
         if end <= seq.published_blocks:
             return
-        payloads = blocks_from_cache(cache, seq.published_blocks, end, self.block_size)
+        payloads = blocks_from_cache(cache, seq.published_blocks, end, self.block_size,
+                                     self.loaded.layout, snapshot)
         self._send(BlocksEvent(seq.spec.seq_id, tokens[: end * self.block_size],
                                seq.published_blocks, payloads, tier))
         seq.published_blocks = end

@@ -156,13 +156,19 @@ class BlockPool:
         """How many leading blocks a lookup would hit now, with no side effects."""
         return len(self._match(namespace, token_bytes(tokens)))
 
-    def lookup(self, namespace: Namespace, tokens: Tokens, pin: bool = True) -> PrefixHit:
+    def lookup(self, namespace: Namespace, tokens: Tokens, pin: bool = True,
+               end_ok: Callable[[Block], bool] | None = None) -> PrefixHit:
         """The longest verified chain of cached blocks, leaving >= 1 token to compute.
 
         With ``pin`` every returned block gets refcount +1; ``release`` undoes it.
+        ``end_ok`` shortens the chain to its last block that may end a hit (e.g. one
+        carrying a state snapshot, for models whose layers are not all K/V).
         """
         raw = token_bytes(tokens)
         blocks = self._match(namespace, raw)
+        if end_ok is not None:
+            while blocks and not end_ok(blocks[-1]):
+                blocks.pop()
         self._counters.lookups += 1
         self._counters.queried_tokens += len(raw) // 4
         self._counters.hit_tokens += len(blocks) * self.block_size

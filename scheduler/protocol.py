@@ -91,6 +91,11 @@ class Generator(Protocol):
     block_size: int
     kv_bytes_per_token: int  # for memory admission of active requests
     max_context: int
+    # Models with state layers (SSM, sliding window) can only resume a prefix from a
+    # block that carries a snapshot; prefix_end_ok says which payloads do.
+    needs_snapshots: bool
+
+    def prefix_end_ok(self, payload: Any) -> bool: ...
 
     def start(self, emit: Callable[[EngineEvent], None]) -> None:
         """Begin running; ``emit`` may be called from any thread."""

@@ -17,7 +17,15 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-from kvpool import BlockKey, BlockPool, Namespace, PrefixHit, chain_keys, token_bytes
+from kvpool import (
+    TIER_GENERATED,
+    BlockKey,
+    BlockPool,
+    Namespace,
+    PrefixHit,
+    chain_keys,
+    token_bytes,
+)
 from scheduler.protocol import (
     BlocksEvent,
     Checkpoint,
@@ -283,11 +291,18 @@ class Scheduler:
     def _admit(self, state: _State) -> None:
         req = state.req
         del self._waiting[req.request_id]
-        hit = self.pool.lookup(state.namespace, state.raw, pin=True)
+        gen = self.generator
+        end_ok = (lambda b: gen.prefix_end_ok(b.payload)) if gen.needs_snapshots else None
+        hit = self.pool.lookup(state.namespace, state.raw, pin=True, end_ok=end_ok)
         state.hit = hit
         bs = self.pool.block_size
         tiers: dict[int, int] = {}
-        for offset, tier in req.checkpoints:
+        marks = list(req.checkpoints)
+        if gen.needs_snapshots:
+            # A snapshot at the prompt's last full block lets the same prompt, or its
+            # next turn, resume there: the finish can't snapshot an unaligned end.
+            marks.append(((len(req.prompt) - 1) // bs * bs, TIER_GENERATED))
+        for offset, tier in marks:
             aligned = offset // bs * bs
             if hit.num_tokens < aligned < len(req.prompt):
                 tiers[aligned] = max(tier, tiers.get(aligned, tier))

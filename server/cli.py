@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     _serve_args(sub)
     d = sub.add_parser("demo", help="build (or find) an offline demo model; prints its path")
-    d.add_argument("--size", default="tiny", choices=["tiny", "bench"])
-    d.add_argument("--arch", default="qwen3", choices=["qwen3", "llama"])
+    d.add_argument("--size", default="tiny", help="tiny (tests) or bench (~80M parameters)")
+    d.add_argument("--arch", default="qwen3",
+                   help="qwen3, llama, qwen3_next (hybrid SSM) or gemma3_text (sliding window)")
     d.add_argument("--seed", type=int, default=0)
     b = sub.add_parser("bench", help="load-test an OpenAI-compatible server")
     from bench.run import add_args

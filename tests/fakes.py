@@ -30,6 +30,7 @@ EOS = 999
 class FakePayload:
     tokens: tuple
     nbytes: int = 64
+    snapshot: bool = False  # like a state-layer snapshot: a hit may end here
 
 
 def next_token(context: list[int]) -> int:
@@ -44,6 +45,11 @@ class FakeGenerator:
     prefill_delay: float = 0.0  # seconds per computed prompt token
     token_delay: float = 0.0  # seconds per generated token
     namespace: Namespace = field(default_factory=lambda: Namespace("fake-model"))
+    needs_snapshots: bool = False
+
+    @staticmethod
+    def prefix_end_ok(payload: FakePayload) -> bool:
+        return payload.snapshot
 
     def __post_init__(self):
         self.inserted: list[SequenceSpec] = []
@@ -74,9 +80,13 @@ class FakeGenerator:
         return len(self._tasks)
 
     # the fake model
-    def _blocks(self, tokens: list[int], first: int, end: int) -> list[FakePayload]:
+    def _blocks(self, tokens: list[int], first: int, end: int,
+                snapshot: bool = False) -> list[FakePayload]:
         bs = self.block_size
-        return [FakePayload(tuple(tokens[i * bs : (i + 1) * bs])) for i in range(first, end)]
+        out = [FakePayload(tuple(tokens[i * bs : (i + 1) * bs])) for i in range(first, end)]
+        if out and snapshot:
+            out[-1].snapshot = True
+        return out
 
     async def _run(self, spec: SequenceSpec) -> None:
         bs = self.block_size
@@ -85,13 +95,17 @@ class FakeGenerator:
             if [p.tokens for p in spec.cached_payloads] != [p.tokens for p in expected]:
                 self._emit(ErrorEvent(spec.seq_id, "cached payloads do not match the prompt"))
                 return
+            if self.needs_snapshots and spec.cached_payloads and \
+                    not spec.cached_payloads[-1].snapshot:
+                self._emit(ErrorEvent(spec.seq_id, "cached prefix ends without a snapshot"))
+                return
             done = spec.cached_tokens
             for cp in spec.checkpoints:
                 await asyncio.sleep(self.prefill_delay * (cp.tokens - done))
                 self.prefilled_tokens += cp.tokens - done
                 self._emit(BlocksEvent(spec.seq_id, spec.prompt[: cp.tokens], done // bs,
-                                       self._blocks(spec.prompt, done // bs, cp.tokens // bs),
-                                       cp.tier))
+                                       self._blocks(spec.prompt, done // bs, cp.tokens // bs,
+                                                    snapshot=True), cp.tier))
                 done = cp.tokens
             await asyncio.sleep(self.prefill_delay * (len(spec.prompt) - done))
             self.prefilled_tokens += len(spec.prompt) - done

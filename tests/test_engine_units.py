@@ -10,7 +10,7 @@ from mlx_lm.utils import load
 
 from engine.chat import render_chat
 from engine.demo import demo_spec, ensure_demo_model, parse_demo_id
-from engine.kvblocks import blocks_from_cache, cache_from_blocks
+from engine.kvblocks import CacheLayout, blocks_from_cache, cache_from_blocks
 from engine.model import resolve
 from engine.sampling import greedy, make_sampler
 from engine.text import IncrementalDetokenizer, StopStringFilter
@@ -115,9 +115,10 @@ def test_blocks_own_their_memory():
                    mx.random.normal((1, heads, tokens, dim)), tokens)
         cache.append(c)
     mx.eval([c.keys for c in cache] + [c.values for c in cache])
-    blocks = blocks_from_cache(cache, 0, 2, 16)
+    layout = CacheLayout.of(cache)
+    blocks = blocks_from_cache(cache, 0, 2, 16, layout)
     assert all(b.nbytes == 2 * layers * heads * 16 * dim * 4 for b in blocks)
-    rebuilt = cache_from_blocks(blocks, layers)
+    rebuilt = cache_from_blocks(blocks, [KVCache() for _ in range(layers)], layout)
     assert mx.array_equal(rebuilt[1].keys, cache[1].keys[:, :, :32])
     assert mx.array_equal(rebuilt[0].values, cache[0].values[:, :, :32])
     del rebuilt, c

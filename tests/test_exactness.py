@@ -1,10 +1,12 @@
 """Exactness: with greedy sampling, a request served from cached blocks produces the
 tokens of the same request computed cold, and of mlx-lm's own generation."""
 
+import mlx.core as mx
 import pytest
 from mlx_lm.utils import load
 
 from engine.chat import render_chat
+from engine.kvblocks import KVBlock
 from engine.model import resolve
 from engine.worker import EngineWorker
 from tests.engine_harness import assert_idle, make_scheduler, reference_tokens, run, run_many
@@ -13,13 +15,21 @@ N = 12  # generated tokens per request
 BS = 16
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama"])
-def engine_pair(request):
-    name = f"demo:tiny-{request.param}"
+ARCHS = ["qwen3", "llama", "qwen3_next", "gemma3_text"]  # attention, hybrid SSM, sliding
+
+
+def _worker_and_reference(name):
+    """An engine worker on a demo model, and the same model loaded for mlx-lm's own
+    generation on this thread."""
     worker = EngineWorker(name, block_size=BS, max_running=8)
     ref_model, _ = load(resolve(name)[1])
     yield worker, ref_model
     worker.close()
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def engine_pair(request):
+    yield from _worker_and_reference(f"demo:tiny-{request.param}")
 
 
 def chat(tokenizer, system, *turns):
@@ -57,7 +67,11 @@ async def test_cold_full_partial_and_divergent(engine_pair):
     ref_c = reference_tokens(ref_model, c_tokens, N)
     branch, out = await run(sched, c_tokens, N)
     assert branch == ref_c
-    assert out.usage.cached_tokens == (len(a.tokens) - 9) // BS * BS
+    shared = (len(a.tokens) - 9) // BS * BS
+    if worker.needs_snapshots:  # resumes from the last snapshot inside the shared part
+        assert system_end // BS * BS <= out.usage.cached_tokens <= shared
+    else:
+        assert out.usage.cached_tokens == shared
     assert_idle(sched, worker)
 
 
@@ -73,8 +87,10 @@ async def test_four_turn_conversation_hits_every_turn(engine_pair):
         tokens, out = await run(sched, prompt.tokens, N, checkpoints=prompt.checkpoints)
         assert tokens == reference_tokens(ref_model, prompt.tokens, N)
         if i > 0:
-            # Everything up to the previous reply's text was cached.
-            assert out.usage.cached_tokens >= (previous_len // BS) * BS
+            # Everything up to the previous reply was cached; with state layers, up to
+            # the previous prompt's last full block (its snapshot).
+            floor = previous_len - 1 if worker.needs_snapshots else previous_len
+            assert out.usage.cached_tokens >= floor // BS * BS > 0
         previous_len = len(prompt.tokens)
         turns.append(tok.decode(tokens))
     assert_idle(sched, worker)
@@ -112,11 +128,66 @@ async def test_a_corrupted_cached_block_changes_the_output(engine_pair):
     a = chat(tok, SYSTEM, "What is in the cache block of the first file?")
     ref = reference_tokens(ref_model, a.tokens, N)
     assert (await run(sched, a.tokens, N))[0] == ref
-    # Serve the last cached block with block 0's KV (other tokens, other positions).
-    # A swap would not do: attention is invariant to the order of cached entries.
+    # Serve the last cached block with block 0's K/V (other tokens, other positions),
+    # keeping its snapshot. A swap would not do: attention is invariant to the order
+    # of cached entries.
     hit = sched.pool.lookup(sched.namespace(None), a.tokens, pin=False)
-    hit.blocks[-1].payload = hit.blocks[0].payload
+    last, first = hit.blocks[-1], hit.blocks[0]
+    last.payload = KVBlock(first.payload.kv, last.payload.snapshot)
     served, out = await run(sched, a.tokens, N)
     assert out.usage.cached_tokens > 0
+    assert served != ref
+    assert_idle(sched, worker)
+
+
+@pytest.fixture(scope="module")
+def sliding_pair():
+    yield from _worker_and_reference("demo:tiny-gemma3_text")
+
+
+async def test_sliding_window_hits_before_and_after_the_window_wraps(sliding_pair):
+    worker, ref_model = sliding_pair
+    window = ref_model.args.sliding_window
+    tok = worker.tokenizer
+    sched = make_scheduler(worker)
+    short_system = "You are a careful coding agent. Use the tools and read the files."
+    a = chat(tok, short_system, "Open the file and print each value of the list. " * 4)
+    b = chat(tok, short_system, "Write a function that returns the cache block. " * 4)
+    system_end = a.checkpoints[0][0] // BS * BS
+    assert 0 < system_end < window < len(a.tokens)  # the hit comes before the wrap
+    await run(sched, a.tokens, N, checkpoints=a.checkpoints)
+    tokens, out = await run(sched, b.tokens, N, checkpoints=b.checkpoints)
+    assert out.usage.cached_tokens == system_end
+    assert tokens == reference_tokens(ref_model, b.tokens, N)
+    # A full hit far past the window: the rotating caches have wrapped.
+    tokens, out = await run(sched, a.tokens, N, checkpoints=a.checkpoints)
+    assert out.usage.cached_tokens > window
+    assert tokens == reference_tokens(ref_model, a.tokens, N)
+    assert_idle(sched, worker)
+
+
+@pytest.fixture(scope="module")
+def hybrid_pair():
+    yield from _worker_and_reference("demo:tiny-qwen3_next")
+
+
+async def test_hybrid_hits_come_from_the_snapshot(hybrid_pair):
+    """A corrupted state snapshot changes the output: hits really resume from it."""
+    worker, ref_model = hybrid_pair
+    tok = worker.tokenizer
+    sched = make_scheduler(worker)
+    a = chat(tok, SYSTEM, "What is in the cache block of the first file?")
+    ref = reference_tokens(ref_model, a.tokens, N)
+    assert (await run(sched, a.tokens, N, checkpoints=a.checkpoints))[0] == ref
+    hit = sched.pool.lookup(sched.namespace(None), a.tokens, pin=False,
+                            end_ok=lambda b: b.payload.has_snapshot)
+    last = hit.blocks[-1].payload
+    assert last.has_snapshot and hit.num_tokens == (len(a.tokens) - 1) // BS * BS
+    zeroed = [(cls, tuple([mx.zeros_like(x) for x in v] if isinstance(v, list) else v
+                          for v in state)) for cls, state in last.snapshot]
+    mx.eval([x for _, state in zeroed for v in state if isinstance(v, list) for x in v])
+    hit.blocks[-1].payload = KVBlock(last.kv, zeroed)
+    served, out = await run(sched, a.tokens, N)
+    assert out.usage.cached_tokens == hit.num_tokens
     assert served != ref
     assert_idle(sched, worker)

@@ -274,3 +274,23 @@ async def test_shutdown_aborts_everything_and_refuses_new_work():
     with pytest.raises(Exception, match="shutting down"):
         sched.submit(Request([1] * 8))
     assert_idle(sched, gen, pool)
+
+
+async def test_models_with_state_layers_resume_only_from_snapshots():
+    """For SSM / sliding-window models a hit must end on a block with a snapshot; the
+    scheduler adds a checkpoint at the prompt's last full block so repeats can hit."""
+    sched, gen, pool = make(needs_snapshots=True)
+    prompt = list(range(1, 23))  # 22 tokens: blocks end at 4, 8, ..., 20
+    _, first = await collect(sched.submit(Request(prompt, SamplingParams(max_tokens=6),
+                                                  checkpoints=[(9, TIER_SYSTEM)])))
+    assert [c.tokens for c in gen.inserted[0].checkpoints] == [8, 20]
+    _, again = await collect(sched.submit(Request(prompt, SamplingParams(max_tokens=2))))
+    assert again.usage.cached_tokens == 20  # the end-of-prompt snapshot
+    # A longer prompt whose extra blocks came from the finish (no snapshots) resumes
+    # from the last snapshot, not from the end of the chain.
+    reply = expected_tokens(prompt, 6)
+    turn2 = prompt + reply + [9] * 10
+    assert pool.cached_prefix_blocks(sched.namespace(None), turn2) == 6
+    _, t2 = await collect(sched.submit(Request(turn2, SamplingParams(max_tokens=1))))
+    assert t2.usage.cached_tokens == 20 and t2.finish_reason == "length"
+    assert_idle(sched, gen, pool)
