@@ -52,7 +52,7 @@ class EngineWorker:
         self,
         model: str | None = None,
         *,
-        block_size: int = 32,
+        block_size: int = 16,
         max_running: int = 16,
         prefill_batch_size: int = 8,
         prefill_step_size: int = 256,
@@ -83,8 +83,7 @@ class EngineWorker:
     # ---- the Generator protocol (any thread) ----------------------------------
 
     def start(self, emit: Callable[[EngineEvent], None]) -> None:
-        self._emit = emit
-        self._commands.put(("start", None))
+        self._emit = emit  # the engine thread reads it on its next event
 
     def insert(self, spec: SequenceSpec) -> None:
         self._commands.put(("insert", spec))

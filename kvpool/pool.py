@@ -15,7 +15,7 @@ A parent becomes evictable once its last child is gone, keeping its own tier and
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -84,7 +84,8 @@ class InsertResult:
 
 @dataclass
 class PoolStats:
-    """A snapshot: counters since start (or reset) and gauges now."""
+    """Counters (monotonic, across resets too) and gauges; ``BlockPool.stats()`` gives a
+    snapshot. The pool keeps its counters in one of these and fills the gauges on demand."""
 
     block_size: int
     budget_bytes: int
@@ -399,18 +400,11 @@ class BlockPool:
     # ---- statistics ----------------------------------------------------------
 
     def stats(self) -> PoolStats:
-        c = self._counters
-        return PoolStats(
-            block_size=self.block_size,
+        """Counters since start, and the gauges as of now."""
+        return replace(
+            self._counters,
             budget_bytes=self.budget_bytes,
-            lookups=c.lookups,
-            queried_tokens=c.queried_tokens,
-            hit_tokens=c.hit_tokens,
-            inserted_blocks=c.inserted_blocks,
-            deduplicated_blocks=c.deduplicated_blocks,
-            refused_blocks=c.refused_blocks,
-            collisions=c.collisions,
-            evictions=dict(c.evictions),
+            evictions=dict(self._counters.evictions),
             blocks_pinned=self._pinned_blocks,
             blocks_cached=len(self._blocks) - self._pinned_blocks,
             bytes_pinned=self._pinned_bytes,

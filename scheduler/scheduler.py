@@ -161,15 +161,13 @@ class Scheduler:
         self._inflight: dict[BlockKey, str] = {}  # key -> request that will publish it
         self._arrivals = itertools.count()
         self._reserved_bytes = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     # ---- public API (event loop) --------------------------------------------
 
     def start(self) -> None:
         """Bind to the running loop and start the generator."""
-        self._loop = asyncio.get_running_loop()
-        loop = self._loop
+        loop = asyncio.get_running_loop()
         self.generator.start(lambda e: loop.call_soon_threadsafe(self._on_event, e))
 
     @property
@@ -192,7 +190,7 @@ class Scheduler:
         if self._closed:
             raise SchedulerClosedError("the server is shutting down")
         if not req.prompt:
-            raise PromptTooLongError("the prompt is empty: at least one token is required")
+            raise SchedulerError("the prompt is empty: at least one token is required")
         limit = self.max_prompt_tokens
         if len(req.prompt) >= limit:
             raise PromptTooLongError(

@@ -13,6 +13,7 @@ from scheduler import (
     SamplingParams,
     Scheduler,
     SchedulerConfig,
+    SchedulerError,
 )
 from tests.fakes import FakeGenerator, next_token
 
@@ -124,7 +125,7 @@ async def test_queue_overflow_and_size_limits_raise_typed_errors():
         sched.submit(Request([7] * 5))
     with pytest.raises(PromptTooLongError, match="512"):
         sched.submit(Request([1] * 512))
-    with pytest.raises(PromptTooLongError, match="empty"):
+    with pytest.raises(SchedulerError, match="empty"):
         sched.submit(Request([]))
     with pytest.raises(RequestTooLargeError, match="active budget"):
         sched.submit(Request([1] * 400, SamplingParams(max_tokens=600)))
