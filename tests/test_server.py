@@ -304,3 +304,47 @@ async def test_cache_admin_stats_and_refused_flush(worker):
         code, body, _ = await post(srv.url, "/v1/cache/reset", {})
         assert code == 200 and body == {"reset": True}
         assert srv.scheduler.pool.stats().blocks_stored == 0
+
+
+async def test_client_disconnect_while_waiting_for_a_non_streamed_reply(worker):
+    async with serve(worker) as srv:
+        body = json.dumps({"messages": CHAT, "max_tokens": 2000, "ignore_eos": True}).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1",
+                                                       int(srv.url.rsplit(":", 1)[1]))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        for _ in range(200):
+            if srv.scheduler.num_running:
+                break
+            await asyncio.sleep(0.01)
+        assert srv.scheduler.num_running == 1
+        writer.close()  # gone before any byte of the reply
+        await wait_idle(srv.url)
+        assert srv.scheduler.stats.finished["abort"] == 1
+        assert worker.active_sequences() == (0, 0)
+
+
+async def test_anthropic_tool_blocks_become_messages(worker):
+    async with serve(worker) as srv:
+        body = {"max_tokens": 4, "messages": [
+            {"role": "user", "content": "List the files."},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "Calling ls."},
+                {"type": "tool_use", "id": "t1", "name": "ls", "input": {"path": "."}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "t1",
+                 "content": [{"type": "text", "text": "a.py b.py"}]}]}]}
+        code, msg, _ = await post(srv.url, "/v1/messages", body)
+        assert code == 200 and msg["type"] == "message"
+        from server.schemas import parse_messages
+
+        gen = parse_messages(body, srv.frontend)
+        text = worker.tokenizer.decode(gen.prompt)
+        assert '{"input": {"path": "."}, "tool_use": "ls"}' in text
+        assert "<|im_start|>tool\na.py b.py<|im_end|>" in text
+        code, err, _ = await post(srv.url, "/v1/messages", {
+            "max_tokens": 4, "messages": [{"role": "user", "content": [
+                {"type": "image", "source": {}}]}]})
+        assert code == 400 and "image" in err["error"]["message"]
