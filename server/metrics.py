@@ -25,51 +25,40 @@ class _StateCollector:
 
     def collect(self):
         pool, sched = self._sched.pool.stats(), self._sched
-        c = CounterMetricFamily("blockserve_prefix_cache_queries_tokens",
-                                "Prompt tokens looked up in the prefix cache")
-        c.add_metric([], pool.queried_tokens)
-        yield c
-        c = CounterMetricFamily("blockserve_prefix_cache_hits_tokens",
-                                "Prompt tokens served from the prefix cache")
-        c.add_metric([], pool.hit_tokens)
-        yield c
-        g = GaugeMetricFamily("blockserve_kv_blocks", "KV blocks by state", labels=["state"])
-        g.add_metric(["pinned"], pool.blocks_pinned)
-        g.add_metric(["cached"], pool.blocks_cached)
         per_block = pool.bytes_stored / pool.blocks_stored if pool.blocks_stored else 0
         free = (pool.budget_bytes - pool.bytes_stored) / per_block if per_block else 0
-        g.add_metric(["free"], max(int(free), 0))
-        yield g
-        g = GaugeMetricFamily("blockserve_kv_cache_bytes", "Bytes of cached KV blocks")
-        g.add_metric([], pool.bytes_stored)
-        yield g
-        g = GaugeMetricFamily("blockserve_kv_cache_budget_bytes", "Byte budget of the pool")
-        g.add_metric([], pool.budget_bytes)
-        yield g
-        c = CounterMetricFamily("blockserve_kv_evictions", "Evicted blocks by tier",
-                                labels=["tier"])
-        for tier in TIERS:
-            c.add_metric([str(tier)], pool.evictions[tier])
-        yield c
-        g = GaugeMetricFamily("blockserve_requests_running", "Requests being generated")
-        g.add_metric([], sched.num_running)
-        yield g
-        g = GaugeMetricFamily("blockserve_requests_waiting", "Requests in the queue")
-        g.add_metric([], sched.num_waiting)
-        yield g
-        c = CounterMetricFamily("blockserve_requests", "Finished requests by finish reason",
-                                labels=["finish_reason"])
-        for reason, n in sorted(sched.stats.finished.items()):
-            c.add_metric([reason], n)
-        yield c
-        c = CounterMetricFamily("blockserve_prompt_tokens_computed",
-                                "Prompt tokens actually prefilled")
-        c.add_metric([], sched.stats.prefill_tokens)
-        yield c
-        c = CounterMetricFamily("blockserve_inflight_shares",
-                                "Requests that waited for another request's blocks")
-        c.add_metric([], sched.stats.inflight_shares)
-        yield c
+        families = [
+            (CounterMetricFamily, "blockserve_prefix_cache_queries_tokens",
+             "Prompt tokens looked up in the prefix cache", None,
+             {(): pool.queried_tokens}),
+            (CounterMetricFamily, "blockserve_prefix_cache_hits_tokens",
+             "Prompt tokens served from the prefix cache", None, {(): pool.hit_tokens}),
+            (GaugeMetricFamily, "blockserve_kv_blocks", "KV blocks by state", "state",
+             {("pinned",): pool.blocks_pinned, ("cached",): pool.blocks_cached,
+              ("free",): max(int(free), 0)}),
+            (GaugeMetricFamily, "blockserve_kv_cache_bytes", "Bytes of cached KV blocks",
+             None, {(): pool.bytes_stored}),
+            (GaugeMetricFamily, "blockserve_kv_cache_budget_bytes", "Byte budget of the pool",
+             None, {(): pool.budget_bytes}),
+            (CounterMetricFamily, "blockserve_kv_evictions", "Evicted blocks by tier", "tier",
+             {(str(t),): pool.evictions[t] for t in TIERS}),
+            (GaugeMetricFamily, "blockserve_requests_running", "Requests being generated",
+             None, {(): sched.num_running}),
+            (GaugeMetricFamily, "blockserve_requests_waiting", "Requests in the queue", None,
+             {(): sched.num_waiting}),
+            (CounterMetricFamily, "blockserve_requests", "Finished requests by finish reason",
+             "finish_reason", {(r,): n for r, n in sorted(sched.stats.finished.items())}),
+            (CounterMetricFamily, "blockserve_prompt_tokens_computed",
+             "Prompt tokens actually prefilled", None, {(): sched.stats.prefill_tokens}),
+            (CounterMetricFamily, "blockserve_inflight_shares",
+             "Requests that waited for another request's blocks", None,
+             {(): sched.stats.inflight_shares}),
+        ]
+        for family, name, doc, label, values in families:
+            m = family(name, doc, labels=[label] if label else None)
+            for labels, value in values.items():
+                m.add_metric(list(labels), value)
+            yield m
 
 
 class Metrics:

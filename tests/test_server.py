@@ -135,6 +135,18 @@ async def test_greedy_over_http_equals_mlx_lm(worker, ref_model):
             assert r.choices[0].message.content == worker.tokenizer.decode(ref)
 
 
+async def raw_post(srv, body: dict):
+    """A chat request over a bare socket, so a test can vanish mid-request."""
+    reader, writer = await asyncio.open_connection("127.0.0.1",
+                                                   int(srv.url.rsplit(":", 1)[1]))
+    payload = json.dumps(body).encode()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: application/json\r\n"
+                 + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    await writer.drain()
+    return reader, writer
+
+
 async def post(url, path, body, headers=None, raw=None):
     async with aiohttp.ClientSession() as s:
         data = raw if raw is not None else json.dumps(body)
@@ -240,13 +252,7 @@ async def test_client_disconnect_mid_stream_frees_everything(worker):
     async with serve(worker) as srv:
         await post(srv.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 1})
         body = {"messages": CHAT, "max_tokens": 2000, "ignore_eos": True, "stream": True}
-        reader, writer = await asyncio.open_connection("127.0.0.1",
-                                                       int(srv.url.rsplit(":", 1)[1]))
-        payload = json.dumps(body).encode()
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\n"
-                     + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-        await writer.drain()
+        reader, writer = await raw_post(srv, body)
         seen = b""
         while seen.count(b"data:") < 4:
             seen += await reader.read(4096)
@@ -308,13 +314,8 @@ async def test_cache_admin_stats_and_refused_flush(worker):
 
 async def test_client_disconnect_while_waiting_for_a_non_streamed_reply(worker):
     async with serve(worker) as srv:
-        body = json.dumps({"messages": CHAT, "max_tokens": 2000, "ignore_eos": True}).encode()
-        reader, writer = await asyncio.open_connection("127.0.0.1",
-                                                       int(srv.url.rsplit(":", 1)[1]))
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        await writer.drain()
+        _, writer = await raw_post(srv, {"messages": CHAT, "max_tokens": 2000,
+                                         "ignore_eos": True})
         for _ in range(200):
             if srv.scheduler.num_running:
                 break
@@ -348,3 +349,25 @@ async def test_anthropic_tool_blocks_become_messages(worker):
             "max_tokens": 4, "messages": [{"role": "user", "content": [
                 {"type": "image", "source": {}}]}]})
         assert code == 400 and "image" in err["error"]["message"]
+
+
+async def test_metrics_expose_the_required_series(worker):
+    async with serve(worker) as srv:
+        await post(srv.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2})
+        await post(srv.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2})
+        m = await metrics(srv.url)
+        for name in ["blockserve_prefix_cache_queries_tokens_total",
+                     "blockserve_prefix_cache_hits_tokens_total",
+                     'blockserve_kv_blocks{state="pinned"}',
+                     'blockserve_kv_blocks{state="cached"}',
+                     'blockserve_kv_blocks{state="free"}', "blockserve_kv_cache_bytes",
+                     'blockserve_kv_evictions_total{tier="0"}',
+                     "blockserve_requests_running", "blockserve_requests_waiting",
+                     'blockserve_requests_total{finish_reason="length"}',
+                     "blockserve_time_to_first_token_seconds_count",
+                     "blockserve_e2e_request_latency_seconds_count"]:
+            assert name in m, name
+        assert m["blockserve_prefix_cache_hits_tokens_total"] > 0
+        assert m['blockserve_requests_total{finish_reason="length"}'] == 2
+        assert m["blockserve_time_to_first_token_seconds_count"] == 2
+        assert m['blockserve_kv_blocks{state="cached"}'] > 0
