@@ -80,6 +80,7 @@ class InsertResult:
     new_keys: list[BlockKey]
     deduplicated: int
     refused: int
+    last: Block | None = None  # the chain's last block, stored or deduplicated
 
 
 @dataclass
@@ -297,12 +298,34 @@ class BlockPool:
                     break
                 result.new_keys.append(key)
             parent = b
+        result.last = parent
         if parent is not None:
             self._push_if_evictable(parent)  # the chain's end is the only possible new leaf
         self._counters.inserted_blocks += len(result.new_keys)
         self._counters.deduplicated_blocks += result.deduplicated
         self._counters.refused_blocks += result.refused
         return result
+
+    def replace_payload(self, b: Block, payload: Payload) -> bool:
+        """Swap a stored block's payload for an equivalent one (e.g. one that also
+        carries a state snapshot). False if it is gone or the budget can't take it."""
+        if self._blocks.get(b.key) is not b:
+            return False
+        size = int(payload.nbytes)
+        delta = size - b.nbytes
+        if delta > 0 and self._bytes + delta > self.budget_bytes:
+            self._incref(b)  # shield it while making room
+            try:
+                room = self._make_room(delta)
+            finally:
+                self.release([b])
+            if not room:
+                return False
+        b.payload, b.nbytes = payload, size
+        self._bytes += delta
+        if b.refcount:
+            self._pinned_bytes += delta
+        return True
 
     def _store(
         self,

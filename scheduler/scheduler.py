@@ -347,11 +347,18 @@ class Scheduler:
 
     def _publish(self, state: _State, event: BlocksEvent) -> None:
         first, payloads = event.first_block, event.payloads
-        self.pool.insert(
+        result = self.pool.insert(
             state.namespace, event.tokens,
             lambda i: payloads[i - first] if i >= first else None,
             event.tier, pinned_prefix=state.hit.blocks,
         )
+        gen, new, last = self.generator, payloads[-1] if payloads else None, result.last
+        if (gen.needs_snapshots and new is not None and result.refused == 0
+                and last is not None and last.payload is not new
+                and gen.prefix_end_ok(new) and not gen.prefix_end_ok(last.payload)):
+            # The block was cached without a snapshot (e.g. by a finish): keep this one,
+            # so later hits may end here.
+            self.pool.replace_payload(last, new)
         done = len(event.tokens) // self.pool.block_size
         published = set(state.keys[:done])
         if any(k in published for k in state.inflight_keys):

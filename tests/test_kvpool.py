@@ -285,3 +285,18 @@ def test_a_missing_payload_ends_the_insert_there():
     toks = list(range(16))
     res = pool.insert(NS, toks, lambda i: None if i == 2 else FakePayload(()))
     assert len(res.new_keys) == 2 and res.refused == 2 and len(pool) == 2
+
+
+def test_replace_payload_keeps_byte_accounting_and_budget():
+    pool = BlockPool(BS, 300)
+    fill(pool, list(range(8)))
+    fill(pool, [9] * 4)
+    hit = pool.lookup(NS, list(range(9)))
+    b = hit.blocks[-1]
+    assert pool.replace_payload(b, FakePayload((4, 5, 6, 7), nbytes=150))
+    assert len(pool) == 2  # the unpinned [9]*4 block made room for the 50 more bytes
+    assert pool.nbytes == 250 and b.payload.nbytes == 150
+    assert pool.stats().bytes_pinned == 250
+    assert not pool.replace_payload(b, FakePayload((), nbytes=1000))  # can't fit
+    pool.release(hit.blocks)
+    assert pool.stats().bytes_pinned == 0 and pool.nbytes == 250

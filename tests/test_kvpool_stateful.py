@@ -58,6 +58,17 @@ class PoolMachine(RuleBasedStateMachine):
         i = data.draw(st.integers(0, len(self.held) - 1))
         self.pool.release(self.held.pop(i))
 
+    @precondition(lambda self: len(self.pool) > 0)
+    @rule(data=st.data(), size=st.integers(1, 300))
+    def replace_payload(self, data, size):
+        blocks = self.pool.blocks()
+        b = blocks[data.draw(st.integers(0, len(blocks) - 1))]
+        before = {id(x) for chain in self.held for x in chain}
+        old = b.payload
+        if self.pool.replace_payload(b, Tagged(old.namespace, old.prefix, size)):
+            assert b.nbytes == size
+        self._check_pinned_survive(before)
+
     @rule(budget=st.integers(0, 1200))
     def set_budget(self, budget):
         before = {id(b) for chain in self.held for b in chain}

@@ -295,3 +295,20 @@ async def test_models_with_state_layers_resume_only_from_snapshots():
     _, t2 = await collect(sched.submit(Request(turn2, SamplingParams(max_tokens=1))))
     assert t2.usage.cached_tokens == 20 and t2.finish_reason == "length"
     assert_idle(sched, gen, pool)
+
+
+async def test_a_snapshot_upgrades_a_block_cached_without_one():
+    sched, gen, pool = make(needs_snapshots=True)
+    prompt = list(range(1, 23))
+    reply = expected_tokens(prompt, 10)
+    await collect(sched.submit(Request(prompt, SamplingParams(max_tokens=10))))
+    # The finish cached blocks up to token 28 without snapshots; the last snapshot is
+    # at 20 (the prompt's last full block).
+    b = (prompt + reply)[:29]
+    _, first = await collect(sched.submit(Request(b, SamplingParams(max_tokens=1))))
+    assert first.usage.cached_tokens == 20
+    # Its end-of-prompt checkpoint (28) deduplicated against the finish's block and
+    # upgraded it with a snapshot, so the same prompt now resumes at 28.
+    _, again = await collect(sched.submit(Request(b, SamplingParams(max_tokens=1))))
+    assert again.usage.cached_tokens == 28
+    assert_idle(sched, gen, pool)
