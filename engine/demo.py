@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.utils import _get_classes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump when a build changes, so cached builds are not reused
 DEMO_PREFIX = "demo:"
 
 IM_START, IM_END, EOT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -143,8 +143,10 @@ def model_config(spec: DemoSpec, tok_ids: dict[str, int]) -> dict:
 def build_demo_model(spec: DemoSpec, out_dir: Path) -> None:
     """Write a complete mlx-lm model directory for ``spec`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok_ids = _train_tokenizer(spec, out_dir)
-    config = model_config(spec, tok_ids)
+    tok_ids, vocab_size = _train_tokenizer(spec, out_dir)
+    # BPE training may stop short of the asked-for size on a small corpus: size the
+    # model to the real vocabulary, or it would emit ids that decode to nothing.
+    config = {**model_config(spec, tok_ids), "vocab_size": vocab_size}
     model_cls, args_cls = _get_classes(config)
     model = model_cls(args_cls.from_dict(config))
     mx.random.seed(spec.seed)
@@ -221,7 +223,7 @@ def _corpus(seed: int, lines: int = 4000) -> list[str]:
     return out
 
 
-def _train_tokenizer(spec: DemoSpec, out_dir: Path) -> dict[str, int]:
+def _train_tokenizer(spec: DemoSpec, out_dir: Path) -> tuple[dict[str, int], int]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     specials = [EOT, IM_START, IM_END]
@@ -250,4 +252,4 @@ def _train_tokenizer(spec: DemoSpec, out_dir: Path) -> dict[str, int]:
     }, indent=2))
     (out_dir / "special_tokens_map.json").write_text(json.dumps(
         {"eos_token": IM_END, "pad_token": EOT}, indent=2))
-    return ids
+    return ids, tok.get_vocab_size()
