@@ -111,7 +111,6 @@ class _Run:
 
     def __init__(self, request: web.Request, gen: Generation):
         self.app = request.app
-        self.gen = gen
         self.t0 = time.perf_counter()
         self.first: float | None = None
         req = Request(gen.prompt, gen.sampling, gen.checkpoints, gen.cache_salt)
