@@ -13,7 +13,6 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-import engine  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import make_prompt_cache

@@ -80,6 +80,7 @@ async def test_four_turn_conversation_hits_every_turn(engine_pair):
     tok = worker.tokenizer
     sched = make_scheduler(worker)
     turns = []
+    previous_len = 0
     users = ["Open the file.", "Now print each value.", "Return the list.", "Done?"]
     for i, user in enumerate(users):
         turns.append(user)
