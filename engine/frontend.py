@@ -21,7 +21,3 @@ class TokenizerFrontend:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._tok.get_vocab())

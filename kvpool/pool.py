@@ -313,14 +313,8 @@ class BlockPool:
             return False
         size = int(payload.nbytes)
         delta = size - b.nbytes
-        if delta > 0 and self._bytes + delta > self.budget_bytes:
-            self._incref(b)  # shield it while making room
-            try:
-                room = self._make_room(delta)
-            finally:
-                self.release([b])
-            if not room:
-                return False
+        if delta > 0 and not self._make_room_sparing(b, delta):
+            return False
         b.payload, b.nbytes = payload, size
         self._bytes += delta
         if b.refcount:
@@ -337,16 +331,9 @@ class BlockPool:
         tier: int,
     ) -> Block | None:
         size = int(payload.nbytes)
-        if self._bytes + size > self.budget_bytes:
-            # The parent is a leaf until this child lands: shield it from eviction.
-            if parent is not None:
-                self._incref(parent)
-            try:
-                if not self._make_room(size):
-                    return None
-            finally:
-                if parent is not None:
-                    self.release([parent])
+        # The parent is a leaf until this child lands: spare it while making room.
+        if not self._make_room_sparing(parent, size):
+            return None
         b = Block(key, parent, namespace, chunk, payload, size, tier, self._clock)
         self._blocks[key] = b
         self._bytes += size
@@ -362,6 +349,18 @@ class BlockPool:
             raise ValueError("budget_bytes must be >= 0")
         self.budget_bytes = budget_bytes
         self._make_room(0)
+
+    def _make_room_sparing(self, keep: Block | None, size: int) -> bool:
+        """``_make_room``, with ``keep`` pinned meanwhile so it can't be the victim."""
+        if self._bytes + size <= self.budget_bytes:
+            return True
+        if keep is not None:
+            self._incref(keep)
+        try:
+            return self._make_room(size)
+        finally:
+            if keep is not None:
+                self.release([keep])
 
     def _make_room(self, size: int) -> bool:
         while self._bytes + size > self.budget_bytes:
