@@ -1,6 +1,6 @@
 """In-process engine benchmark: prefix reuse on shared-prefix and agent workloads.
 
-    python -m bench.engine_bench [--model demo:bench] [--block-size 32]
+    python -m bench.engine_bench [--model demo:bench] [--block-size 16]
 
 Drives the scheduler and the MLX engine directly (no HTTP) and reports prompt tokens
 actually prefilled, hit rate, TTFT and throughput for:
@@ -17,12 +17,13 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import time
 from dataclasses import dataclass, field
 
 import engine  # noqa: F401  (BLAS preload before mlx)
-from bench.loadgen import distinct_prefix_tokens
+from bench.loadgen import distinct_prefix_tokens, latency_stats
+from bench.run import make_trim
+from bench.workloads import Workload, agent_sessions, random_text, shared_prefix
 from engine.blas import active_blas
 from engine.chat import render_chat
 from engine.worker import EngineWorker
@@ -37,13 +38,6 @@ class Result:
     output_tokens: int = 0
     prompts: list[list[int]] = field(default_factory=list)
     wall: float = 0.0
-
-
-def random_text(rng: random.Random, words: int) -> str:
-    vocab = ("the cache block model token server request reply tool result file code "
-             "function return value list print import class agent turn prefix memory "
-             "batch stream query system user").split()
-    return " ".join(rng.choice(vocab) for _ in range(words))
 
 
 async def one(sched: Scheduler, prompt, checkpoints, max_tokens: int, res: Result) -> str:
@@ -64,60 +58,29 @@ async def one(sched: Scheduler, prompt, checkpoints, max_tokens: int, res: Resul
     return "".join(text)
 
 
-async def closed_loop(jobs, concurrency: int) -> None:
-    queue = list(jobs)
-    queue.reverse()
+async def run_in_process(sched: Scheduler, tok, workload: Workload, concurrency: int) -> Result:
+    """``bench.loadgen.run_workload`` without HTTP: the same sessions, closed loop."""
+    res = Result()
+    todo = list(workload.sessions)
+    todo.reverse()
 
-    async def client():
-        while queue:
-            await queue.pop()()
+    async def client() -> None:
+        while todo:
+            session = todo.pop()
+            for i, turn in enumerate(session.turns):
+                r = render_chat(tok, session.messages_for(i))
+                reply = await one(sched, r.tokens, r.checkpoints, turn.max_tokens, res)
+                session.record_reply(i, reply)
 
+    t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-
-
-async def shared_prefix(sched, tok, groups=4, per_group=8, system_words=700,
-                        question_words=24, out=32, concurrency=8, seed=0) -> Result:
-    rng = random.Random(seed)
-    res = Result()
-    systems = [random_text(rng, system_words) for _ in range(groups)]
-    jobs = []
-    for g in range(groups):
-        for _ in range(per_group):
-            r = render_chat(tok, [{"role": "system", "content": systems[g]},
-                                  {"role": "user", "content": random_text(rng, question_words)}])
-            jobs.append((r.tokens, r.checkpoints))
-    rng.shuffle(jobs)
-    t0 = time.perf_counter()
-    await closed_loop([lambda j=j: one(sched, j[0], j[1], out, res) for j in jobs], concurrency)
-    res.wall = time.perf_counter() - t0
-    return res
-
-
-async def agent_sessions(sched, tok, sessions=4, turns=4, system_words=700, out=32,
-                         seed=1) -> Result:
-    rng = random.Random(seed)
-    res = Result()
-    system = random_text(rng, system_words)
-
-    async def session(i: int):
-        msgs = [{"role": "system", "content": system},
-                {"role": "user", "content": f"Task {i}: " + random_text(rng, 30)}]
-        for _ in range(turns):
-            r = render_chat(tok, msgs)
-            reply = await one(sched, r.tokens, r.checkpoints, out, res)
-            msgs.append({"role": "assistant", "content": reply})
-            msgs.append({"role": "tool", "content": random_text(rng, 60)})
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(session(i) for i in range(sessions)))
     res.wall = time.perf_counter() - t0
     return res
 
 
 async def cached_prefix_ttft(sched, tok, prefix_tokens=2048, suffix=32, seed=2):
     rng = random.Random(seed)
-    ids = tok.encode(random_text(rng, prefix_tokens * 2))
-    prefix = ids[:prefix_tokens]
+    prefix = tok.encode(random_text(rng, prefix_tokens * 2))[:prefix_tokens]
     cold_prompt = tok.encode(random_text(rng, suffix * 2))[:suffix]
     warm_suffix = tok.encode(random_text(rng, suffix * 2))[:suffix]
     scratch = Result()
@@ -131,11 +94,6 @@ async def cached_prefix_ttft(sched, tok, prefix_tokens=2048, suffix=32, seed=2):
     return min(cold.ttft), min(warm.ttft)
 
 
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
 def summarize(name: str, res: Result, prefilled: int, prompt_tokens: int, cached: int):
     distinct = distinct_prefix_tokens(res.prompts)
     return {
@@ -146,8 +104,8 @@ def summarize(name: str, res: Result, prefilled: int, prompt_tokens: int, cached
         "prefilled_tokens": prefilled,
         "prefill_efficiency": distinct / prefilled if prefilled else float("nan"),
         "hit_rate": cached / prompt_tokens if prompt_tokens else 0.0,
-        "ttft_mean_s": statistics.mean(res.ttft),
-        "ttft_p90_s": pct(res.ttft, 0.9),
+        "ttft_mean_s": latency_stats(res.ttft)["mean"],
+        "ttft_p90_s": latency_stats(res.ttft)["p90"],
         "output_tok_s": res.output_tokens / res.wall,
         "requests_s": len(res.prompts) / res.wall,
         "wall_s": res.wall,
@@ -160,14 +118,17 @@ async def main_async(args) -> list[dict]:
     tok = worker.tokenizer
     rows = []
     try:
-        for name, fn in (("shared-prefix 4x8", shared_prefix), ("agent 4x4", agent_sessions)):
+        trim = make_trim(tok)
+        workloads = [(shared_prefix(4, 8, 1024, 32, 32, seed=0, trim=trim), 8),
+                     (agent_sessions(4, 4, 1024, output_tokens=32, seed=1, trim=trim), 4)]
+        for workload, concurrency in workloads:
             sched = Scheduler(worker, BlockPool(args.block_size, 4 << 30),
                               SchedulerConfig(max_running=8,
                                               share_inflight=not args.no_inflight))
             sched.start()
-            res = await fn(sched, tok)
+            res = await run_in_process(sched, tok, workload, concurrency)
             s = sched.stats
-            rows.append(summarize(name, res, s.prefill_tokens, s.prompt_tokens,
+            rows.append(summarize(workload.name, res, s.prefill_tokens, s.prompt_tokens,
                                   s.cached_tokens))
         sched = Scheduler(worker, BlockPool(args.block_size, 4 << 30), SchedulerConfig())
         sched.start()
@@ -182,7 +143,7 @@ async def main_async(args) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo:bench")
-    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--prefill-step-size", type=int, default=256)
     ap.add_argument("--no-inflight", action="store_true", help="disable in-flight sharing")
     ap.add_argument("--json", help="write the rows here")

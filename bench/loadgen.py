@@ -103,8 +103,7 @@ async def _one(http: aiohttp.ClientSession, target: Target, session: Session, s_
     if not events and rec.error is None:
         rec.error = "empty stream"
     records.append(rec)
-    session.history += [session.turns[turn].message,
-                        {"role": "assistant", "content": rec.text}]
+    session.record_reply(turn, rec.text)
 
 
 async def run_workload(target: Target, workload: Workload, concurrency: int | None = 8,
@@ -192,7 +191,7 @@ async def scrape(url: str) -> dict[str, float]:
     return out
 
 
-def _stats(xs: list[float]) -> dict[str, float | None]:
+def latency_stats(xs: list[float]) -> dict[str, float | None]:
     xs = sorted(x for x in xs if x is not None)
     if not xs:
         return {"mean": None, "p50": None, "p90": None, "p99": None}
@@ -224,8 +223,10 @@ def summarize(records: list[Record], wall: float, before: dict | None = None,
         "requests": len(records), "errors": len(records) - len(ok), "wall_s": wall,
         "requests_per_s": len(ok) / wall if wall else 0.0,
         "output_tokens_per_s": sum(r.completion_tokens for r in ok) / wall if wall else 0.0,
-        "ttft_s": _stats([r.ttft for r in ok]), "tpot_s": _stats([r.tpot for r in ok]),
-        "itl_s": _stats([x for r in ok for x in r.itl]), "e2e_s": _stats([r.e2e for r in ok]),
+        "ttft_s": latency_stats([r.ttft for r in ok]),
+        "tpot_s": latency_stats([r.tpot for r in ok]),
+        "itl_s": latency_stats([x for r in ok for x in r.itl]),
+        "e2e_s": latency_stats([r.e2e for r in ok]),
         "prompt_tokens": prompt, "cached_tokens": cached,
         "hit_rate": cached / prompt if prompt else 0.0,
         "prompt_tokens_computed": computed, "computed_from": source,

@@ -34,6 +34,10 @@ class Session:
         base = [{"role": "system", "content": self.system}] if self.system else []
         return base + self.history + [self.turns[i].message]
 
+    def record_reply(self, i: int, reply: str) -> None:
+        """Turn ``i`` is done: its message and the server's reply join the history."""
+        self.history += [self.turns[i].message, {"role": "assistant", "content": reply}]
+
 
 @dataclass
 class Workload:
@@ -48,7 +52,7 @@ class Workload:
 Trim = Callable[[str, int], str]  # cut text to about n tokens with the target's tokenizer
 
 
-def _text(rng: random.Random, n_tokens: int, trim: Trim | None) -> str:
+def random_text(rng: random.Random, n_tokens: int, trim: Trim | None = None) -> str:
     # Words of this vocabulary are ~1-2 tokens: make enough, then trim to n tokens.
     text = " ".join(rng.choice(_WORDS) for _ in range(n_tokens + 8))
     return trim(text, n_tokens) if trim else " ".join(text.split()[:n_tokens])
@@ -60,9 +64,9 @@ def shared_prefix(groups: int = 4, prompts_per_group: int = 8, system_tokens: in
     """G groups x P prompts; each group shares one system prompt (SGLang's
     generated-shared-prefix). Requests are shuffled, as real arrivals would be."""
     rng = random.Random(seed)
-    systems = [_text(rng, system_tokens, trim) for _ in range(groups)]
+    systems = [random_text(rng, system_tokens, trim) for _ in range(groups)]
     sessions = [Session(systems[g], [Turn({"role": "user",
-                                          "content": _text(rng, question_tokens, trim)},
+                                          "content": random_text(rng, question_tokens, trim)},
                                          output_tokens)], group=g)
                 for g in range(groups) for _ in range(prompts_per_group)]
     rng.shuffle(sessions)
@@ -75,12 +79,12 @@ def agent_sessions(sessions: int = 4, turns: int = 4, system_tokens: int = 1024,
     """N sessions x T turns sharing one system prompt; every turn after the first sends
     the whole history, the previous reply, and a new tool result."""
     rng = random.Random(seed)
-    system = _text(rng, system_tokens, trim)
+    system = random_text(rng, system_tokens, trim)
     out = []
     for i in range(sessions):
-        ts = [Turn({"role": "user", "content": f"Task {i}: " + _text(rng, task_tokens, trim)},
+        ts = [Turn({"role": "user", "content": f"Task {i}: " + random_text(rng, task_tokens, trim)},
                    output_tokens)]
-        ts += [Turn({"role": "user", "content": "Tool result: " + _text(rng, tool_tokens, trim)},
+        ts += [Turn({"role": "user", "content": "Tool result: " + random_text(rng, tool_tokens, trim)},
                     output_tokens) for _ in range(turns - 1)]
         out.append(Session(system, ts, group=i))
     return Workload(f"agent {sessions}x{turns}", out)
@@ -92,7 +96,7 @@ def no_sharing(requests: int = 32, prompt_tokens: int = 512, output_tokens: int 
     rng = random.Random(seed)
     return Workload(f"no-sharing x{requests}", [
         Session(None, [Turn({"role": "user",
-                             "content": f"{i} " + _text(rng, prompt_tokens, trim)},
+                             "content": f"{i} " + random_text(rng, prompt_tokens, trim)},
                             output_tokens)], group=i)
         for i in range(requests)])
 
