@@ -1,6 +1,6 @@
 """float32 1024^3 matmul with and without the OpenBLAS preload, and the ratio.
 
-    python -m bench.blas_bench
+    python -m blockserve.bench.blas_bench
 
 Each side runs in its own process, since the preload must happen before MLX loads.
 """
@@ -14,8 +14,8 @@ import sys
 
 _PROBE = """
 import json, time
-import engine
-from engine.blas import active_blas
+import blockserve.engine
+from blockserve.engine.blas import active_blas
 import mlx.core as mx
 a = mx.random.normal((1024, 1024)); b = mx.random.normal((1024, 1024)); mx.eval(a, b)
 mx.eval(a @ b)

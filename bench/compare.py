@@ -23,9 +23,11 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.loadgen import plot_ttft_cdf, records_json
-from bench.run import bench_once, load_tokenizer, make_target, make_trim
-from bench.workloads import agent_sessions, shared_prefix
+from blockserve.bench.plots import plot_ttft_cdf
+from blockserve.bench.run import bench_once, make_target
+from blockserve.bench.stats import records_json
+from blockserve.bench.tokens import LocalTokenizer
+from blockserve.bench.workloads import agent_sessions, shared_prefix
 
 TARGETS = {"ttft_p90_ratio": 0.5, "requests_per_s_ratio": 1.5, "prefill_efficiency": 0.9}
 
@@ -55,22 +57,31 @@ def _workloads(args, trim):
     return out
 
 
-def _server_commands(args, model_path: str, port: int) -> list[tuple[str, list[str], str, dict]]:
-    from engine.blas import find_openblas
-
+def _server_command(server: str, args, model_path: str | None, port: int
+                    ) -> tuple[list[str], str, dict]:
+    """(command line, model name to send, environment) of one server."""
     env = dict(os.environ)
-    blas = find_openblas()
-    mlx_env = {**env, "LD_PRELOAD": blas} if blas and sys.platform.startswith("linux") else env
     n = str(args.concurrency)
-    return [
-        ("blockserve", [sys.executable, "-m", "server.cli", "serve", "--model", args.model,
-                        "--port", str(port), "--max-num-seqs", n, "--log-level", "WARNING"],
-         args.model, env),
-        ("mlx_lm server", [sys.executable, "-m", "mlx_lm.server", "--model", model_path,
-                           "--port", str(port + 1), "--decode-concurrency", n,
-                           "--prompt-concurrency", n, "--log-level", "WARNING"],
-         model_path, mlx_env),
-    ]
+    if server == "blockserve":
+        return ([sys.executable, "-m", "blockserve.cli", "serve", "--model", args.model,
+                 "--port", str(port), "--max-num-seqs", n, "--log-level", "WARNING"],
+                args.model, env)
+    # This machine runs MLX anyway (both servers do): give mlx_lm the same BLAS.
+    from blockserve.engine.blas import find_openblas
+
+    blas = find_openblas()
+    if blas and sys.platform.startswith("linux"):
+        env["LD_PRELOAD"] = blas
+    return ([sys.executable, "-m", "mlx_lm.server", "--model", model_path,
+             "--port", str(port), "--decode-concurrency", n, "--prompt-concurrency", n,
+             "--log-level", "WARNING"], model_path, env)
+
+
+async def _model_path(url: str) -> str:
+    """Where blockserve's model lives (demo ids are built there): mlx_lm loads it too."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url + "/server_info") as r:
+            return (await r.json())["model_path"]
 
 
 async def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -109,23 +120,24 @@ def _row(workload: str, server: str, s: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from engine.demo import ensure_demo_model, parse_demo_id
-
-    spec = parse_demo_id(args.model)
-    model_path = str(ensure_demo_model(spec)) if spec else args.model
-    tok = load_tokenizer(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, dict]] = {}
     records: dict[str, dict[str, list]] = {}
-    for server, cmd, model_name, env in _server_commands(args, model_path, args.port):
-        url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+    model_path, tok = None, None
+    for i, server in enumerate(("blockserve", "mlx_lm server")):
+        port = args.port + i
+        cmd, model_name, env = _server_command(server, args, model_path, port)
+        url = f"http://127.0.0.1:{port}"
         print(f"starting {server}: {' '.join(cmd)}")
         proc = subprocess.Popen(cmd, env=env)
         try:
             asyncio.run(_wait_ready(url, proc))
+            if model_path is None:
+                model_path = asyncio.run(_model_path(url))
+                tok = LocalTokenizer(model_path)  # one tokenizer for both servers
             target = make_target(url, model_name, tok)
-            for workload, concurrency in _workloads(args, make_trim(tok)):
+            for workload, concurrency in _workloads(args, tok.trim):
                 summary, recs = asyncio.run(bench_once(target, workload, concurrency, None,
                                                        args.max_seconds, 0))
                 results.setdefault(workload.name, {})[server] = summary

@@ -1,6 +1,6 @@
 """In-process engine benchmark: prefix reuse on shared-prefix and agent workloads.
 
-    python -m bench.engine_bench [--model demo:bench] [--block-size 16]
+    python -m blockserve.bench.engine_bench [--model demo:bench] [--block-size 16]
 
 Drives the scheduler and the MLX engine directly (no HTTP) and reports prompt tokens
 actually prefilled, hit rate, TTFT and throughput for:
@@ -20,15 +20,14 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import engine  # noqa: F401  (BLAS preload before mlx)
-from bench.loadgen import distinct_prefix_tokens, latency_stats
-from bench.run import make_trim
-from bench.workloads import Workload, agent_sessions, random_text, shared_prefix
-from engine.blas import active_blas
-from engine.chat import render_chat
-from engine.worker import EngineWorker
-from kvpool import BlockPool
-from scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
+import blockserve.engine  # noqa: F401  (BLAS preload before mlx)
+from blockserve.bench.stats import distinct_prefix_tokens, latency_stats
+from blockserve.bench.tokens import LocalTokenizer
+from blockserve.bench.workloads import Workload, agent_sessions, random_text, shared_prefix
+from blockserve.engine.blas import active_blas
+from blockserve.engine.chat import render_chat
+from blockserve.scheduler import Request, SamplingParams, Scheduler
+from blockserve.stack import StackConfig, build_stack, start_worker
 
 
 @dataclass
@@ -59,7 +58,7 @@ async def one(sched: Scheduler, prompt, checkpoints, max_tokens: int, res: Resul
 
 
 async def run_in_process(sched: Scheduler, tok, workload: Workload, concurrency: int) -> Result:
-    """``bench.loadgen.run_workload`` without HTTP: the same sessions, closed loop."""
+    """``bench.client.run_workload`` without HTTP: the same sessions, closed loop."""
     res = Result()
     todo = list(workload.sessions)
     todo.reverse()
@@ -113,24 +112,24 @@ def summarize(name: str, res: Result, prefilled: int, prompt_tokens: int, cached
 
 
 async def main_async(args) -> list[dict]:
-    worker = EngineWorker(args.model, block_size=args.block_size, max_running=8,
-                          prefill_step_size=args.prefill_step_size)
+    config = StackConfig(model=args.model, block_size=args.block_size, max_num_seqs=8,
+                         prefill_step_size=args.prefill_step_size,
+                         kv_cache_memory_bytes=4 << 30, share_inflight=not args.no_inflight)
+    worker = start_worker(config)
     tok = worker.tokenizer
     rows = []
     try:
-        trim = make_trim(tok)
+        trim = LocalTokenizer(worker.loaded.model_path).trim
         workloads = [(shared_prefix(4, 8, 1024, 32, 32, seed=0, trim=trim), 8),
                      (agent_sessions(4, 4, 1024, output_tokens=32, seed=1, trim=trim), 4)]
         for workload, concurrency in workloads:
-            sched = Scheduler(worker, BlockPool(args.block_size, 4 << 30),
-                              SchedulerConfig(max_running=8,
-                                              share_inflight=not args.no_inflight))
+            sched = build_stack(config, worker).scheduler  # a fresh, empty pool each
             sched.start()
             res = await run_in_process(sched, tok, workload, concurrency)
             s = sched.stats
             rows.append(summarize(workload.name, res, s.prefill_tokens, s.prompt_tokens,
                                   s.cached_tokens))
-        sched = Scheduler(worker, BlockPool(args.block_size, 4 << 30), SchedulerConfig())
+        sched = build_stack(config, worker).scheduler
         sched.start()
         cold, warm = await cached_prefix_ttft(sched, tok)
         rows.append({"workload": "2K cached prefix + 32 vs cold 32", "cold_ttft_s": cold,

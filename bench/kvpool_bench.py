@@ -1,6 +1,6 @@
 """Bookkeeping cost of the block pool: key computation and lookup+insert.
 
-    python -m bench.kvpool_bench [--block-size 16] [--resident 4000]
+    python -m blockserve.bench.kvpool_bench [--block-size 16] [--resident 4000]
 
 Target: under 5 ms for a 32K-token prompt against a pool of >= 2,000 blocks.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvpool import BlockPool, Namespace, chain_keys, token_bytes
+from blockserve.kvpool import BlockPool, Namespace, chain_keys, token_bytes
 
 
 @dataclass

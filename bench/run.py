@@ -12,49 +12,19 @@ import json
 import os
 from pathlib import Path
 
-from bench.loadgen import (
-    Target,
-    plot_sweep,
-    plot_ttft_cdf,
-    records_json,
-    run_workload,
-    scrape,
-    summarize,
-)
-from bench.workloads import WORKLOADS, Workload
+from blockserve.bench.client import Target, run_workload, scrape
+from blockserve.bench.plots import plot_sweep, plot_ttft_cdf
+from blockserve.bench.stats import records_json, summarize
+from blockserve.bench.tokens import BenchTokenizer, open_tokenizer
+from blockserve.bench.workloads import WORKLOADS, Workload
 
 
-def load_tokenizer(model: str, tokenizer: str | None = None):
-    """The target model's tokenizer, to size prompts and count distinct prefix tokens."""
-    from transformers import AutoTokenizer
-
-    path = tokenizer
-    if path is None:
-        from engine.demo import ensure_demo_model, parse_demo_id
-
-        spec = parse_demo_id(model)
-        path = str(ensure_demo_model(spec)) if spec else model
-    return AutoTokenizer.from_pretrained(path)
+def make_target(url: str, model: str, tok: BenchTokenizer) -> Target:
+    return Target(url.rstrip("/"), model, tok.render)
 
 
-def make_target(url: str, model: str, tok) -> Target:
-    def render(msgs: list[dict]) -> list[int]:
-        out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                      return_dict=False)
-        return list(out)
-
-    return Target(url.rstrip("/"), model, render)
-
-
-def make_trim(tok):
-    def trim(text: str, n: int) -> str:
-        return tok.decode(tok.encode(text, add_special_tokens=False)[:n])
-
-    return trim
-
-
-def build_workload(args: argparse.Namespace, tok) -> Workload:
-    trim = make_trim(tok)
+def build_workload(args: argparse.Namespace, tok: BenchTokenizer) -> Workload:
+    trim = tok.trim
     if args.workload == "shared-prefix":
         return WORKLOADS[args.workload](args.groups, args.prompts_per_group, args.system_tokens,
                                         args.question_tokens, args.output_tokens, args.seed,
@@ -90,7 +60,10 @@ def format_summary(name: str, s: dict) -> str:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default="demo:tiny", help="model name to send")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="a local Hugging Face tokenizer directory (default: the server's "
+                        "/tokenize and /detokenize endpoints, which blockserve serves)")
+    p.add_argument("--api-key", default=None, help="sent as Authorization: Bearer")
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="shared-prefix")
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--prompts-per-group", type=int, default=8)
@@ -113,7 +86,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    tok = load_tokenizer(args.model, args.tokenizer)
+    tok = open_tokenizer(args.url, args.tokenizer, args.model, args.api_key)
     target = make_target(args.url, args.model, tok)
     levels = [None] if args.rate else [int(c) for c in args.concurrency.split(",")]
     out = Path(args.out)

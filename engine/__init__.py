@@ -6,7 +6,7 @@ imported before anything imports ``mlx.core``.
 
 import atexit
 
-from engine.blas import preload_openblas
+from blockserve.engine.blas import preload_openblas
 
 preload_openblas()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvpool import TIER_CONVERSATION, TIER_SYSTEM
+from blockserve.kvpool import TIER_CONVERSATION, TIER_SYSTEM
 
 
 @dataclass

@@ -1,23 +1,32 @@
-"""The model-facing half of the HTTP layer: chat templates and tokenization.
+"""The model-facing half of the HTTP layer: names, chat templates and tokenization.
 
-The server gets one of these from the command line and needs nothing else from the
+The server gets one of these from the composition root and needs nothing else from the
 engine, so it never touches MLX.
 """
 
 from __future__ import annotations
 
-from engine.chat import RenderedPrompt, render_chat
+from blockserve.engine.chat import RenderedPrompt, render_chat
 
 
 class TokenizerFrontend:
-    def __init__(self, model_id: str, tokenizer, max_context: int):
-        self.model_id = model_id
-        self.max_context = max_context
+    def __init__(self, model_names: list[str], tokenizer, model_path: str):
+        if not model_names:
+            raise ValueError("a served model needs at least one name")
+        self.model_names = list(model_names)  # what clients may call it; the first is shown
+        self.model_path = model_path  # where its weights and tokenizer live
         self._tok = tokenizer
+
+    @property
+    def model_id(self) -> str:
+        return self.model_names[0]
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
                     template_kwargs: dict | None = None) -> RenderedPrompt:
         return render_chat(self._tok, messages, tools, template_kwargs)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, tokens: list[int]) -> str:
+        return self._tok.decode(tokens)

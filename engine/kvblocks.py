@@ -66,8 +66,12 @@ def _arrays(x: Any) -> list[mx.array]:
 
 @dataclass(eq=False)
 class KVBlock:
+    """One block's payload for the pool: K/V of its tokens, and at a checkpoint of a
+    model with state layers, their snapshot."""
+
     kv: mx.array | None  # None for a model with no attention layers
     snapshot: list[tuple[type, Any]] | None = None  # (cache class, state) per state layer
+    needs_snapshot: bool = False  # the model has state layers
     nbytes: int = field(init=False)
 
     def __post_init__(self):
@@ -78,6 +82,11 @@ class KVBlock:
     @property
     def has_snapshot(self) -> bool:
         return self.snapshot is not None
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a cached prefix may end here (the pool reads this)."""
+        return self.has_snapshot or not self.needs_snapshot
 
 
 def blocks_from_cache(
@@ -105,7 +114,8 @@ def blocks_from_cache(
         # A slice along the token axis of [2, ...] is never row-contiguous, so
         # ``contiguous`` always copies it into a buffer of its own.
         KVBlock(None if span is None else
-                mx.contiguous(span[:, :, :, i * block_size : (i + 1) * block_size, :]))
+                mx.contiguous(span[:, :, :, i * block_size : (i + 1) * block_size, :]),
+                needs_snapshot=layout.needs_snapshots)
         for i in range(end_block - first_block)
     ]
     if snapshot and layout.state_layers:

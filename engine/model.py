@@ -12,9 +12,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load
 
-from engine.demo import ensure_demo_model, parse_demo_id
-from engine.kvblocks import CacheLayout
-from kvpool import Namespace
+from blockserve.engine.demo import ensure_demo_model, parse_demo_id
+from blockserve.engine.kvblocks import CacheLayout
 
 DEFAULT_MODEL = "demo:tiny"
 
@@ -28,15 +27,12 @@ class LoadedModel:
     model: Any
     tokenizer: Any  # mlx_lm TokenizerWrapper
     model_id: str  # what clients name in "model"
+    model_path: str  # the local directory or hub id mlx-lm loaded
     identity: str  # model id + revision + dtype + a weights digest: the cache namespace
-    num_layers: int
     layout: CacheLayout
     kv_bytes_per_token: int  # attention layers only; state layers are a per-request constant
     max_context: int
     eos_token_ids: frozenset[int]
-
-    def namespace(self, cache_salt: str | None = None) -> Namespace:
-        return Namespace(self.identity, cache_salt)
 
 
 def resolve(model: str | None) -> tuple[str, str]:
@@ -82,8 +78,8 @@ def load_model(model: str | None = None, revision: str | None = None) -> LoadedM
         model=net,
         tokenizer=tokenizer,
         model_id=model_id,
+        model_path=path,
         identity=identity,
-        num_layers=len(caches),
         layout=layout,
         kv_bytes_per_token=per_token,
         max_context=max_context,

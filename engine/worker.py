@@ -17,12 +17,13 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import make_prompt_cache
 
-from engine.kvblocks import KVBlock, blocks_from_cache, cache_from_blocks
-from engine.model import LoadedModel, load_model
-from engine.sampling import make_sampler
-from engine.text import IncrementalDetokenizer, StopStringFilter
-from kvpool import TIER_GENERATED, Namespace
-from scheduler.protocol import (
+from blockserve.engine import blas
+from blockserve.engine.kvblocks import blocks_from_cache, cache_from_blocks
+from blockserve.engine.model import LoadedModel, load_model
+from blockserve.engine.sampling import make_sampler
+from blockserve.engine.text import IncrementalDetokenizer, StopStringFilter
+from blockserve.kvpool import TIER_GENERATED, Namespace
+from blockserve.scheduler.protocol import (
     BlocksEvent,
     EngineEvent,
     ErrorEvent,
@@ -60,7 +61,7 @@ class EngineWorker:
         self.block_size = block_size
         self._model_name = model
         self._revision = revision
-        self._max_running = max_running
+        self.max_running = max_running
         self._prefill_batch_size = prefill_batch_size
         self._prefill_step_size = prefill_step_size
         self._commands: queue.Queue = queue.Queue()
@@ -73,7 +74,7 @@ class EngineWorker:
         if self._load_error is not None:
             raise self._load_error
         m = self.loaded
-        self.namespace: Namespace = m.namespace()
+        self.namespace = Namespace(m.identity)
         self.kv_bytes_per_token = m.kv_bytes_per_token
         self.max_context = m.max_context
         self.tokenizer = m.tokenizer
@@ -90,10 +91,9 @@ class EngineWorker:
     def abort(self, seq_id: str) -> None:
         self._commands.put(("abort", seq_id))
 
-    @staticmethod
-    def prefix_end_ok(payload: KVBlock) -> bool:
-        """Whether a cached prefix may end on this block (state layers need a snapshot)."""
-        return payload.has_snapshot
+    def describe_backend(self) -> str:
+        """The device and BLAS in use, for the start-up log."""
+        return f"backend {mx.default_device()}, BLAS {blas.active_blas}"
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -164,7 +164,7 @@ class EngineWorker:
     def _new_batch_generator(self, stream) -> BatchGenerator:
         return BatchGenerator(
             self.loaded.model,
-            completion_batch_size=self._max_running,
+            completion_batch_size=self.max_running,
             prefill_batch_size=self._prefill_batch_size,
             prefill_step_size=self._prefill_step_size,
             stream=stream,

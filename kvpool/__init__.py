@@ -4,8 +4,8 @@ Pure bookkeeping: no MLX, no asyncio. The KV payload of a block is opaque (anyth
 with ``nbytes``); the engine makes it and reads it back.
 """
 
-from kvpool.hashing import BlockKey, Namespace, chain_keys, iter_chain_keys, token_bytes
-from kvpool.pool import (
+from blockserve.kvpool.hashing import BlockKey, Namespace, chain_keys, iter_chain_keys, token_bytes
+from blockserve.kvpool.pool import (
     TIER_CONVERSATION,
     TIER_GENERATED,
     TIER_SYSTEM,

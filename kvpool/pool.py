@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from kvpool.hashing import BlockKey, Namespace, Tokens, iter_chain_keys, token_bytes
+from blockserve.kvpool.hashing import BlockKey, Namespace, Tokens, iter_chain_keys, token_bytes
 
 TIER_GENERATED = 0
 TIER_CONVERSATION = 1
@@ -29,10 +29,17 @@ TIERS = (TIER_GENERATED, TIER_CONVERSATION, TIER_SYSTEM)
 
 
 class Payload(Protocol):
-    """What the pool stores per block: opaque to it, apart from its size."""
+    """What the pool stores per block: opaque to it, apart from its size and, optionally,
+    ``resumable`` (default True): whether a cached prefix may end on this block. Models
+    with state layers (SSM, sliding window) can resume only where a block carries a
+    snapshot of them; the engine says which of its payloads do."""
 
     @property
     def nbytes(self) -> int: ...
+
+
+def _resumable(payload: Payload) -> bool:
+    return bool(getattr(payload, "resumable", True))
 
 
 @dataclass(eq=False, slots=True)
@@ -47,6 +54,7 @@ class Block:
     nbytes: int
     tier: int
     last_used: int
+    resumable: bool = True  # a hit may end on this block (see ``Payload``)
     refcount: int = 0
     children: int = 0
 
@@ -155,22 +163,23 @@ class BlockPool:
         return list(self._blocks.values())
 
     def cached_prefix_blocks(self, namespace: Namespace, tokens: Tokens) -> int:
-        """How many leading blocks a lookup would hit now, with no side effects."""
+        """How many leading blocks are cached now (a hit may end earlier, on a
+        resumable block), with no side effects."""
         return len(self._match(namespace, token_bytes(tokens)))
 
     def lookup(self, namespace: Namespace, tokens: Tokens, pin: bool = True,
-               end_ok: Callable[[Block], bool] | None = None) -> PrefixHit:
-        """The longest verified chain of cached blocks, leaving >= 1 token to compute.
+               keys: Sequence[BlockKey] | None = None) -> PrefixHit:
+        """The longest verified chain of cached blocks that ends on a resumable block,
+        leaving >= 1 token to compute.
 
         With ``pin`` every returned block gets refcount +1; ``release`` undoes it.
-        ``end_ok`` shortens the chain to its last block that may end a hit (e.g. one
-        carrying a state snapshot, for models whose layers are not all K/V).
+        ``keys``, the prompt's block keys computed once by the caller (as vLLM passes
+        ``block_hashes``), spares hashing the prompt again.
         """
         raw = token_bytes(tokens)
-        blocks = self._match(namespace, raw)
-        if end_ok is not None:
-            while blocks and not end_ok(blocks[-1]):
-                blocks.pop()
+        blocks = self._match(namespace, raw, keys)
+        while blocks and not blocks[-1].resumable:
+            blocks.pop()
         self._counters.lookups += 1
         self._counters.queried_tokens += len(raw) // 4
         self._counters.hit_tokens += len(blocks) * self.block_size
@@ -183,7 +192,8 @@ class BlockPool:
             self._push_if_evictable(blocks[-1])  # only a chain's last block can be a leaf
         return PrefixHit(blocks, self.block_size)
 
-    def _match(self, namespace: Namespace, raw: bytes) -> list[Block]:
+    def _match(self, namespace: Namespace, raw: bytes,
+               keys: Sequence[BlockKey] | None = None) -> list[Block]:
         step = 4 * self.block_size
         # A fully cached prompt must still compute its last token, so at most
         # (len - 1) // block_size blocks can hit.
@@ -192,7 +202,7 @@ class BlockPool:
         chain: list[Block] = []
         parent: Block | None = None
         get = self._blocks.get
-        for i, key in enumerate(iter_chain_keys(namespace, raw, self.block_size)):
+        for i, key in enumerate(self._keys(namespace, raw, keys)):
             b = get(key)
             if b is None:
                 break
@@ -202,6 +212,20 @@ class BlockPool:
             chain.append(b)
             parent = b
         return chain
+
+    def _keys(self, namespace: Namespace, raw: bytes, known: Sequence[BlockKey] | None,
+              start_block: int = 0, parent_key: BlockKey | None = None) -> Iterator[BlockKey]:
+        """Keys of the full blocks of ``raw`` from ``start_block`` on: the caller's
+        ``known`` keys where it has them, hashed from there on (lazily)."""
+        n_blocks = len(raw) // (4 * self.block_size)
+        known = known or ()
+        i = start_block
+        while i < min(len(known), n_blocks):
+            yield known[i]
+            parent_key = known[i]
+            i += 1
+        yield from iter_chain_keys(namespace, raw, self.block_size, start_block=i,
+                                   parent_key=parent_key)
 
     # ---- pins ----------------------------------------------------------------
 
@@ -238,6 +262,7 @@ class BlockPool:
         payloads: Sequence[Payload] | Callable[[int], Payload | None],
         tier: int = TIER_GENERATED,
         pinned_prefix: Sequence[Block] = (),
+        keys: Sequence[BlockKey] | None = None,
     ) -> InsertResult:
         """Store the full blocks of ``tokens`` not yet present; keep (dedup) the rest.
 
@@ -246,7 +271,10 @@ class BlockPool:
         None (the caller no longer has that block) ends the insert there. Blocks that
         don't fit in the budget are refused (with the rest of the chain); this never
         raises and never evicts a pinned block. ``pinned_prefix``, the caller's pinned
-        hit for these tokens, spares hashing and verifying that prefix again.
+        hit for these tokens, spares hashing and verifying that prefix again; ``keys``
+        (the first block keys of ``tokens``, computed once by the caller) spare hashing
+        those. A present block that is not resumable takes a resumable new payload, so
+        later hits may end on it.
         """
         if tier not in TIERS:
             raise ValueError(f"tier must be one of {TIERS}")
@@ -271,11 +299,9 @@ class BlockPool:
             b.last_used = self._clock
             parent = b
         result.deduplicated = skip
-        keys = iter_chain_keys(
-            namespace, raw, self.block_size, start_block=skip,
-            parent_key=None if parent is None else parent.key,
-        )
-        for i, key in enumerate(keys, start=skip):
+        chain = self._keys(namespace, raw, keys, start_block=skip,
+                           parent_key=None if parent is None else parent.key)
+        for i, key in enumerate(chain, start=skip):
             chunk = raw[i * step : (i + 1) * step]
             b = self._blocks.get(key)
             if b is not None:
@@ -289,6 +315,10 @@ class BlockPool:
                     b.tier = tier
                 b.last_used = self._clock
                 result.deduplicated += 1
+                if not b.resumable:
+                    payload = get_payload(i)
+                    if payload is not None and _resumable(payload):
+                        self.replace_payload(b, payload)
             else:
                 payload = get_payload(i)
                 b = None if payload is None else self._store(
@@ -315,7 +345,7 @@ class BlockPool:
         delta = size - b.nbytes
         if delta > 0 and not self._make_room_sparing(b, delta):
             return False
-        b.payload, b.nbytes = payload, size
+        b.payload, b.nbytes, b.resumable = payload, size, _resumable(payload)
         self._bytes += delta
         if b.refcount:
             self._pinned_bytes += delta
@@ -334,7 +364,8 @@ class BlockPool:
         # The parent is a leaf until this child lands: spare it while making room.
         if not self._make_room_sparing(parent, size):
             return None
-        b = Block(key, parent, namespace, chunk, payload, size, tier, self._clock)
+        b = Block(key, parent, namespace, chunk, payload, size, tier, self._clock,
+                  _resumable(payload))
         self._blocks[key] = b
         self._bytes += size
         if parent is not None:

@@ -1,8 +1,8 @@
 """The asyncio scheduler: queue, admission under budgets, cache-aware order, streams,
 aborts. No MLX: it drives a generator through ``scheduler.protocol``."""
 
-from scheduler.protocol import SamplingParams
-from scheduler.scheduler import (
+from blockserve.scheduler.protocol import SamplingParams
+from blockserve.scheduler.scheduler import (
     PromptTooLongError,
     QueueFullError,
     Request,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Union
 
-from kvpool import Namespace
+from blockserve.kvpool import Namespace
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,10 @@ class Generator(Protocol):
     block_size: int
     kv_bytes_per_token: int  # for memory admission of active requests
     max_context: int
-    # Models with state layers (SSM, sliding window) can only resume a prefix from a
-    # block that carries a snapshot; prefix_end_ok says which payloads do.
+    # Models with state layers (SSM, sliding window) resume a prefix only from a block
+    # that carries a snapshot (its payload is ``resumable``, which the pool checks), so
+    # the scheduler also checkpoints the prompt's last full block for them.
     needs_snapshots: bool
-
-    def prefix_end_ok(self, payload: Any) -> bool: ...
 
     def start(self, emit: Callable[[EngineEvent], None]) -> None:
         """Begin running; ``emit`` may be called from any thread."""

@@ -17,7 +17,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-from kvpool import (
+from blockserve.kvpool import (
     TIER_GENERATED,
     BlockKey,
     BlockPool,
@@ -26,7 +26,7 @@ from kvpool import (
     chain_keys,
     token_bytes,
 )
-from scheduler.protocol import (
+from blockserve.scheduler.protocol import (
     BlocksEvent,
     Checkpoint,
     EngineEvent,
@@ -290,8 +290,7 @@ class Scheduler:
         req = state.req
         del self._waiting[req.request_id]
         gen = self.generator
-        end_ok = (lambda b: gen.prefix_end_ok(b.payload)) if gen.needs_snapshots else None
-        hit = self.pool.lookup(state.namespace, state.raw, pin=True, end_ok=end_ok)
+        hit = self.pool.lookup(state.namespace, state.raw, pin=True, keys=state.keys)
         state.hit = hit
         bs = self.pool.block_size
         tiers: dict[int, int] = {}
@@ -347,18 +346,11 @@ class Scheduler:
 
     def _publish(self, state: _State, event: BlocksEvent) -> None:
         first, payloads = event.first_block, event.payloads
-        result = self.pool.insert(
+        self.pool.insert(
             state.namespace, event.tokens,
             lambda i: payloads[i - first] if i >= first else None,
-            event.tier, pinned_prefix=state.hit.blocks,
+            event.tier, pinned_prefix=state.hit.blocks, keys=state.keys,
         )
-        gen, new, last = self.generator, payloads[-1] if payloads else None, result.last
-        if (gen.needs_snapshots and new is not None and result.refused == 0
-                and last is not None and last.payload is not new
-                and gen.prefix_end_ok(new) and not gen.prefix_end_ok(last.payload)):
-            # The block was cached without a snapshot (e.g. by a finish): keep this one,
-            # so later hits may end here.
-            self.pool.replace_payload(last, new)
         done = len(event.tokens) // self.pool.block_size
         published = set(state.keys[:done])
         if any(k in published for k in state.inflight_keys):

@@ -11,26 +11,33 @@ from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
-from scheduler import Request, RequestOutput, Scheduler, SchedulerError, Usage
-from server.errors import ApiError, from_scheduler, invalid
-from server.metrics import Metrics
-from server.schemas import Frontend, Generation, check_model, parse_chat, parse_completion, \
-    parse_messages
+from blockserve.scheduler import Request, RequestOutput, Scheduler, SchedulerError, Usage
+from blockserve.server.errors import ApiError, from_scheduler, invalid
+from blockserve.server.metrics import Metrics
+from blockserve.server.schemas import (
+    Frontend,
+    Generation,
+    check_model,
+    parse_chat,
+    parse_completion,
+    parse_messages,
+    tokenize_body,
+)
 
 log = logging.getLogger("blockserve.server")
-
-SCHEDULER = web.AppKey("scheduler", Scheduler)
-FRONTEND = web.AppKey("frontend", object)
-CONFIG = web.AppKey("config", object)
-METRICS = web.AppKey("metrics", Metrics)
-
-_OPEN_PATHS = {"/health", "/metrics"}
-
 
 @dataclass
 class ServerConfig:
     default_max_tokens: int = 512
     api_key: str | None = None
+
+
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+FRONTEND = web.AppKey("frontend", Frontend)
+CONFIG = web.AppKey("config", ServerConfig)
+METRICS = web.AppKey("metrics", Metrics)
+
+_OPEN_PATHS = {"/health", "/metrics"}
 
 
 def create_app(scheduler: Scheduler, frontend: Frontend, config: ServerConfig) -> web.Application:
@@ -45,6 +52,13 @@ def create_app(scheduler: Scheduler, frontend: Frontend, config: ServerConfig) -
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    for path in ("/server_info", "/get_server_info"):
+        app.router.add_get(path, server_info)
+    for path in ("/model_info", "/get_model_info"):
+        app.router.add_get(path, model_info)
+    app.router.add_get("/get_load", get_load)
     app.router.add_get("/v1/cache/stats", cache_stats)
     app.router.add_post("/v1/cache/reset", cache_reset)
     app.router.add_post("/reset_prefix_cache", cache_reset)  # vLLM's name for the same
@@ -282,6 +296,52 @@ async def messages(request: web.Request) -> web.StreamResponse:
             await _send(resp, {"type": "message_stop"}, "message_stop")
     await resp.write_eof()
     return resp
+
+
+# ---- tokenizer and server facts (vLLM's and SGLang's shapes, for routers and tools) -----
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """vLLM's ``/tokenize``: a text prompt, or chat messages rendered by the template."""
+    body = await _json(request)
+    frontend = request.app[FRONTEND]
+    check_model(body, frontend)
+    tokens = tokenize_body(body, frontend)
+    return web.json_response({"count": len(tokens), "tokens": tokens, "token_strs": None,
+                              "max_model_len": request.app[SCHEDULER].max_prompt_tokens})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    body = await _json(request)
+    frontend = request.app[FRONTEND]
+    check_model(body, frontend)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise invalid("'tokens' must be a list of token ids", param="tokens")
+    return web.json_response({"prompt": frontend.decode(tokens)})
+
+
+async def server_info(request: web.Request) -> web.Response:
+    f, sched = request.app[FRONTEND], request.app[SCHEDULER]
+    return web.json_response({
+        "model_path": f.model_path, "served_model_names": f.model_names,
+        "tokenizer_path": f.model_path, "max_model_len": sched.max_prompt_tokens,
+        "block_size": sched.pool.block_size, "max_num_seqs": sched.config.max_running,
+        "version": "blockserve"})
+
+
+async def model_info(request: web.Request) -> web.Response:
+    f = request.app[FRONTEND]
+    return web.json_response({"model_path": f.model_path, "tokenizer_path": f.model_path,
+                              "is_generation": True, "served_model_names": f.model_names})
+
+
+async def get_load(request: web.Request) -> web.Response:
+    sched = request.app[SCHEDULER]
+    return web.json_response({"num_running_reqs": sched.num_running,
+                              "num_waiting_reqs": sched.num_waiting,
+                              "load": sched.num_running + sched.num_waiting})
 
 
 # ---- models, health, metrics, cache ------------------------------------------------

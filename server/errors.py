@@ -6,7 +6,7 @@ import json
 
 from aiohttp import web
 
-from scheduler import (
+from blockserve.scheduler import (
     PromptTooLongError,
     QueueFullError,
     RequestTooLargeError,

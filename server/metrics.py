@@ -11,8 +11,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kvpool import TIERS
-from scheduler import Scheduler
+from blockserve.kvpool import TIERS
+from blockserve.scheduler import Scheduler
 
 disable_created_metrics()  # no *_created series: they only add noise to scrapes
 

@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from scheduler import SamplingParams
-from server.errors import ApiError, invalid
+from blockserve.scheduler import SamplingParams
+from blockserve.server.errors import ApiError, invalid
 
 ANTHROPIC_BILLING_PREFIX = "x-anthropic-billing-header"
 
@@ -20,12 +20,15 @@ class Frontend(Protocol):
     """The model's tokenizer side (``engine.frontend.TokenizerFrontend``)."""
 
     model_id: str
-    max_context: int
+    model_names: list[str]
+    model_path: str
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
                     template_kwargs: dict | None = None) -> Any: ...
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, tokens: list[int]) -> str: ...
 
 
 @dataclass
@@ -136,8 +139,6 @@ def sampling_params(body: dict, default_max_tokens: int) -> SamplingParams:
 
 
 def _common(body: dict, allowed: set[str]) -> None:
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
     _check_fields(body, allowed)
     if _int(body, "n", 1, 1) != 1:
         raise invalid("only n=1 is supported", param="n")
@@ -182,12 +183,18 @@ def _text_content(content: Any, where: str) -> str:
     raise invalid(f"{where}: content must be a string or a list of parts", param="messages")
 
 
+def _render(frontend: Frontend, msgs: list[dict], tools: list[dict] | None,
+            template_kwargs: dict | None) -> Any:
+    try:
+        return frontend.render_chat(msgs, tools or None, template_kwargs)
+    except Exception as e:  # a template can reject a conversation (e.g. role order)
+        raise invalid(f"the chat template rejected the messages: {e}", param="messages")
+
+
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
-def parse_chat(body: dict, frontend: Frontend, default_max_tokens: int) -> Generation:
-    _common(body, _CHAT)
-    messages = body.get("messages")
+def _chat_messages(messages: Any) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' must be a non-empty list", param="messages")
     msgs = []
@@ -200,6 +207,12 @@ def parse_chat(body: dict, frontend: Frontend, default_max_tokens: int) -> Gener
             if m.get(extra) is not None:
                 msg[extra] = m[extra]
         msgs.append(msg)
+    return msgs
+
+
+def parse_chat(body: dict, frontend: Frontend, default_max_tokens: int) -> Generation:
+    _common(body, _CHAT)
+    msgs = _chat_messages(body.get("messages"))
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise invalid("'tools' must be a list", param="tools")
@@ -214,10 +227,7 @@ def parse_chat(body: dict, frontend: Frontend, default_max_tokens: int) -> Gener
         raise invalid("'chat_template_kwargs' must be an object", param="chat_template_kwargs")
     stream, include_usage = _stream_flags(body)
     sampling = sampling_params(body, default_max_tokens)
-    try:
-        rendered = frontend.render_chat(msgs, tools or None, kwargs)
-    except Exception as e:  # a template can reject a conversation (e.g. role order)
-        raise invalid(f"the chat template rejected the messages: {e}", param="messages")
+    rendered = _render(frontend, msgs, tools, kwargs)
     return Generation(rendered.tokens, sampling, rendered.checkpoints, stream, include_usage,
                       _salt(body))
 
@@ -274,8 +284,6 @@ def _anthropic_blocks(content: Any, where: str) -> tuple[str, list[dict]]:
 
 
 def parse_messages(body: dict, frontend: Frontend) -> Generation:
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
     _check_fields(body, _MESSAGES)
     if body.get("max_tokens") is None:
         raise invalid("'max_tokens' is required", param="max_tokens")
@@ -310,19 +318,33 @@ def parse_messages(body: dict, frontend: Frontend) -> Generation:
          "top_p": body.get("top_p"), "top_k": body.get("top_k"),
          "stop": body.get("stop_sequences")}, 0)
     stream = _bool(body, "stream")
-    try:
-        rendered = frontend.render_chat(msgs, tools or None)
-    except Exception as e:
-        raise invalid(f"the chat template rejected the messages: {e}", param="messages")
+    rendered = _render(frontend, msgs, tools, None)
     return Generation(rendered.tokens, sampling, rendered.checkpoints, stream, False)
 
 
+def tokenize_body(body: dict, frontend: Frontend) -> list[int]:
+    """The token ids of a ``/tokenize`` body: ``prompt`` text, or chat ``messages``."""
+    if "messages" in body:
+        msgs = _chat_messages(body.get("messages"))
+        kwargs = body.get("chat_template_kwargs")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise invalid("'chat_template_kwargs' must be an object",
+                          param="chat_template_kwargs")
+        rendered = _render(frontend, msgs, body.get("tools"), kwargs)
+        return rendered.tokens
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise invalid("give 'prompt' (a string) or 'messages'", param="prompt")
+    return frontend.encode(prompt, add_special_tokens=bool(body.get("add_special_tokens",
+                                                                    True)))
+
+
 def check_model(body: dict, frontend: Frontend) -> None:
-    model = body.get("model") if isinstance(body, dict) else None
+    model = body.get("model")
     if model is None:
         return  # optional here; the served model is used
     if not isinstance(model, str):
         raise invalid("'model' must be a string", param="model")
-    if model != frontend.model_id:
+    if model not in frontend.model_names:
         raise ApiError(404, f"the model '{model}' does not exist; this server serves "
                             f"'{frontend.model_id}'", param="model", code="model_not_found")

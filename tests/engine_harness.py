@@ -8,9 +8,9 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import greedy_sampler
 
-from engine.worker import EngineWorker
-from kvpool import BlockPool
-from scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
+from blockserve.engine.worker import EngineWorker
+from blockserve.scheduler import Request, SamplingParams, Scheduler
+from blockserve.stack import StackConfig, build_stack
 
 
 def reference_tokens(model, prompt: list[int], n: int) -> list[int]:
@@ -22,10 +22,12 @@ def reference_tokens(model, prompt: list[int], n: int) -> list[int]:
 
 
 def make_scheduler(worker: EngineWorker, budget: int = 256 << 20, **config) -> Scheduler:
-    pool = BlockPool(worker.block_size, budget)
-    sched = Scheduler(worker, pool, SchedulerConfig(**config))
-    sched.start()
-    return sched
+    """A started scheduler over ``worker``; ``config``: ``StackConfig`` fields."""
+    stack = build_stack(StackConfig(**{"block_size": worker.block_size,
+                                       "max_num_seqs": worker.max_running,
+                                       "kv_cache_memory_bytes": budget, **config}), worker)
+    stack.scheduler.start()
+    return stack.scheduler
 
 
 def greedy(n: int) -> SamplingParams:

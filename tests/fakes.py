@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from kvpool import Namespace
-from scheduler.protocol import (
+from blockserve.kvpool import Namespace
+from blockserve.scheduler.protocol import (
     BlocksEvent,
     ErrorEvent,
     FinishEvent,
@@ -30,7 +30,12 @@ EOS = 999
 class FakePayload:
     tokens: tuple
     nbytes: int = 64
-    snapshot: bool = False  # like a state-layer snapshot: a hit may end here
+    snapshot: bool = False  # like a state-layer snapshot
+    needs_snapshot: bool = False
+
+    @property
+    def resumable(self) -> bool:  # read by the pool: a hit may end here
+        return self.snapshot or not self.needs_snapshot
 
 
 def next_token(context: list[int]) -> int:
@@ -46,10 +51,6 @@ class FakeGenerator:
     token_delay: float = 0.0  # seconds per generated token
     namespace: Namespace = field(default_factory=lambda: Namespace("fake-model"))
     needs_snapshots: bool = False
-
-    @staticmethod
-    def prefix_end_ok(payload: FakePayload) -> bool:
-        return payload.snapshot
 
     def __post_init__(self):
         self.inserted: list[SequenceSpec] = []
@@ -83,7 +84,8 @@ class FakeGenerator:
     def _blocks(self, tokens: list[int], first: int, end: int,
                 snapshot: bool = False) -> list[FakePayload]:
         bs = self.block_size
-        out = [FakePayload(tuple(tokens[i * bs : (i + 1) * bs])) for i in range(first, end)]
+        out = [FakePayload(tuple(tokens[i * bs : (i + 1) * bs]),
+                           needs_snapshot=self.needs_snapshots) for i in range(first, end)]
         if out and snapshot:
             out[-1].snapshot = True
         return out

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from engine.frontend import TokenizerFrontend
-from engine.worker import EngineWorker
-from kvpool import BlockPool
-from scheduler import Scheduler, SchedulerConfig
-from server.app import ServerConfig, create_app
+from blockserve.engine.frontend import TokenizerFrontend
+from blockserve.engine.worker import EngineWorker
+from blockserve.scheduler import Scheduler
+from blockserve.stack import StackConfig, build_stack
 
 
 @dataclass
@@ -22,20 +21,19 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve(worker: EngineWorker, api_key: str | None = None, max_model_len=None,
-                **config):
-    pool = BlockPool(worker.block_size, 256 << 20)
-    sched = Scheduler(worker, pool, SchedulerConfig(max_prompt_tokens=max_model_len,
-                                                    **config))
-    frontend = TokenizerFrontend(worker.loaded.model_id, worker.tokenizer,
-                                 max_model_len or worker.max_context)
-    app = create_app(sched, frontend, ServerConfig(default_max_tokens=16, api_key=api_key))
-    runner = web.AppRunner(app, handler_cancellation=True)
+async def serve(worker: EngineWorker, **config):
+    """``config``: ``StackConfig`` fields; the default max_tokens is 16 here."""
+    config = StackConfig(**{"block_size": worker.block_size,
+                            "max_num_seqs": worker.max_running,
+                            "kv_cache_memory_bytes": 256 << 20, "default_max_tokens": 16,
+                            **config})
+    stack = build_stack(config, worker)
+    runner = web.AppRunner(stack.app(), handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
     try:
-        yield Served(f"http://127.0.0.1:{port}", sched, frontend)
+        yield Served(f"http://127.0.0.1:{port}", stack.scheduler, stack.frontend)
     finally:
         await runner.cleanup()

@@ -1,12 +1,15 @@
 """The load generator: metric definitions, workload determinism, and a short run."""
 
+import asyncio
+
 import pytest
 
-from bench.loadgen import Record, distinct_prefix_tokens, record_stream, \
-    run_workload, scrape, summarize
-from bench.run import bench_once, make_target, make_trim
-from bench.workloads import agent_sessions, no_sharing, shared_prefix
-from engine.worker import EngineWorker
+from blockserve.bench.client import Record, record_stream, run_workload, scrape
+from blockserve.bench.run import bench_once, make_target
+from blockserve.bench.stats import distinct_prefix_tokens, summarize
+from blockserve.bench.tokens import ServerTokenizer
+from blockserve.bench.workloads import agent_sessions, no_sharing, shared_prefix
+from blockserve.engine.worker import EngineWorker
 from tests.server_harness import serve
 
 
@@ -83,19 +86,21 @@ def worker():
 
 
 async def test_a_short_end_to_end_bench_run(worker):
-    tok = worker.tokenizer
     async with serve(worker) as srv:
+        tok = ServerTokenizer(srv.url)  # the server's /tokenize: blocking, so off the loop
         target = make_target(srv.url, "demo:tiny", tok)
-        w = shared_prefix(groups=2, prompts_per_group=3, system_tokens=80, question_tokens=8,
-                          output_tokens=4, seed=0, trim=make_trim(tok))
+        w = await asyncio.to_thread(
+            shared_prefix, groups=2, prompts_per_group=3, system_tokens=80,
+            question_tokens=8, output_tokens=4, seed=0, trim=tok.trim)
         summary, records = await bench_once(target, w, 3, None, 60, 0, progress=False)
         assert summary["errors"] == 0 and summary["requests"] == 6
         assert all(r.ttft is not None and r.completion_tokens == 4 for r in records)
         assert summary["computed_from"] == "metrics"
         assert summary["hit_rate"] > 0.3
         assert 0.5 < summary["prefill_efficiency"] <= 1.2
-        agent = agent_sessions(sessions=2, turns=3, system_tokens=60, output_tokens=4,
-                               seed=1, trim=make_trim(tok))
+        agent = await asyncio.to_thread(agent_sessions, sessions=2, turns=3,
+                                        system_tokens=60, output_tokens=4, seed=1,
+                                        trim=tok.trim)
         recs, wall = await run_workload(target, agent, 2, None, 60, 0, progress=False)
         assert len(recs) == 6 and all(r.error is None for r in recs)
         later = [r for r in recs if r.turn > 0]

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from server.cli import parse_bytes
+from blockserve.cli import parse_bytes
 
 
 def free_port() -> int:
@@ -30,7 +30,7 @@ def test_parse_bytes():
 
 def test_serve_then_sigterm_ends_streams_and_exits_zero():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "blockserve.cli", "serve", "--port", str(port),
                              "--model", "demo:tiny"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

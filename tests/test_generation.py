@@ -2,8 +2,8 @@
 
 import pytest
 
-from engine.worker import EngineWorker
-from scheduler import Request, SamplingParams
+from blockserve.engine.worker import EngineWorker
+from blockserve.scheduler import Request, SamplingParams
 from tests.engine_harness import assert_idle, make_scheduler
 
 

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import pytest
 
-import kvpool.hashing
-from kvpool import (
+import blockserve.kvpool.hashing
+from blockserve.kvpool import (
     TIER_CONVERSATION,
     TIER_GENERATED,
     TIER_SYSTEM,
@@ -104,7 +104,7 @@ def test_other_salt_or_model_never_hits():
 
 
 def test_forced_collision_never_returns_a_wrong_block(monkeypatch):
-    monkeypatch.setattr(kvpool.hashing, "digest", lambda data: b"\0" * 16)
+    monkeypatch.setattr(blockserve.kvpool.hashing, "digest", lambda data: b"\0" * 16)
     pool = BlockPool(BS, 10_000)
     a = [1, 2, 3, 4, 5, 6, 7, 8]
     fill(pool, a)

@@ -7,7 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvpool import TIERS, BlockPool, Namespace
+from blockserve.kvpool import TIERS, BlockPool, Namespace
 
 BS = 2
 NAMESPACES = [Namespace("m"), Namespace("m", "salt"), Namespace("m2")]

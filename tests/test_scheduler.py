@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from kvpool import TIER_CONVERSATION, TIER_SYSTEM, BlockPool
-from scheduler import (
+from blockserve.kvpool import TIER_CONVERSATION, TIER_SYSTEM, BlockPool
+from blockserve.scheduler import (
     PromptTooLongError,
     QueueFullError,
     Request,
@@ -311,4 +311,23 @@ async def test_a_snapshot_upgrades_a_block_cached_without_one():
     # upgraded it with a snapshot, so the same prompt now resumes at 28.
     _, again = await collect(sched.submit(Request(b, SamplingParams(max_tokens=1))))
     assert again.usage.cached_tokens == 28
+    assert_idle(sched, gen, pool)
+
+
+async def test_a_request_hashes_each_block_once(monkeypatch):
+    """Keys are computed at submit and handed to lookup and insert (vLLM's
+    ``block_hashes``): no block of the prompt is hashed twice."""
+    import blockserve.kvpool.hashing as hashing
+
+    calls = []
+    real = hashing.digest
+    monkeypatch.setattr(hashing, "digest", lambda data: calls.append(data) or real(data))
+    sched, gen, pool = make()
+    prompt = list(range(1, 23))  # 22 tokens: 5 prompt blocks, blocks at 4 .. 20
+    _, last = await collect(sched.submit(Request(prompt, SamplingParams(max_tokens=6),
+                                                  checkpoints=[(9, TIER_SYSTEM)])))
+    # KV of 22 + 6 - 1 = 27 tokens: 6 full blocks; the root key is one more digest.
+    assert last.finish_reason == "length" and len(pool) == 6
+    assert len(calls) == 1 + 6
+    assert len(set(calls)) == len(calls)
     assert_idle(sched, gen, pool)

@@ -11,8 +11,8 @@ import openai
 import pytest
 from mlx_lm.utils import load
 
-from engine.model import resolve
-from engine.worker import EngineWorker
+from blockserve.engine.model import resolve
+from blockserve.engine.worker import EngineWorker
 from tests.engine_harness import reference_tokens
 from tests.server_harness import serve
 
@@ -229,7 +229,7 @@ async def test_api_key_is_required_when_set(worker):
 
 
 async def test_full_queue_gets_429_with_retry_after(worker):
-    async with serve(worker, max_running=1, max_queue=1) as srv:
+    async with serve(worker, max_num_seqs=1, max_queue=1) as srv:
         long_body = {"messages": CHAT, "max_tokens": 400, "ignore_eos": True}
         first = asyncio.create_task(post(srv.url, "/v1/chat/completions", long_body))
         second = asyncio.create_task(post(srv.url, "/v1/chat/completions", long_body))
@@ -339,7 +339,7 @@ async def test_anthropic_tool_blocks_become_messages(worker):
                  "content": [{"type": "text", "text": "a.py b.py"}]}]}]}
         code, msg, _ = await post(srv.url, "/v1/messages", body)
         assert code == 200 and msg["type"] == "message"
-        from server.schemas import parse_messages
+        from blockserve.server.schemas import parse_messages
 
         gen = parse_messages(body, srv.frontend)
         text = worker.tokenizer.decode(gen.prompt)

@@ -1,5 +1,5 @@
-"""The ``blockserve`` command line, and the one place that wires engine, pool,
-scheduler and server together."""
+"""The ``blockserve`` command line. ``blockserve.stack`` builds what ``serve`` runs;
+importing this module loads no MLX, so ``blockserve bench`` runs anywhere."""
 
 from __future__ import annotations
 
@@ -57,71 +57,72 @@ def _serve_args(sub) -> None:
                    help="require this key (Authorization: Bearer, or x-api-key)")
     p.add_argument("--no-inflight-sharing", action="store_true",
                    help="do not make requests wait for a shared prefix being computed")
+    p.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
+                   help="a name clients may use for the model (repeatable; the first is "
+                        "reported; default: the --model value)")
     p.add_argument("--log-level", default="INFO")
+
+
+def stack_config(args: argparse.Namespace) -> StackConfig:
+    from blockserve.stack import StackConfig
+
+    return StackConfig(
+        model=args.model, revision=args.revision, block_size=args.block_size,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        active_kv_memory_bytes=args.active_kv_memory_bytes, max_num_seqs=args.max_num_seqs,
+        max_queue=args.max_queue, max_model_len=args.max_model_len,
+        prefill_step_size=args.prefill_step_size, prompt_concurrency=args.prompt_concurrency,
+        default_max_tokens=args.max_tokens, api_key=args.api_key,
+        share_inflight=not args.no_inflight_sharing,
+        served_model_names=args.served_model_name or [])
 
 
 def serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    import engine  # noqa: F401  (first: the BLAS preload)
-    import mlx.core as mx
     from aiohttp import web
 
-    from engine.blas import active_blas
-    from engine.frontend import TokenizerFrontend
-    from engine.worker import EngineWorker
-    from kvpool import BlockPool
-    from scheduler import Scheduler, SchedulerConfig
-    from server.app import ServerConfig, create_app
+    from blockserve.stack import build_stack
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    worker = EngineWorker(args.model, block_size=args.block_size,
-                          max_running=args.max_num_seqs,
-                          prefill_batch_size=args.prompt_concurrency,
-                          prefill_step_size=args.prefill_step_size, revision=args.revision)
-    loaded = worker.loaded
-    pool = BlockPool(args.block_size, args.kv_cache_memory_bytes)
-    scheduler = Scheduler(worker, pool, SchedulerConfig(
-        max_running=args.max_num_seqs, max_queue=args.max_queue,
-        max_prompt_tokens=args.max_model_len,
-        active_kv_budget_bytes=args.active_kv_memory_bytes,
-        share_inflight=not args.no_inflight_sharing))
-    frontend = TokenizerFrontend(loaded.model_id, worker.tokenizer,
-                                 args.max_model_len or loaded.max_context)
-    app = create_app(scheduler, frontend, ServerConfig(args.max_tokens, args.api_key))
+    config = stack_config(args)
+    stack = build_stack(config)
+    app = stack.app()
 
     async def close_engine(app: web.Application) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, worker.close)
+        await asyncio.get_running_loop().run_in_executor(None, stack.worker.close)
 
     app.on_cleanup.append(close_engine)
+    loaded = stack.worker.loaded
     logging.getLogger("blockserve").info(
-        "serving %s on http://%s:%d | backend %s, BLAS %s | block size %d, KV cache budget "
+        "serving %s (as %s) on http://%s:%d | %s | block size %d, KV cache budget "
         "%.2f GiB (%d bytes/token, ~%d blocks), active KV budget %.2f GiB, context %d",
-        loaded.model_id, args.host, args.port, mx.default_device(), active_blas,
-        args.block_size, args.kv_cache_memory_bytes / 2**30, loaded.kv_bytes_per_token,
-        args.kv_cache_memory_bytes // (loaded.kv_bytes_per_token * args.block_size),
-        args.active_kv_memory_bytes / 2**30, scheduler.max_prompt_tokens)
+        loaded.model_id, ", ".join(stack.frontend.model_names), args.host, args.port,
+        stack.worker.describe_backend(), config.block_size,
+        config.kv_cache_memory_bytes / 2**30, loaded.kv_bytes_per_token,
+        config.kv_cache_memory_bytes // (loaded.kv_bytes_per_token * config.block_size),
+        config.active_kv_memory_bytes / 2**30, stack.scheduler.max_prompt_tokens)
     web.run_app(app, host=args.host, port=args.port, handler_cancellation=True,
                 shutdown_timeout=10, print=None)
     return 0
 
 
 def demo(args: argparse.Namespace) -> int:
-    from engine.demo import demo_spec, ensure_demo_model
+    from blockserve.engine.demo import demo_spec, ensure_demo_model
 
     print(ensure_demo_model(demo_spec(args.size, args.arch, args.seed)))
     return 0
 
 
 def bench(args: argparse.Namespace) -> int:
-    from bench.run import main as run_bench
+    from blockserve.bench.run import main as run_bench
 
     return run_bench(args)
 
 
 def compare(args: argparse.Namespace) -> int:
-    from bench.compare import main as run_compare
+    from blockserve.bench.compare import main as run_compare
 
     return run_compare(args)
 
@@ -136,12 +137,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="qwen3, llama, qwen3_next (hybrid SSM) or gemma3_text (sliding window)")
     d.add_argument("--seed", type=int, default=0)
     b = sub.add_parser("bench", help="load-test an OpenAI-compatible server")
-    from bench.run import add_args
+    from blockserve.bench.run import add_args
 
     add_args(b)
     c = sub.add_parser("compare", help="blockserve against mlx_lm server, same model and "
                                        "machine, one run; writes bench/results/")
-    from bench.compare import add_args as add_compare_args
+    from blockserve.bench.compare import add_args as add_compare_args
 
     add_compare_args(c)
     args = ap.parse_args(argv)

@@ -1,13 +1,7 @@
-"""A load generator for any OpenAI-compatible server: concurrent streaming clients,
-closed-loop or Poisson arrivals, vLLM ``bench serve`` metric definitions.
+"""The load generator's client: concurrent streaming chat requests against any
+OpenAI-compatible server, closed-loop or Poisson arrivals, one ``Record`` per request.
 
     blockserve bench --url http://127.0.0.1:8000 --model demo:bench --workload agent
-
-TTFT is the time to the first content chunk; ITL the gaps between content chunks;
-TPOT (e2e - TTFT) / (output tokens - 1); prefill efficiency the distinct prefix tokens
-of the workload (a token trie of the rendered prompts, client-side) over the prompt
-tokens the server actually computed (from its /metrics when it exposes blockserve's,
-else prompt - cached tokens from ``usage``).
 """
 
 from __future__ import annotations
@@ -16,12 +10,12 @@ import asyncio
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import aiohttp
 
-from bench.workloads import Session, Workload
+from blockserve.bench.workloads import Session, Workload
 
 
 @dataclass
@@ -35,7 +29,8 @@ class Record:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
-    prompt_ids: list[int] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)  # rendered after the run
     error: str | None = None
     text: str = ""
 
@@ -74,15 +69,15 @@ def record_stream(rec: Record, t0: float, events: list[tuple[float, dict]]) -> N
 class Target:
     url: str
     model: str
-    render: Callable[[list[dict]], list[int]] | None = None  # prompt token ids, for tries
+    # Prompt token ids of a request's messages, for the prefix trie. Called after the
+    # run, on a worker thread, so that it may ask the server itself and costs no TTFT.
+    render: Callable[[list[dict]], list[int]] | None = None
 
 
 async def _one(http: aiohttp.ClientSession, target: Target, session: Session, s_idx: int,
                turn: int, records: list[Record]) -> None:
     msgs = session.messages_for(turn)
-    rec = Record(s_idx, turn)
-    if target.render:
-        rec.prompt_ids = target.render(msgs)
+    rec = Record(s_idx, turn, messages=msgs)
     body = {"model": target.model, "messages": msgs, "stream": True, "temperature": 0,
             "max_tokens": session.turns[turn].max_tokens,
             "stream_options": {"include_usage": True}}
@@ -152,22 +147,10 @@ async def run_workload(target: Target, workload: Workload, concurrency: int | No
         wall = time.perf_counter() - t0
     if bar:
         bar.close()
+    if target.render:
+        for rec in records:
+            rec.prompt_ids = await asyncio.to_thread(target.render, rec.messages)
     return records, wall
-
-
-def distinct_prefix_tokens(prompts: list[list[int]]) -> int:
-    """Nodes of the token trie of all prompts: what an ideal prefix cache prefills."""
-    root: dict = {}
-    count = 0
-    for p in prompts:
-        node = root
-        for t in p:
-            nxt = node.get(t)
-            if nxt is None:
-                nxt = node[t] = {}
-                count += 1
-            node = nxt
-    return count
 
 
 async def scrape(url: str) -> dict[str, float]:
@@ -191,90 +174,3 @@ async def scrape(url: str) -> dict[str, float]:
     return out
 
 
-def latency_stats(xs: list[float]) -> dict[str, float | None]:
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return {"mean": None, "p50": None, "p90": None, "p99": None}
-
-    def q(p: float) -> float:
-        k = (len(xs) - 1) * p
-        lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-        return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-    return {"mean": sum(xs) / len(xs), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
-
-
-COMPUTED_METRIC = "blockserve_prompt_tokens_computed_total"
-
-
-def summarize(records: list[Record], wall: float, before: dict | None = None,
-              after: dict | None = None) -> dict:
-    ok = [r for r in records if r.error is None]
-    prompt = sum(r.prompt_tokens for r in ok)
-    cached = sum(r.cached_tokens for r in ok)
-    computed = prompt - cached
-    source = "usage"
-    if before is not None and after is not None and COMPUTED_METRIC in after:
-        computed = int(after[COMPUTED_METRIC] - before.get(COMPUTED_METRIC, 0))
-        source = "metrics"
-    distinct = distinct_prefix_tokens([r.prompt_ids for r in ok]) if all(
-        r.prompt_ids for r in ok) and ok else None
-    return {
-        "requests": len(records), "errors": len(records) - len(ok), "wall_s": wall,
-        "requests_per_s": len(ok) / wall if wall else 0.0,
-        "output_tokens_per_s": sum(r.completion_tokens for r in ok) / wall if wall else 0.0,
-        "ttft_s": latency_stats([r.ttft for r in ok]),
-        "tpot_s": latency_stats([r.tpot for r in ok]),
-        "itl_s": latency_stats([x for r in ok for x in r.itl]),
-        "e2e_s": latency_stats([r.e2e for r in ok]),
-        "prompt_tokens": prompt, "cached_tokens": cached,
-        "hit_rate": cached / prompt if prompt else 0.0,
-        "prompt_tokens_computed": computed, "computed_from": source,
-        "distinct_prefix_tokens": distinct,
-        "prefill_efficiency": distinct / computed if distinct and computed > 0 else None,
-    }
-
-
-def records_json(records: list[Record]) -> list[dict]:
-    out = []
-    for r in records:
-        d = asdict(r)
-        d.pop("prompt_ids")
-        d["tpot"] = r.tpot
-        out.append(d)
-    return out
-
-
-def _axes(title: str, xlabel: str, ylabel: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    return plt, fig, ax
-
-
-def _save(plt, fig, ax, path: str) -> None:
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_ttft_cdf(series: dict[str, list[Record]], path: str) -> None:
-    plt, fig, ax = _axes("Time to first token, CDF", "TTFT (s)", "fraction of requests")
-    for label, recs in series.items():
-        xs = sorted(r.ttft for r in recs if r.ttft is not None)
-        if xs:
-            ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=label)
-    _save(plt, fig, ax, path)
-
-
-def plot_sweep(points: dict[str, list[tuple[int, float]]], path: str) -> None:
-    plt, fig, ax = _axes("Throughput against concurrency", "concurrency", "output tokens / s")
-    for label, pts in points.items():
-        ax.plot([c for c, _ in pts], [v for _, v in pts], marker="o", label=label)
-    _save(plt, fig, ax, path)

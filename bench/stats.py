@@ -1,0 +1,86 @@
+"""Summaries of a load-generator run, with vLLM ``bench serve``'s metric definitions.
+
+TTFT is the time to the first content chunk; ITL the gaps between content chunks;
+TPOT (e2e - TTFT) / (output tokens - 1); prefill efficiency the distinct prefix tokens
+of the workload (a token trie of the rendered prompts) over the prompt tokens the server
+actually computed (from its /metrics when it exposes blockserve's, else prompt - cached
+tokens from ``usage``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from blockserve.bench.client import Record
+
+
+def distinct_prefix_tokens(prompts: list[list[int]]) -> int:
+    """Nodes of the token trie of all prompts: what an ideal prefix cache prefills."""
+    root: dict = {}
+    count = 0
+    for p in prompts:
+        node = root
+        for t in p:
+            nxt = node.get(t)
+            if nxt is None:
+                nxt = node[t] = {}
+                count += 1
+            node = nxt
+    return count
+
+
+def latency_stats(xs: list[float]) -> dict[str, float | None]:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+
+    def q(p: float) -> float:
+        k = (len(xs) - 1) * p
+        lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+    return {"mean": sum(xs) / len(xs), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
+
+
+COMPUTED_METRIC = "blockserve_prompt_tokens_computed_total"
+
+
+def summarize(records: list[Record], wall: float, before: dict | None = None,
+              after: dict | None = None) -> dict:
+    ok = [r for r in records if r.error is None]
+    prompt = sum(r.prompt_tokens for r in ok)
+    cached = sum(r.cached_tokens for r in ok)
+    computed = prompt - cached
+    source = "usage"
+    if before is not None and after is not None and COMPUTED_METRIC in after:
+        computed = int(after[COMPUTED_METRIC] - before.get(COMPUTED_METRIC, 0))
+        source = "metrics"
+    distinct = distinct_prefix_tokens([r.prompt_ids for r in ok]) if all(
+        r.prompt_ids for r in ok) and ok else None
+    return {
+        "requests": len(records), "errors": len(records) - len(ok), "wall_s": wall,
+        "requests_per_s": len(ok) / wall if wall else 0.0,
+        "output_tokens_per_s": sum(r.completion_tokens for r in ok) / wall if wall else 0.0,
+        "ttft_s": latency_stats([r.ttft for r in ok]),
+        "tpot_s": latency_stats([r.tpot for r in ok]),
+        "itl_s": latency_stats([x for r in ok for x in r.itl]),
+        "e2e_s": latency_stats([r.e2e for r in ok]),
+        "prompt_tokens": prompt, "cached_tokens": cached,
+        "hit_rate": cached / prompt if prompt else 0.0,
+        "prompt_tokens_computed": computed, "computed_from": source,
+        "distinct_prefix_tokens": distinct,
+        "prefill_efficiency": distinct / computed if distinct and computed > 0 else None,
+    }
+
+
+def records_json(records: list[Record]) -> list[dict]:
+    out = []
+    for r in records:
+        d = asdict(r)
+        d.pop("prompt_ids")
+        d.pop("messages")
+        d["tpot"] = r.tpot
+        out.append(d)
+    return out
+
+

@@ -1,0 +1,81 @@
+"""The composition root: one config in; engine, pool, scheduler, frontend and app out.
+
+The command line, the test harnesses and the in-process benchmark all build here, so
+the sizes the parts share (block size, running sequences, context limit) are set once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import blockserve.engine  # noqa: F401  (first: the BLAS preload before mlx)
+from aiohttp import web
+
+from blockserve.engine.frontend import TokenizerFrontend
+from blockserve.engine.worker import EngineWorker
+from blockserve.kvpool import BlockPool
+from blockserve.scheduler import Scheduler, SchedulerConfig
+from blockserve.server.app import ServerConfig, create_app
+
+
+@dataclass
+class StackConfig:
+    """Everything ``blockserve serve`` can be told; names follow its flags."""
+
+    model: str | None = None  # None: the built-in default model
+    revision: str | None = None
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 1 << 30  # the prefix cache's byte budget
+    active_kv_memory_bytes: int = 8 << 30  # KV of running requests, prompt + max_tokens
+    max_num_seqs: int = 16
+    max_queue: int = 256
+    max_model_len: int | None = None  # None: the model's own context length
+    prefill_step_size: int = 256
+    prompt_concurrency: int = 8
+    default_max_tokens: int = 512
+    api_key: str | None = None
+    share_inflight: bool = True
+    served_model_names: list[str] = field(default_factory=list)
+
+
+def start_worker(config: StackConfig) -> EngineWorker:
+    """Load the model on its engine thread, sized by ``config``."""
+    return EngineWorker(config.model, block_size=config.block_size,
+                        max_running=config.max_num_seqs,
+                        prefill_batch_size=config.prompt_concurrency,
+                        prefill_step_size=config.prefill_step_size, revision=config.revision)
+
+
+@dataclass
+class Stack:
+    config: StackConfig
+    worker: EngineWorker
+    pool: BlockPool
+    scheduler: Scheduler
+    frontend: TokenizerFrontend
+
+    def app(self) -> web.Application:
+        return create_app(self.scheduler, self.frontend,
+                          ServerConfig(self.config.default_max_tokens, self.config.api_key))
+
+
+def build_stack(config: StackConfig, worker: EngineWorker | None = None) -> Stack:
+    """Wire the parts. ``worker`` reuses a loaded engine (tests share one between
+    servers); it must match the config's block size and hold its running sequences."""
+    if worker is None:
+        worker = start_worker(config)
+    if worker.block_size != config.block_size:
+        raise ValueError(f"the engine uses block size {worker.block_size}, the config "
+                         f"{config.block_size}")
+    if worker.max_running < config.max_num_seqs:
+        raise ValueError(f"the engine runs at most {worker.max_running} sequences, the "
+                         f"config asks for {config.max_num_seqs}")
+    pool = BlockPool(config.block_size, config.kv_cache_memory_bytes)
+    scheduler = Scheduler(worker, pool, SchedulerConfig(
+        max_running=config.max_num_seqs, max_queue=config.max_queue,
+        max_prompt_tokens=config.max_model_len,
+        active_kv_budget_bytes=config.active_kv_memory_bytes,
+        share_inflight=config.share_inflight))
+    names = config.served_model_names or [worker.loaded.model_id]
+    frontend = TokenizerFrontend(names, worker.tokenizer, worker.loaded.model_path)
+    return Stack(config, worker, pool, scheduler, frontend)
