@@ -14,6 +14,8 @@ class RenderedPrompt:
     # (token offset, tier): where the system part ends, and where the last user or
     # tool turn ends (before the assistant header). Not block-aligned.
     checkpoints: list[tuple[int, int]] = field(default_factory=list)
+    reasoning_open: bool = False  # the prompt ends inside a think block (the reply
+    # starts in reasoning, as when a template opens the assistant turn with <think>)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -29,19 +31,26 @@ def render_chat(
     messages: list[dict],
     tools: list[dict] | None = None,
     template_kwargs: dict | None = None,
+    continue_final: bool = False,
 ) -> RenderedPrompt:
     """Apply the chat template, and find the checkpoint offsets by rendering prefixes
-    of the conversation and matching them against the full prompt's tokens."""
+    of the conversation and matching them against the full prompt's tokens.
+    ``continue_final`` continues the last (assistant) message instead of opening a new
+    turn (vLLM's ``continue_final_message``)."""
     kw = dict(tools=tools, **(template_kwargs or {})) if tools else dict(template_kwargs or {})
     if not tokenizer.has_chat_template:
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        return RenderedPrompt(tokenizer.encode(text))
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return RenderedPrompt(tokenizer.encode(text if continue_final else
+                                               text + "assistant: "))
 
-    def render(msgs: list[dict], add_generation_prompt: bool) -> list[int]:
+    def render(msgs: list[dict], add_generation_prompt: bool, **extra) -> list[int]:
         return list(tokenizer.apply_chat_template(
-            msgs, add_generation_prompt=add_generation_prompt, tokenize=True, **kw))
+            msgs, add_generation_prompt=add_generation_prompt, tokenize=True, **kw, **extra))
 
-    tokens = render(messages, True)
+    if continue_final:
+        tokens = render(messages, False, continue_final_message=True)
+    else:
+        tokens = render(messages, True)
     checkpoints: list[tuple[int, int]] = []
     n_system = 0
     while n_system < len(messages) and messages[n_system]["role"] in ("system", "developer"):
@@ -50,8 +59,18 @@ def render_chat(
         system_end = _common_prefix(render(messages[:n_system], False), tokens)
         if system_end > 0:
             checkpoints.append((system_end, TIER_SYSTEM))
-    if messages and messages[-1]["role"] in ("user", "tool"):
+    if not continue_final and messages and messages[-1]["role"] in (
+            "user", "tool", "system", "developer"):
         turn_end = _common_prefix(render(messages, False), tokens)
         if 0 < turn_end < len(tokens):
             checkpoints.append((turn_end, TIER_CONVERSATION))
-    return RenderedPrompt(tokens, checkpoints)
+    return RenderedPrompt(tokens, checkpoints, _ends_in_reasoning(tokenizer, tokens))
+
+
+def _ends_in_reasoning(tokenizer: Any, tokens: list[int]) -> bool:
+    """Whether the prompt's last think marker opens a block (mlx-lm's server rule)."""
+    if not getattr(tokenizer, "has_thinking", False):
+        return False
+    tail = tokens[-16:]  # a template opens the block at the very end, if at all
+    start = tokenizer.rfind_think_start(tail)
+    return start >= 0 and start > tokenizer.rfind_think_end(tail)

@@ -1,5 +1,6 @@
 """Offline demo models: real mlx-lm architectures, random float32 weights, and a
-byte-level BPE tokenizer trained on the spot with a ChatML chat template.
+byte-level BPE tokenizer trained on the spot, and Qwen3's chat template (tools, tool
+calls, reasoning), so agents' prompts and replies take the same shape as on a real model.
 
 No model hub is needed: a demo model is a normal mlx-lm model directory, loaded by the
 same ``mlx_lm.utils.load`` that loads ``mlx-community/...`` models. Builds are
@@ -21,16 +22,63 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.utils import _get_classes
 
-FORMAT_VERSION = 2  # bump when a build changes, so cached builds are not reused
+FORMAT_VERSION = 3  # bump when a build changes, so cached builds are not reused
 DEMO_PREFIX = "demo:"
 
 IM_START, IM_END, EOT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+# Output markers as in Qwen3: plain added tokens (not special), so they survive decoding
+# and mlx-lm infers the think markers and the json_tools tool parser from them.
+MARKERS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",
+           "</tool_response>")
+# Qwen3's chat template, in short: tools in the system turn, tool calls as JSON inside
+# <tool_call>, tool results grouped into a user turn, reasoning of the current tool loop
+# kept in <think>, and enable_thinking=false opening an empty think block.
+CHAT_TEMPLATE = """\
+{%- macro text(c) -%}{%- if c is string -%}{{- c -}}{%- elif c -%}\
+{%- for p in c -%}{%- if p.text is defined -%}{{- p.text -}}{%- endif -%}{%- endfor -%}\
+{%- endif -%}{%- endmacro -%}
+{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0].role == 'system' %}{{- text(messages[0].content) + '\\n\\n' }}{%- endif %}
+{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}
+{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + text(messages[0].content) + '<|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(last_query=messages|length - 1) %}
+{%- for m in messages[::-1] %}{%- set i = messages|length - 1 - loop.index0 %}
+{%- if ns.last_query == messages|length - 1 and m.role == 'user' %}{%- set ns.last_query = i %}{%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+{%- set content = text(message.content) %}
+{%- if message.role == 'system' and loop.first %}
+{%- elif message.role in ['user', 'system', 'developer'] %}
+{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}
+{{- '<|im_start|>assistant\\n' }}
+{%- if message.reasoning_content and loop.index0 > ns.last_query %}
+{{- '<think>\\n' + message.reasoning_content.strip('\\n') + '\\n</think>\\n\\n' }}
+{%- endif %}
+{{- content }}
+{%- for tool_call in message.tool_calls or [] %}
+{%- if tool_call.function %}{%- set tool_call = tool_call.function %}{%- endif %}
+{%- if loop.first and content or not loop.first %}{{- '\\n' }}{%- endif %}
+{{- '<tool_call>\\n{"name": "' + tool_call.name + '", "arguments": ' }}
+{%- if tool_call.arguments is string %}{{- tool_call.arguments }}{%- else %}{{- tool_call.arguments | tojson }}{%- endif %}
+{{- '}\\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}
+{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+{%- endif %}"""
 
 
 @dataclass(frozen=True)
@@ -63,11 +111,11 @@ SIZES = {
     # A few MB: for tests. Big enough that greedy outputs vary from token to token.
     "tiny": dict(vocab_size=1024, hidden_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
-                 max_position_embeddings=8192),
+                 max_position_embeddings=65536),
     # ~80M parameters: for benchmarks.
     "bench": dict(vocab_size=8192, hidden_size=768, num_hidden_layers=12,
                   num_attention_heads=12, num_key_value_heads=4, intermediate_size=2048,
-                  max_position_embeddings=16384),
+                  max_position_embeddings=65536),
 }
 # qwen3_next: Gated DeltaNet (ArraysCache) layers with full attention every 2nd layer.
 # gemma3_text: sliding-window (RotatingKVCache) layers with a global one every 2nd layer;
@@ -154,7 +202,9 @@ def build_demo_model(spec: DemoSpec, out_dir: Path) -> None:
         if p.ndim == 1:  # norm scales; any bias would be 0
             return mx.ones_like(p) if path.endswith("weight") else mx.zeros_like(p)
         if "embed" in path:
-            return mx.random.normal(p.shape)
+            # Small enough that the layers' output, not the last token's embedding,
+            # leads the residual stream: greedy replies then depend on the context.
+            return mx.random.normal(p.shape) * 0.25
         # N(0, 1/fan_in): activations keep their scale, so greedy outputs vary.
         return mx.random.normal(p.shape) * (p.shape[-1] ** -0.5)
 
@@ -223,7 +273,7 @@ def _corpus(seed: int, lines: int = 4000) -> list[str]:
 
 
 def _train_tokenizer(spec: DemoSpec, out_dir: Path) -> tuple[dict[str, int], int]:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     specials = [EOT, IM_START, IM_END]
     tok = Tokenizer(models.BPE())
@@ -236,11 +286,12 @@ def _train_tokenizer(spec: DemoSpec, out_dir: Path) -> tuple[dict[str, int], int
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(spec.seed), trainer)
+    tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in MARKERS])
     tok.save(str(out_dir / "tokenizer.json"))
     ids = {s: tok.token_to_id(s) for s in specials}
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": CHATML_TEMPLATE,
+        "chat_template": CHAT_TEMPLATE,
         "eos_token": IM_END,
         "pad_token": EOT,
         "bos_token": None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from blockserve.scheduler.protocol import SamplingParams
 
@@ -37,3 +37,26 @@ def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
         return mx.random.categorical(logprobs * inv_temp, key=sub)
 
     return sample
+
+
+def logits_processors(params: SamplingParams) -> list[Callable]:
+    """mlx-lm's processors for the request's penalties and logit bias (none if off)."""
+    return make_logits_processors(
+        logit_bias=dict(params.logit_bias) or None,
+        repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0
+        else None,
+        presence_penalty=params.presence_penalty or None,
+        frequency_penalty=params.frequency_penalty or None,
+    )
+
+
+def token_logprobs(logprobs: mx.array, token: int, top: int
+                   ) -> tuple[float, list[tuple[int, float]] | None]:
+    """The sampled token's log probability, and the ``top`` most likely tokens."""
+    chosen = logprobs[token].item()
+    if top <= 0:
+        return chosen, None
+    ids = mx.argpartition(-logprobs, top - 1)[:top]
+    values = logprobs[ids]
+    order = mx.argsort(-values)
+    return chosen, list(zip(ids[order].tolist(), values[order].tolist()))

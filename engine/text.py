@@ -13,8 +13,9 @@ class IncrementalDetokenizer:
     (U+FFFD), as vLLM and TGI do.
     """
 
-    def __init__(self, tokenizer: Any, context: int = 4):
+    def __init__(self, tokenizer: Any, context: int = 4, skip_special_tokens: bool = True):
         self._tok = tokenizer
+        self._skip_special = skip_special_tokens
         self._ids: list[int] = []
         self._prefix = 0  # start of the decoding window
         self._read = 0  # tokens whose text has been emitted
@@ -39,7 +40,8 @@ class IncrementalDetokenizer:
         return full_text[len(prefix_text) :]
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True) if ids else ""
+        return (self._tok.decode(list(ids), skip_special_tokens=self._skip_special)
+                if ids else "")
 
 
 class StopStringFilter:

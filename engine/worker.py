@@ -20,7 +20,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from blockserve.engine import blas
 from blockserve.engine.kvblocks import blocks_from_cache, cache_from_blocks
 from blockserve.engine.model import LoadedModel, load_model
-from blockserve.engine.sampling import make_sampler
+from blockserve.engine.sampling import logits_processors, make_sampler, token_logprobs
 from blockserve.engine.text import IncrementalDetokenizer, StopStringFilter
 from blockserve.kvpool import TIER_GENERATED, Namespace
 from blockserve.scheduler.protocol import (
@@ -221,12 +221,14 @@ class EngineWorker:
             caches=[cache],
             all_tokens=[list(spec.prompt[: spec.cached_tokens])],
             samplers=[make_sampler(p)],
+            logits_processors=[logits_processors(p)],
             stop_sequences=[StopSequences([[t] for t in sorted(stop_ids)] or None)],
         )
         self._uids[spec.seq_id] = uid
         self._seqs[uid] = _Sequence(
             spec=spec,
-            detok=IncrementalDetokenizer(self.loaded.tokenizer),
+            detok=IncrementalDetokenizer(self.loaded.tokenizer,
+                                         skip_special_tokens=p.skip_special_tokens),
             stops=StopStringFilter(p.stop),
             checkpoints=checkpoints,
             published_blocks=spec.cached_tokens // bs,
@@ -254,15 +256,16 @@ class EngineWorker:
                 self._finish(seq, r.uid, r.prompt_cache, r.all_tokens, "stop")
                 continue
             text = seq.stops.push(seq.detok.add(r.token))
+            event = TokenEvent(seq_id, r.token, text)
+            p = seq.spec.sampling
+            if p.logprobs:
+                event.logprob, event.top_logprobs = token_logprobs(r.logprobs, r.token,
+                                                                   p.top_logprobs)
+            self._send(event)
             if seq.stops.stopped:
-                self._send(TokenEvent(seq_id, r.token, text))
                 finished_by_string.append(r.uid)
-                continue
-            if r.finish_reason == "length":
-                self._send(TokenEvent(seq_id, r.token, text))
+            elif r.finish_reason == "length":
                 self._finish(seq, r.uid, r.prompt_cache, r.all_tokens, "length")
-                continue
-            self._send(TokenEvent(seq_id, r.token, text))
         if finished_by_string:
             caches = self._bg.remove(finished_by_string, return_prompt_caches=True)
             for uid in finished_by_string:

@@ -24,6 +24,14 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; never part of the streamed text
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # mlx-lm's logits processors, per request in the batch (0 / 1.0 / () mean off)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: bool = False  # report each token's log probability
+    top_logprobs: int = 0  # and this many most likely alternatives
+    skip_special_tokens: bool = True
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,8 @@ class TokenEvent:
     seq_id: str
     token: int
     text: str
+    logprob: float | None = None  # when the request asked for logprobs
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass

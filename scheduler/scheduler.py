@@ -88,6 +88,8 @@ class RequestOutput:
     usage: Usage | None = None
     error: str | None = None
     stop_string: str | None = None  # which stop string ended the request
+    # per token, when the request asked for logprobs: (logprob, [(token, logprob)] or None)
+    logprobs: list[tuple[float, list[tuple[int, float]] | None]] | None = None
 
 
 @dataclass
@@ -331,8 +333,11 @@ class Scheduler:
             return  # an aborted request: its late events (and KV) are dropped
         if isinstance(event, TokenEvent):
             state.usage.completion_tokens += 1
+            logprobs = (None if event.logprob is None
+                        else [(event.logprob, event.top_logprobs)])
             state.outputs.put_nowait(RequestOutput(event.seq_id, event.text, [event.token],
-                                                   usage=replace(state.usage)))
+                                                   usage=replace(state.usage),
+                                                   logprobs=logprobs))
         elif isinstance(event, BlocksEvent):
             self._publish(state, event)
         elif isinstance(event, FinishEvent):

@@ -1,30 +1,26 @@
-"""The aiohttp application: OpenAI and Anthropic endpoints, SSE, health, metrics,
-cache administration. Thin: every bit of state lives in the scheduler."""
+"""The aiohttp application: routes, middlewares, and what both APIs share (a request in
+flight, SSE). Thin: every bit of state lives in the scheduler. The OpenAI and Anthropic
+endpoints are in ``openai_api`` and ``anthropic_api``; tokenizer, server facts, health,
+metrics and cache administration are here."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
-from typing import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 
-from blockserve.scheduler import Request, RequestOutput, Scheduler, SchedulerError, Usage
+from blockserve.scheduler import Request, RequestOutput, Scheduler, SchedulerError
 from blockserve.server.errors import ApiError, from_scheduler, invalid
+from blockserve.server.fields import Frontend, Generation
 from blockserve.server.metrics import Metrics
-from blockserve.server.schemas import (
-    Frontend,
-    Generation,
-    check_model,
-    parse_chat,
-    parse_completion,
-    parse_messages,
-    tokenize_body,
-)
 
 log = logging.getLogger("blockserve.server")
+
 
 @dataclass
 class ServerConfig:
@@ -41,19 +37,22 @@ _OPEN_PATHS = {"/health", "/metrics"}
 
 
 def create_app(scheduler: Scheduler, frontend: Frontend, config: ServerConfig) -> web.Application:
+    from blockserve.server import anthropic_api, openai_api
+
     app = web.Application(middlewares=[_errors, _auth], client_max_size=64 << 20)
     app[SCHEDULER] = scheduler
     app[FRONTEND] = frontend
     app[CONFIG] = config
     app[METRICS] = Metrics(scheduler)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
+    app.router.add_post("/v1/completions", openai_api.completions)
+    app.router.add_post("/v1/messages", anthropic_api.messages)
+    app.router.add_post("/v1/messages/count_tokens", anthropic_api.count_tokens)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    app.router.add_post("/tokenize", tokenize)
-    app.router.add_post("/detokenize", detokenize)
+    app.router.add_post("/tokenize", openai_api.tokenize)
+    app.router.add_post("/detokenize", openai_api.detokenize)
     for path in ("/server_info", "/get_server_info"):
         app.router.add_get(path, server_info)
     for path in ("/model_info", "/get_model_info"):
@@ -82,17 +81,20 @@ def _is_anthropic(request: web.Request) -> bool:
 async def _errors(request: web.Request, handler):
     try:
         return await handler(request)
-    except ApiError as e:
-        return e.response(_is_anthropic(request))
     except SchedulerError as e:
-        return from_scheduler(e).response(_is_anthropic(request))
+        err = from_scheduler(e)
     except web.HTTPException as e:
-        if e.status >= 400:
-            return ApiError(e.status, e.reason).response(_is_anthropic(request))
-        raise
+        if e.status < 400:
+            raise
+        err = ApiError(e.status, e.reason)
+    except ApiError as e:
+        err = e
     except Exception as e:
         log.exception("unhandled error in %s", request.path)
-        return ApiError(500, f"internal error: {e}").response(_is_anthropic(request))
+        err = ApiError(500, f"internal error: {e}")
+    if err.status < 500:
+        log.warning("%s %s -> %d: %s", request.method, request.path, err.status, err.message)
+    return err.response(_is_anthropic(request))
 
 
 @web.middleware
@@ -101,13 +103,13 @@ async def _auth(request: web.Request, handler):
     if key and request.path not in _OPEN_PATHS:
         bearer = request.headers.get("Authorization", "")
         given = bearer[7:] if bearer.startswith("Bearer ") else request.headers.get("x-api-key")
-        if given != key:
+        if not hmac.compare_digest((given or "").encode(), key.encode()):
             raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY "
                                 "or x-api-key: KEY)", code="invalid_api_key")
     return await handler(request)
 
 
-async def _json(request: web.Request) -> dict:
+async def read_json(request: web.Request) -> dict:
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -117,16 +119,54 @@ async def _json(request: web.Request) -> dict:
     return body
 
 
-# ---- running a generation ------------------------------------------------------
+def check_model(body: dict, frontend: Frontend) -> None:
+    model = body.get("model")
+    if model is None:
+        return  # optional here; the served model is used
+    if not isinstance(model, str):
+        raise invalid("'model' must be a string", param="model")
+    if model not in frontend.model_names:
+        raise ApiError(404, f"the model '{model}' does not exist; this server serves "
+                            f"{', '.join(repr(n) for n in frontend.model_names)}",
+                       param="model", code="model_not_found")
 
 
-class _Run:
-    """One request in flight: submits it, times it, and aborts it if the client goes."""
+# ---- a request in flight -----------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One step of a request's parsed stream: typed deltas (content, reasoning,
+    tool_call) and the raw output they came from (usage, finish, logprobs)."""
+
+    deltas: list[Any]
+    out: RequestOutput
+
+
+@dataclass
+class Reply:
+    """A whole reply, gathered: what the non-streaming responses are made of."""
+
+    deltas: list[Any] = field(default_factory=list)
+    last: RequestOutput | None = None
+    logprobs: list[tuple[int, float, Any]] = field(default_factory=list)  # token, lp, top
+    calls: int = 0
+
+    def text(self, kind: str = "content") -> str:
+        return "".join(d.text for d in self.deltas if d.kind == kind)
+
+
+class Run:
+    """One request in flight: submits it, parses its output, times it, and aborts it if
+    the client goes."""
 
     def __init__(self, request: web.Request, gen: Generation):
         self.app = request.app
+        self.gen = gen
         self.t0 = time.perf_counter()
         self.first: float | None = None
+        self.parser = self.app[FRONTEND].output_parser(gen.tools, gen.parse_tools,
+                                                       gen.reasoning_open, gen.structured)
         req = Request(gen.prompt, gen.sampling, gen.checkpoints, gen.cache_salt)
         self.stream = self.app[SCHEDULER].submit(req)  # SchedulerError -> HTTP error
         self.id = self.stream.request_id
@@ -144,182 +184,48 @@ class _Run:
         finally:
             self.stream.cancel()  # no-op once finished; frees everything on disconnect
 
-    async def collect(self) -> tuple[str, RequestOutput]:
-        text, last = [], None
+    async def steps(self) -> AsyncIterator[Step]:
         async for out in self.outputs():
-            text.append(out.text)
-            last = out
-        if last.finish_reason == "error":
-            raise ApiError(500, last.error or "generation failed")
-        if last.finish_reason == "abort":
+            deltas = self.parser.feed(out.text) if out.text else []
+            if out.finish_reason is not None:
+                deltas += self.parser.finish(truncated=out.finish_reason == "length")
+            if not self.gen.include_reasoning:
+                deltas = [d for d in deltas if d.kind != "reasoning"]
+            yield Step(deltas, out)
+
+    @property
+    def called_tools(self) -> bool:
+        return self.parser.calls > 0
+
+    async def collect(self) -> Reply:
+        reply = Reply()
+        async for step in self.steps():
+            reply.deltas += step.deltas
+            reply.last = step.out
+            for tok, lp in zip(step.out.token_ids, step.out.logprobs or ()):
+                reply.logprobs.append((tok, *lp))
+        if reply.last.finish_reason == "error":
+            raise ApiError(500, reply.last.error or "generation failed")
+        if reply.last.finish_reason == "abort":
             raise ApiError(503, "the request was aborted: the server is shutting down")
-        return "".join(text), last
+        reply.calls = self.parser.calls
+        return reply
 
 
-def _openai_usage(u: Usage) -> dict:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
-
-
-async def _sse(request: web.Request) -> web.StreamResponse:
+async def sse(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})
     await resp.prepare(request)
     return resp
 
 
-async def _send(resp: web.StreamResponse, data: dict | str, event: str | None = None) -> None:
+async def send(resp: web.StreamResponse, data: dict | str, event: str | None = None) -> None:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     head = f"event: {event}\n" if event else ""
     await resp.write(f"{head}data: {payload}\n\n".encode())
 
 
-# ---- OpenAI ------------------------------------------------------------------------
-
-
-async def _openai(request: web.Request, parse: Callable, kind: str) -> web.StreamResponse:
-    body = await _json(request)
-    frontend = request.app[FRONTEND]
-    check_model(body, frontend)
-    gen = parse(body, frontend, request.app[CONFIG].default_max_tokens)
-    run = _Run(request, gen)
-    chat = kind == "chat"
-    rid = ("chatcmpl-" if chat else "cmpl-") + run.id
-    obj = "chat.completion" if chat else "text_completion"
-    base = {"id": rid, "created": run.created, "model": frontend.model_id}
-    if not gen.stream:
-        text, last = await run.collect()
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                   "logprobs": None, "finish_reason": last.finish_reason} if chat else
-                  {"index": 0, "text": text, "logprobs": None,
-                   "finish_reason": last.finish_reason})
-        return web.json_response({**base, "object": obj, "choices": [choice],
-                                  "usage": _openai_usage(last.usage)})
-
-    resp = await _sse(request)
-    chunk = {**base, "object": "chat.completion.chunk" if chat else obj}
-    usage_field = {"usage": None} if gen.include_usage else {}
-
-    def piece(text: str | None, finish: str | None, first: bool = False) -> dict:
-        if chat:
-            delta = {"role": "assistant", "content": ""} if first else \
-                ({"content": text} if text else {})
-            c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            c = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return {**chunk, "choices": [c], **usage_field}
-
-    if chat:
-        await _send(resp, piece(None, None, first=True))
-    async for out in run.outputs():
-        if out.finish_reason == "error":
-            await _send(resp, ApiError(500, out.error or "generation failed").openai_body())
-            break
-        if out.text or out.finish_reason:
-            await _send(resp, piece(out.text, out.finish_reason))
-        if out.finish_reason and gen.include_usage:
-            await _send(resp, {**chunk, "choices": [], "usage": _openai_usage(out.usage)})
-    await _send(resp, "[DONE]")
-    await resp.write_eof()
-    return resp
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _openai(request, parse_chat, "chat")
-
-
-async def completions(request: web.Request) -> web.StreamResponse:
-    return await _openai(request, parse_completion, "completion")
-
-
-# ---- Anthropic ---------------------------------------------------------------------
-
-_STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
-
-
-def _stop_reason(out: RequestOutput) -> str:
-    return "stop_sequence" if out.stop_string else _STOP_REASONS.get(out.finish_reason,
-                                                                     "end_turn")
-
-
-def _anthropic_usage(u: Usage) -> dict:
-    return {"input_tokens": u.prompt_tokens - u.cached_tokens,
-            "output_tokens": u.completion_tokens,
-            "cache_read_input_tokens": u.cached_tokens,
-            "cache_creation_input_tokens": 0}
-
-
-async def messages(request: web.Request) -> web.StreamResponse:
-    body = await _json(request)
-    frontend = request.app[FRONTEND]
-    check_model(body, frontend)
-    gen = parse_messages(body, frontend)
-    run = _Run(request, gen)
-    message = {"id": "msg_" + run.id, "type": "message", "role": "assistant",
-               "model": frontend.model_id}
-    if not gen.stream:
-        text, last = await run.collect()
-        return web.json_response({**message, "content": [{"type": "text", "text": text}],
-                                  "stop_reason": _stop_reason(last),
-                                  "stop_sequence": last.stop_string,
-                                  "usage": _anthropic_usage(last.usage)})
-    resp = await _sse(request)
-    started = False
-    async for out in run.outputs():
-        if not started:
-            usage = _anthropic_usage(out.usage) if out.usage else _anthropic_usage(
-                Usage(len(gen.prompt)))
-            await _send(resp, {"type": "message_start", "message": {
-                **message, "content": [], "stop_reason": None, "stop_sequence": None,
-                "usage": {**usage, "output_tokens": 0}}}, "message_start")
-            await _send(resp, {"type": "content_block_start", "index": 0,
-                               "content_block": {"type": "text", "text": ""}},
-                        "content_block_start")
-            started = True
-        if out.finish_reason == "error":
-            await _send(resp, ApiError(500, out.error or "generation failed")
-                        .anthropic_body(), "error")
-            break
-        if out.text:
-            await _send(resp, {"type": "content_block_delta", "index": 0,
-                               "delta": {"type": "text_delta", "text": out.text}},
-                        "content_block_delta")
-        if out.finish_reason:
-            await _send(resp, {"type": "content_block_stop", "index": 0},
-                        "content_block_stop")
-            await _send(resp, {"type": "message_delta",
-                               "delta": {"stop_reason": _stop_reason(out),
-                                         "stop_sequence": out.stop_string},
-                               "usage": {"output_tokens": out.usage.completion_tokens}},
-                        "message_delta")
-            await _send(resp, {"type": "message_stop"}, "message_stop")
-    await resp.write_eof()
-    return resp
-
-
 # ---- tokenizer and server facts (vLLM's and SGLang's shapes, for routers and tools) -----
-
-
-async def tokenize(request: web.Request) -> web.Response:
-    """vLLM's ``/tokenize``: a text prompt, or chat messages rendered by the template."""
-    body = await _json(request)
-    frontend = request.app[FRONTEND]
-    check_model(body, frontend)
-    tokens = tokenize_body(body, frontend)
-    return web.json_response({"count": len(tokens), "tokens": tokens, "token_strs": None,
-                              "max_model_len": request.app[SCHEDULER].max_prompt_tokens})
-
-
-async def detokenize(request: web.Request) -> web.Response:
-    body = await _json(request)
-    frontend = request.app[FRONTEND]
-    check_model(body, frontend)
-    tokens = body.get("tokens")
-    if not isinstance(tokens, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-        raise invalid("'tokens' must be a list of token ids", param="tokens")
-    return web.json_response({"prompt": frontend.decode(tokens)})
 
 
 async def server_info(request: web.Request) -> web.Response:
@@ -349,9 +255,10 @@ async def get_load(request: web.Request) -> web.Response:
 
 async def models(request: web.Request) -> web.Response:
     f = request.app[FRONTEND]
-    return web.json_response({"object": "list", "data": [{
-        "id": f.model_id, "object": "model", "created": 0, "owned_by": "blockserve",
-        "max_model_len": request.app[SCHEDULER].max_prompt_tokens}]})
+    max_len = request.app[SCHEDULER].max_prompt_tokens
+    return web.json_response({"object": "list", "data": [
+        {"id": name, "object": "model", "created": 0, "owned_by": "blockserve",
+         "root": f.model_id, "max_model_len": max_len} for name in f.model_names]})
 
 
 async def health(request: web.Request) -> web.Response:

@@ -162,8 +162,15 @@ async def post(url, path, body, headers=None, raw=None):
     ({"messages": CHAT, "max_tokens": -5}, None, 400, "max_tokens"),
     ({"messages": CHAT, "temperature": "hot"}, None, 400, "temperature"),
     ({"messages": CHAT, "n": 2}, None, 400, "n"),
-    ({"messages": CHAT, "logprobs": True}, None, 400, "logprobs"),
-    ({"messages": CHAT, "frobnicate": 1}, None, 400, "frobnicate"),
+    ({"messages": CHAT, "logprobs": "yes"}, None, 400, "logprobs"),
+    ({"messages": CHAT, "logprobs": True, "top_logprobs": 50}, None, 400, "top_logprobs"),
+    ({"messages": CHAT, "response_format": {"type": "json_object"}}, None, 400,
+     "response_format"),
+    ({"messages": CHAT, "tool_choice": "required"}, None, 400, "tool_choice"),
+    ({"messages": CHAT, "presence_penalty": 9}, None, 400, "presence_penalty"),
+    ({"messages": CHAT, "logit_bias": {"x": 1}}, None, 400, "logit_bias"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     None, 400, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, None, 400, "messages"),
     ({"model": "gpt-17", "messages": CHAT}, None, 404, "model"),
 ])
@@ -339,12 +346,12 @@ async def test_anthropic_tool_blocks_become_messages(worker):
                  "content": [{"type": "text", "text": "a.py b.py"}]}]}]}
         code, msg, _ = await post(srv.url, "/v1/messages", body)
         assert code == 200 and msg["type"] == "message"
-        from blockserve.server.schemas import parse_messages
+        from blockserve.server.anthropic_api import _parse
 
-        gen = parse_messages(body, srv.frontend)
+        gen = _parse(body, srv.frontend)
         text = worker.tokenizer.decode(gen.prompt)
-        assert '{"input": {"path": "."}, "tool_use": "ls"}' in text
-        assert "<|im_start|>tool\na.py b.py<|im_end|>" in text
+        assert 'Calling ls.\n<tool_call>\n{"name": "ls", "arguments": {"path": "."}}' in text
+        assert "<|im_start|>user\n<tool_response>\na.py b.py\n</tool_response>" in text
         code, err, _ = await post(srv.url, "/v1/messages", {
             "max_tokens": 4, "messages": [{"role": "user", "content": [
                 {"type": "image", "source": {}}]}]})

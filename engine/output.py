@@ -1,0 +1,176 @@
+"""The output parser: a model's raw text split into reasoning, content and tool calls.
+
+One parser per request, fed the streamed text deltas. Three states (content, reasoning,
+tool call), switched by the markers mlx-lm's ``TokenizerWrapper`` knows for the model
+family (``think_start``/``think_end``, ``tool_call_start``/``tool_call_end``); the text of
+a call goes to the family's parser from ``mlx_lm.tool_parsers``. A marker split across
+deltas is held back until it is whole, so the result does not depend on where the
+tokens fall. A call cut off by the end of generation, or that fails to parse, comes back
+as the text it was.
+
+This module imports no MLX: the server uses its parsers through the frontend.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+CONTENT, REASONING, TOOL = "content", "reasoning", "tool_call"
+
+
+@dataclass
+class Delta:
+    """A piece of output: ``kind`` is content or reasoning (with ``text``), or
+    tool_call (with ``name`` and ``arguments``, a JSON object string)."""
+
+    kind: str
+    text: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
+class Markers:
+    """The model family's output markers (None where it has none)."""
+
+    think_start: str | None = None
+    think_end: str | None = None
+    tool_start: str | None = None
+    tool_end: str | None = None  # "" or None: a call runs to the end of the reply
+    tool_parser: Callable[[str, Any], Any] | None = None
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> Markers:
+        """The markers of an mlx-lm ``TokenizerWrapper``."""
+        return cls(getattr(tokenizer, "think_start", None),
+                   getattr(tokenizer, "think_end", None),
+                   getattr(tokenizer, "tool_call_start", None),
+                   getattr(tokenizer, "tool_call_end", None),
+                   getattr(tokenizer, "tool_parser", None))
+
+
+def _held(buf: str, markers: list[str]) -> int:
+    """Length of the longest tail of ``buf`` that could start one of ``markers``."""
+    for n in range(min(len(buf), max((len(m) for m in markers), default=1) - 1), 0, -1):
+        tail = buf[-n:]
+        if any(m.startswith(tail) for m in markers):
+            return n
+    return 0
+
+
+@dataclass
+class OutputParser:
+    markers: Markers
+    tools: list[dict] | None = None  # the request's tools, for parsers that use schemas
+    parse_tools: bool = True  # False: tool_choice "none", or no tools given
+    state: str = CONTENT
+    calls: int = 0  # tool calls emitted
+    _buf: str = ""
+    _tool_text: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        m = self.markers
+        self._think = bool(m.think_start and m.think_end)
+        self._tools_on = bool(self.parse_tools and m.tool_start and m.tool_parser)
+
+    def feed(self, text: str) -> list[Delta]:
+        self._buf += text
+        out: list[Delta] = []
+        while self._step(out):
+            pass
+        return out
+
+    def finish(self, truncated: bool = False) -> list[Delta]:
+        """The rest, at the end of generation; ``truncated``: it hit max_tokens."""
+        out: list[Delta] = []
+        rest, self._buf = self._buf, ""
+        if self.state == TOOL:
+            text = "".join(self._tool_text) + rest
+            self._tool_text = []
+            if not self.markers.tool_end and not truncated:
+                self._emit_call(text, out)  # the family ends a call with the reply
+            else:
+                self._emit(CONTENT, self.markers.tool_start + text, out)
+        else:
+            self._emit(self.state, rest, out)
+        self.state = CONTENT
+        return out
+
+    # ---- the state machine ----------------------------------------------------
+
+    def _step(self, out: list[Delta]) -> bool:
+        """Consume what can be decided in the buffer; True if a marker was crossed."""
+        m, buf = self.markers, self._buf
+        if self.state == CONTENT:
+            starts = []
+            if self._think:
+                starts.append((m.think_start, REASONING))
+            if self._tools_on:
+                starts.append((m.tool_start, TOOL))
+            found = [(buf.find(s), s, st) for s, st in starts if buf.find(s) >= 0]
+            if found:
+                i, marker, new_state = min(found)
+                self._emit(CONTENT, buf[:i], out)
+                self._buf = buf[i + len(marker):]
+                self.state = new_state
+                return True
+            keep = _held(buf, [s for s, _ in starts])
+        elif self.state == REASONING:
+            i = buf.find(m.think_end)
+            if i >= 0:
+                self._emit(REASONING, buf[:i], out)
+                self._buf = buf[i + len(m.think_end):]
+                self.state = CONTENT
+                return True
+            keep = _held(buf, [m.think_end])
+        else:  # TOOL
+            i = buf.find(m.tool_end) if m.tool_end else -1
+            if i >= 0:
+                text = "".join(self._tool_text) + buf[:i]
+                self._tool_text = []
+                self._buf = buf[i + len(m.tool_end):]
+                self.state = CONTENT
+                self._emit_call(text, out)
+                return True
+            keep = _held(buf, [m.tool_end]) if m.tool_end else 0
+            self._tool_text.append(buf[: len(buf) - keep])
+            self._buf = buf[len(buf) - keep:]
+            return False
+        self._emit(self.state, buf[: len(buf) - keep], out)
+        self._buf = buf[len(buf) - keep:]
+        return False
+
+    def _emit(self, kind: str, text: str, out: list[Delta]) -> None:
+        if not text:
+            return
+        if out and out[-1].kind == kind and kind != TOOL:
+            out[-1].text += text
+        else:
+            out.append(Delta(kind, text))
+
+    def _emit_call(self, text: str, out: list[Delta]) -> None:
+        m = self.markers
+        try:
+            parsed = m.tool_parser(text, self.tools)
+            calls = parsed if isinstance(parsed, list) else [parsed]
+            deltas = []
+            for c in calls:
+                args = c.get("arguments", {})
+                if isinstance(args, str):
+                    args = json.loads(args) if args.strip() else {}
+                if not isinstance(c.get("name"), str) or not isinstance(args, dict):
+                    raise ValueError("a tool call needs a name and an object of arguments")
+                deltas.append(Delta(TOOL, name=c["name"],
+                                    arguments=json.dumps(args, ensure_ascii=False)))
+        except Exception as e:  # any parser failure: the call stays text
+            log.warning("a tool call did not parse (%s: %s); returning it as text",
+                        type(e).__name__, e)
+            self._emit(CONTENT, m.tool_start + text + (m.tool_end or ""), out)
+            return
+        out.extend(deltas)
+        self.calls += len(deltas)

@@ -1,0 +1,338 @@
+"""Anthropic's Messages API: ``/v1/messages`` streamed or not, with thinking and tool_use
+blocks, and ``/v1/messages/count_tokens``. Accepts what Claude Code sends as it sends it."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from types import SimpleNamespace
+from typing import Any
+
+from aiohttp import web
+
+from blockserve.scheduler import RequestOutput, Usage
+from blockserve.server.app import FRONTEND, Run, check_model, read_json, send, sse
+from blockserve.server.errors import ApiError, invalid
+from blockserve.server.fields import (
+    MEDIA_PLACEHOLDER,
+    Frontend,
+    Generation,
+    boolean,
+    ignore_unknown,
+    log,
+    render,
+    sampling_params,
+    template_kwargs,
+)
+
+ANTHROPIC_BILLING_PREFIX = "x-anthropic-billing-header"
+
+_KNOWN = {"model", "messages", "system", "max_tokens", "stop_sequences", "temperature",
+          "top_p", "top_k", "stream", "tools", "tool_choice", "thinking", "output_config",
+          # hints and bookkeeping: prompt caching is automatic here, routing is moot
+          "metadata", "service_tier", "cache_control", "context_management", "container",
+          "inference_geo", "speed", "diagnostics", "user_profile_id", "workspace_id",
+          "betas"}
+_MEDIA = {"image": "image", "document": "document", "search_result": "search result"}
+_STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
+
+
+def _text_of(content: Any, where: str, answering: bool) -> str:
+    """Text of a string or of text blocks; media becomes a placeholder, or a 400 in the
+    turn being answered."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"{where}: content must be a string or a list of blocks",
+                      param="messages")
+    out = []
+    for block in content:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and isinstance(block.get("text"), str):
+            out.append(block["text"])
+        elif kind in _MEDIA:
+            if answering:
+                raise invalid(f"{where}: this model reads text only; a block of type "
+                              f"{kind!r} can't be answered", param="messages")
+            out.append(MEDIA_PLACEHOLDER.format(kind=_MEDIA[kind]))
+        else:
+            log.warning("%s: ignoring a content block of type %r", where, kind)
+    return "".join(out)
+
+
+def _system(system: Any) -> str:
+    if isinstance(system, list):
+        # Claude Code puts a per-request hash in a billing block: drop it, or no two
+        # requests would ever share the system prompt's blocks.
+        system = [b for b in system if not (isinstance(b, dict)
+                                            and isinstance(b.get("text"), str)
+                                            and b["text"].startswith(ANTHROPIC_BILLING_PREFIX))]
+    elif system is not None and not isinstance(system, str):
+        raise invalid("'system' must be a string or a list of text blocks", param="system")
+    return _text_of(system, "system", False)
+
+
+def _assistant(content: Any, where: str) -> dict:
+    if not isinstance(content, list):
+        return {"role": "assistant", "content": _text_of(content, where, False)}
+    text, reasoning, calls = [], [], []
+    for block in content:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            text.append(_text_of([block], where, False))
+        elif kind == "thinking":
+            reasoning.append(block.get("thinking") or "")
+        elif kind == "tool_use":
+            if not isinstance(block.get("name"), str):
+                raise invalid(f"{where}: a tool_use block needs a name", param="messages")
+            calls.append({"id": block.get("id"), "type": "function",
+                          "function": {"name": block["name"],
+                                       "arguments": block.get("input") or {}}})
+        elif kind != "redacted_thinking":  # encrypted: nothing a local model can read
+            log.warning("%s: ignoring an assistant block of type %r", where, kind)
+    msg = {"role": "assistant", "content": "".join(text)}
+    if reasoning:
+        msg["reasoning_content"] = "\n".join(reasoning)
+    if calls:
+        msg["tool_calls"] = calls
+    return msg
+
+
+def _user(content: Any, where: str, answering: bool) -> list[dict]:
+    """A user message: its tool results become tool messages (first, as the API orders
+    them), the rest one user message."""
+    if not isinstance(content, list):
+        return [{"role": "user", "content": _text_of(content, where, answering)}]
+    tools, rest = [], []
+    for block in content:
+        if isinstance(block, dict) and block.get("type") == "tool_result":
+            text = _text_of(block.get("content"), f"{where} tool_result", False)
+            tools.append({"role": "tool", "content": text,
+                          "tool_call_id": block.get("tool_use_id")})
+        else:
+            rest.append(block)
+    if rest or not tools:
+        tools.append({"role": "user", "content": _text_of(rest, where, answering)})
+    return tools
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("'messages' must be a non-empty list", param="messages")
+    msgs: list[dict] = []
+    system = _system(body.get("system"))
+    if system:
+        msgs.append({"role": "system", "content": system})
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        role = m.get("role") if isinstance(m, dict) else None
+        if role == "assistant":
+            msgs.append(_assistant(m.get("content"), where))
+        elif role == "user":
+            msgs.extend(_user(m.get("content"), where, answering=i == len(messages) - 1))
+        elif role == "system":  # Claude Code sends these mid-conversation
+            msgs.append({"role": "system", "content": _text_of(m.get("content"), where,
+                                                               False)})
+        else:
+            raise invalid(f"{where}: 'role' must be 'user', 'assistant' or 'system'",
+                          param="messages")
+    return msgs
+
+
+def _tools(tools: Any) -> list[dict] | None:
+    """Client tools in the template's (OpenAI) shape; server tools are not ours to run."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise invalid("'tools' must be a list", param="tools")
+    out = []
+    for t in tools:
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise invalid("each tool needs a name", param="tools")
+        if "input_schema" not in t:
+            log.warning("ignoring tool %r of type %r: only client tools (with an "
+                        "input_schema) run here", t["name"], t.get("type"))
+            continue
+        out.append({"type": "function", "function": {
+            "name": t["name"], "description": t.get("description", ""),
+            "parameters": t["input_schema"]}})
+    return out or None
+
+
+def _tool_choice(body: dict, tools: list[dict] | None) -> bool:
+    choice = body.get("tool_choice")
+    kind = choice.get("type") if isinstance(choice, dict) else choice
+    if kind in (None, "auto"):
+        return bool(tools)
+    if kind == "none":
+        return False
+    raise invalid("'tool_choice' supports 'auto' and 'none': this server can't force a "
+                  "tool call yet", param="tool_choice")
+
+
+def _thinking(body: dict) -> bool | None:
+    thinking = body.get("thinking")
+    if thinking is None:
+        return None
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in ("enabled", "adaptive", "disabled"):
+        raise invalid("'thinking.type' must be 'enabled', 'adaptive' or 'disabled'",
+                      param="thinking")
+    return kind != "disabled"
+
+
+def _parse(body: dict, frontend: Frontend, count_only: bool = False) -> Generation:
+    ignore_unknown(body, _KNOWN, "messages")
+    config = body.get("output_config")
+    if isinstance(config, dict) and config.get("format") is not None:
+        raise invalid("'output_config.format' is not supported: JSON output can't be "
+                      "enforced yet", param="output_config")
+    if not count_only and body.get("max_tokens") is None:
+        raise invalid("'max_tokens' is required", param="max_tokens")
+    msgs = _messages(body)
+    tools = _tools(body.get("tools"))
+    parse_tools = _tool_choice(body, tools)
+    sampling = sampling_params(
+        {"max_tokens": body.get("max_tokens"), "temperature": body.get("temperature"),
+         "top_p": body.get("top_p"), "top_k": body.get("top_k"),
+         "stop": body.get("stop_sequences")}, 1)
+    rendered = render(frontend, msgs, tools, template_kwargs({}, _thinking(body)))
+    return Generation(rendered.tokens, sampling, rendered.checkpoints, boolean(body, "stream"),
+                      tools=tools, parse_tools=parse_tools,
+                      reasoning_open=rendered.reasoning_open)
+
+
+# ---- responses -----------------------------------------------------------------------
+
+
+def _stop_reason(out: RequestOutput, run: Run) -> str:
+    if out.stop_string:
+        return "stop_sequence"
+    if out.finish_reason == "stop" and run.called_tools:
+        return "tool_use"
+    return _STOP_REASONS.get(out.finish_reason, "end_turn")
+
+
+def _usage(u: Usage) -> dict:
+    return {"input_tokens": u.prompt_tokens - u.cached_tokens,
+            "output_tokens": u.completion_tokens,
+            "cache_read_input_tokens": u.cached_tokens,
+            "cache_creation_input_tokens": 0}
+
+
+def _block(d: Any) -> dict:
+    """A whole content block for a delta (its start, when streaming, is this with the
+    text emptied)."""
+    if d.kind == "reasoning":
+        return {"type": "thinking", "thinking": d.text, "signature": ""}
+    if d.kind == "tool_call":
+        return {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": d.name,
+                "input": json.loads(d.arguments)}
+    return {"type": "text", "text": d.text}
+
+
+def _blocks(deltas: list[Any]) -> list[dict]:
+    blocks: list[dict] = []
+    last_kind = None
+    for d in deltas:
+        if d.kind == last_kind and d.kind != "tool_call":
+            key = "thinking" if d.kind == "reasoning" else "text"
+            blocks[-1][key] += d.text
+        else:
+            blocks.append(_block(d))
+        last_kind = d.kind
+    return blocks or [{"type": "text", "text": ""}]
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    frontend = request.app[FRONTEND]
+    check_model(body, frontend)
+    return web.json_response({"input_tokens": len(_parse(body, frontend, True).prompt)})
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    frontend = request.app[FRONTEND]
+    check_model(body, frontend)
+    gen = _parse(body, frontend)
+    run = Run(request, gen)
+    message = {"id": "msg_" + run.id, "type": "message", "role": "assistant",
+               "model": body.get("model") or frontend.model_id}
+    if not gen.stream:
+        reply = await run.collect()
+        return web.json_response({**message, "content": _blocks(reply.deltas),
+                                  "stop_reason": _stop_reason(reply.last, run),
+                                  "stop_sequence": reply.last.stop_string,
+                                  "usage": _usage(reply.last.usage)})
+    resp = await sse(request)
+    index, open_kind = -1, None
+
+    async def start_block(d: Any) -> None:
+        nonlocal index, open_kind
+        index += 1
+        open_kind = d.kind
+        block = _block(d)
+        if d.kind == "tool_call":
+            block["input"] = {}
+        else:
+            block["thinking" if d.kind == "reasoning" else "text"] = ""
+        await send(resp, {"type": "content_block_start", "index": index,
+                          "content_block": block}, "content_block_start")
+
+    async def stop_block() -> None:
+        nonlocal open_kind
+        if open_kind == "reasoning":
+            await send(resp, {"type": "content_block_delta", "index": index,
+                              "delta": {"type": "signature_delta", "signature": ""}},
+                       "content_block_delta")
+        await send(resp, {"type": "content_block_stop", "index": index}, "content_block_stop")
+        open_kind = None
+
+    async def delta(d: Any) -> None:
+        if d.kind == "tool_call":
+            payload = {"type": "input_json_delta", "partial_json": d.arguments}
+        elif d.kind == "reasoning":
+            payload = {"type": "thinking_delta", "thinking": d.text}
+        else:
+            payload = {"type": "text_delta", "text": d.text}
+        await send(resp, {"type": "content_block_delta", "index": index, "delta": payload},
+                   "content_block_delta")
+
+    started = False
+    async for step in run.steps():
+        out = step.out
+        if not started:
+            usage = _usage(out.usage or Usage(len(gen.prompt)))
+            await send(resp, {"type": "message_start", "message": {
+                **message, "content": [], "stop_reason": None, "stop_sequence": None,
+                "usage": {**usage, "output_tokens": 0}}}, "message_start")
+            started = True
+        if out.finish_reason == "error":
+            await send(resp, ApiError(500, out.error or "generation failed").anthropic_body(),
+                       "error")
+            break
+        for d in step.deltas:
+            if open_kind is not None and (d.kind != open_kind or d.kind == "tool_call"):
+                await stop_block()
+            if open_kind is None:
+                await start_block(d)
+            await delta(d)
+        if out.finish_reason:
+            if index < 0:  # an empty reply still has one (empty) text block
+                await start_block(SimpleNamespace(kind="content", text=""))
+            if open_kind is not None:
+                await stop_block()
+            await send(resp, {"type": "message_delta",
+                              "delta": {"stop_reason": _stop_reason(out, run),
+                                        "stop_sequence": out.stop_string},
+                              "usage": {"output_tokens": out.usage.completion_tokens,
+                                        "input_tokens": _usage(out.usage)["input_tokens"],
+                                        "cache_read_input_tokens": out.usage.cached_tokens}},
+                       "message_delta")
+            await send(resp, {"type": "message_stop"}, "message_stop")
+    await resp.write_eof()
+    return resp

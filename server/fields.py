@@ -1,0 +1,242 @@
+"""What both APIs share when they read a request: field validators, sampling, the chat
+prompt, and the internal shape every request becomes (``Generation``).
+
+The policy, as vLLM's: a field we don't know is ignored, with a warning in the log that
+names it; a field we know but can't honour in a way that would silently change the
+result is refused (400, naming it); a malformed value of a known field is a 400.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from blockserve.scheduler import SamplingParams
+from blockserve.server.errors import invalid
+
+log = logging.getLogger("blockserve.server")
+
+# What a text-only model reads in place of an image or document of an earlier turn.
+MEDIA_PLACEHOLDER = "[{kind} omitted: this model reads text only]"
+
+
+class OutputParser(Protocol):
+    """Splits raw text into deltas with ``kind`` content, reasoning or tool_call
+    (``blockserve.engine.output``); the frontend makes one per request."""
+
+    calls: int
+
+    def feed(self, text: str) -> list[Any]: ...
+
+    def finish(self, truncated: bool = False) -> list[Any]: ...
+
+
+class Frontend(Protocol):
+    """The model's tokenizer side (``engine.frontend.TokenizerFrontend``)."""
+
+    model_id: str
+    model_names: list[str]
+    model_path: str
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None,
+                    continue_final: bool = False) -> Any: ...
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, tokens: list[int]) -> str: ...
+
+    def output_parser(self, tools: list[dict] | None = None, parse_tools: bool = False,
+                      reasoning_open: bool = False, structured: bool = True
+                      ) -> OutputParser: ...
+
+
+@dataclass
+class Generation:
+    """One validated request, whichever API it came from."""
+
+    prompt: list[int]
+    sampling: SamplingParams
+    checkpoints: list[tuple[int, int]] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    cache_salt: str | None = None
+    tools: list[dict] | None = None
+    parse_tools: bool = False  # parse tool calls out of the text (tools given, not "none")
+    reasoning_open: bool = False  # the prompt ends inside a think block
+    include_reasoning: bool = True  # False: reasoning is dropped from the reply
+    structured: bool = True  # split reasoning and tool calls out (chat); False: raw text
+
+
+def ignore_unknown(body: dict, known: set[str], where: str) -> None:
+    """Unknown fields are ignored, and named in the log."""
+    unknown = sorted(set(body) - known)
+    if unknown:
+        log.warning("%s: ignoring unknown field(s): %s", where, ", ".join(unknown))
+
+
+def refuse(body: dict, name: str, ok: Any, why: str) -> None:
+    """A 400 naming ``name`` unless its value is absent or ``ok(value)``."""
+    v = body.get(name)
+    if v is not None and not ok(v):
+        raise invalid(f"'{name}' {why}", param=name)
+
+
+def number(body: dict, name: str, lo: float, hi: float, default: float) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise invalid(f"'{name}' must be a number", param=name)
+    if not lo <= v <= hi:
+        raise invalid(f"'{name}' must be between {lo} and {hi}, got {v}", param=name)
+    return float(v)
+
+
+def integer(body: dict, name: str, lo: int, default: int | None, hi: int | None = None
+            ) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise invalid(f"'{name}' must be an integer", param=name)
+    if v < lo or (hi is not None and v > hi):
+        bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise invalid(f"'{name}' must be {bound}, got {v}", param=name)
+    return v
+
+
+def boolean(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise invalid(f"'{name}' must be a boolean", param=name)
+    return v
+
+
+def _stops(v: Any, name: str) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise invalid(f"'{name}' must be a string or a list of strings", param=name)
+    return tuple(s for s in v if s)
+
+
+def _logit_bias(v: Any) -> tuple[tuple[int, float], ...]:
+    if not v:
+        return ()
+    if not isinstance(v, dict):
+        raise invalid("'logit_bias' must map token ids to numbers", param="logit_bias")
+    out = []
+    for k, b in v.items():
+        try:
+            tok = int(k)
+        except (TypeError, ValueError):
+            raise invalid(f"'logit_bias' key {k!r} is not a token id", param="logit_bias")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+            raise invalid("'logit_bias' values must be numbers between -100 and 100",
+                          param="logit_bias")
+        out.append((tok, float(b)))
+    return tuple(out)
+
+
+# The fields ``sampling_params`` reads (OpenAI's, plus vLLM's extras).
+SAMPLING_FIELDS = {
+    "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+    "stop", "stop_token_ids", "ignore_eos", "cache_salt", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "logit_bias", "skip_special_tokens"}
+
+
+def sampling_params(body: dict, default_max_tokens: int, logprobs: bool = False,
+                    top_logprobs: int = 0) -> SamplingParams:
+    max_tokens = integer(body, "max_completion_tokens", 1, None)
+    if max_tokens is None:
+        max_tokens = integer(body, "max_tokens", 1, default_max_tokens)
+    top_k = integer(body, "top_k", -1, 0)
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+        raise invalid("'stop_token_ids' must be a list of integers", param="stop_token_ids")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise invalid("'seed' must be an integer", param="seed")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=number(body, "temperature", 0.0, 2.0, 1.0),
+        top_p=number(body, "top_p", 1e-9, 1.0, 1.0),
+        top_k=max(top_k, 0),
+        min_p=number(body, "min_p", 0.0, 1.0, 0.0),
+        seed=seed,
+        stop=_stops(body.get("stop"), "stop"),
+        stop_token_ids=tuple(stop_ids),
+        ignore_eos=boolean(body, "ignore_eos"),
+        presence_penalty=number(body, "presence_penalty", -2.0, 2.0, 0.0),
+        frequency_penalty=number(body, "frequency_penalty", -2.0, 2.0, 0.0),
+        repetition_penalty=number(body, "repetition_penalty", 1e-3, 10.0, 1.0),
+        logit_bias=_logit_bias(body.get("logit_bias")),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        skip_special_tokens=boolean(body, "skip_special_tokens", True),
+    )
+
+
+def cache_salt(body: dict) -> str | None:
+    salt = body.get("cache_salt")
+    if salt is not None and not isinstance(salt, str):
+        raise invalid("'cache_salt' must be a string", param="cache_salt")
+    return salt
+
+
+def template_kwargs(body: dict, enable_thinking: bool | None) -> dict:
+    """``chat_template_kwargs``, with the API's thinking switch unless it sets its own."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise invalid("'chat_template_kwargs' must be an object", param="chat_template_kwargs")
+    kwargs = dict(kwargs or {})
+    if enable_thinking is not None:
+        kwargs.setdefault("enable_thinking", enable_thinking)
+    return kwargs
+
+
+def render(frontend: Frontend, msgs: list[dict], tools: list[dict] | None,
+           kwargs: dict | None, continue_final: bool = False) -> Any:
+    """The chat template's prompt; a template that rejects the conversation is a 400."""
+    if tools is not None and (not isinstance(tools, list)
+                              or not all(isinstance(t, dict) for t in tools)):
+        raise invalid("'tools' must be a list of objects", param="tools")
+    try:
+        return frontend.render_chat(msgs, tools or None, kwargs or None, continue_final)
+    except Exception as e:  # e.g. a role order the template refuses
+        merged = merge_system_messages(msgs)
+        if merged != msgs:  # a template that takes system messages only first
+            return render(frontend, merged, tools, kwargs, continue_final)
+        raise invalid(f"the chat template rejected the messages: {e}", param="messages")
+
+
+def merge_system_messages(msgs: list[dict]) -> list[dict]:
+    """System messages after the first turn folded into the user message next to them
+    (clients such as Claude Code send reminders that way)."""
+    out: list[dict] = []
+    pending: list[str] = []
+    for i, m in enumerate(msgs):
+        if m["role"] in ("system", "developer") and any(
+                p["role"] not in ("system", "developer") for p in msgs[:i]):
+            pending.append(m.get("content") or "")
+        elif pending and m["role"] == "user":
+            out.append({**m, "content": "\n\n".join(pending + [m.get("content") or ""])})
+            pending = []
+        else:
+            out.append(m)
+    if pending:
+        users = [j for j, m in enumerate(out) if m["role"] == "user"]
+        if users:
+            j = users[-1]
+            out[j] = {**out[j], "content": "\n\n".join([out[j].get("content") or ""]
+                                                        + pending)}
+        else:
+            out.append({"role": "user", "content": "\n\n".join(pending)})
+    return out

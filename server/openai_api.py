@@ -1,0 +1,405 @@
+"""OpenAI's API (and vLLM's extras): chat and text completions, streamed or not, with
+reasoning, tool calls and logprobs; ``/tokenize`` and ``/detokenize``."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from blockserve.scheduler import Usage
+from blockserve.server.app import (
+    CONFIG,
+    FRONTEND,
+    SCHEDULER,
+    Reply,
+    Run,
+    check_model,
+    read_json,
+    send,
+    sse,
+)
+from blockserve.server.errors import ApiError, invalid
+from blockserve.server.fields import (
+    MEDIA_PLACEHOLDER,
+    SAMPLING_FIELDS,
+    Frontend,
+    Generation,
+    boolean,
+    cache_salt,
+    ignore_unknown,
+    integer,
+    log,
+    refuse,
+    render,
+    sampling_params,
+    template_kwargs,
+)
+
+# Known fields that change nothing in the output (client bookkeeping, hints).
+_INERT = {"model", "user", "store", "metadata", "service_tier", "parallel_tool_calls",
+          "prompt_cache_key", "verbosity", "safety_identifier", "prediction", "modalities",
+          "stream_reasoning", "separate_reasoning", "no_stop_trim", "return_hidden_states",
+          "request_id", "priority", "add_special_tokens", "documents"}
+_CHAT = {"messages", "stream", "stream_options", "n", "tools", "tool_choice", "logprobs",
+         "top_logprobs", "response_format", "chat_template_kwargs", "reasoning_effort",
+         "include_reasoning", "continue_final_message", "add_generation_prompt",
+         "functions", "function_call"} | SAMPLING_FIELDS | _INERT
+_COMPLETION = {"prompt", "stream", "stream_options", "n", "best_of", "echo", "suffix",
+               "logprobs"} | SAMPLING_FIELDS | _INERT
+_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+_MEDIA_PARTS = {"image_url": "image", "input_image": "image", "input_audio": "audio",
+                "file": "file", "input_file": "file", "video_url": "video"}
+
+
+def _refusals(body: dict) -> None:
+    """Known fields whose effect this server can't give: a 400 rather than a silent
+    change of the result."""
+    refuse(body, "n", lambda v: v == 1, "must be 1 (several choices are not supported)")
+    refuse(body, "best_of", lambda v: v == 1, "must be 1")
+    refuse(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text",
+           "supports only {'type': 'text'} (JSON output can't be enforced yet)")
+    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                 "structured_outputs", "prompt_logprobs"):
+        refuse(body, name, lambda v: False, "is not supported by this server")
+    refuse(body, "use_beam_search", lambda v: v is False, "is not supported")
+    refuse(body, "min_tokens", lambda v: v == 0, "is not supported")
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    stream = boolean(body, "stream")
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
+    if not isinstance(opts, dict):
+        raise invalid("'stream_options' must be an object", param="stream_options")
+    ignore_unknown(opts, {"include_usage", "continuous_usage_stats", "include_obfuscation"},
+                   "stream_options")
+    return stream, stream and bool(opts.get("include_usage"))
+
+
+def _text(content: Any, where: str, answering: bool) -> str:
+    """A message's content as text: a string, or a list of parts. Media in an earlier
+    turn becomes a placeholder; in the turn being answered it is a 400."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"{where}: content must be a string or a list of parts",
+                      param="messages")
+    out = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
+            out.append(part["text"])
+        elif kind in _MEDIA_PARTS:
+            if answering:
+                raise invalid(f"{where}: this model reads text only; a content part of "
+                              f"type {kind!r} can't be answered", param="messages")
+            out.append(MEDIA_PLACEHOLDER.format(kind=_MEDIA_PARTS[kind]))
+        else:
+            log.warning("%s: ignoring a content part of type %r", where, kind)
+    return "".join(out)
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict]:
+    """Assistant tool calls in the template's shape, arguments as an object where they
+    are JSON (templates render an object as the model wrote it)."""
+    if not isinstance(calls, list):
+        raise invalid(f"{where}: 'tool_calls' must be a list", param="messages")
+    out = []
+    for c in calls:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise invalid(f"{where}: each tool call needs function.name", param="messages")
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                pass  # rendered as given
+        out.append({"id": c.get("id"), "type": "function",
+                    "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def chat_messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise invalid("'messages' must be a non-empty list", param="messages")
+    if not all(isinstance(m, dict) for m in messages):
+        raise invalid("each message must be an object", param="messages")
+    last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"),
+                         default=-1)
+    msgs = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        role = m.get("role")
+        if role not in _ROLES:
+            raise invalid(f"{where}: 'role' must be one of {sorted(_ROLES)}",
+                          param="messages")
+        role = "tool" if role == "function" else role
+        answering = i > last_assistant and role == "user"
+        msg = {"role": role, "content": _text(m.get("content"), where, answering)}
+        for extra in ("name", "tool_call_id"):
+            if m.get(extra) is not None:
+                msg[extra] = m[extra]
+        if m.get("tool_calls"):
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], where)
+        reasoning = m.get("reasoning_content") or m.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            msg["reasoning_content"] = reasoning
+        msgs.append(msg)
+    return msgs
+
+
+def _tool_choice(body: dict) -> bool:
+    """Whether tool calls are parsed: 'auto' (the default with tools) yes, 'none' no;
+    a forced choice can't be enforced yet, so it is refused."""
+    choice = body.get("tool_choice", body.get("function_call"))
+    if choice in (None, "auto"):
+        return bool(body.get("tools"))
+    if choice == "none":
+        return False
+    raise invalid("'tool_choice' supports 'auto' and 'none': this server can't force a "
+                  "tool call yet", param="tool_choice")
+
+
+def _thinking(body: dict) -> bool | None:
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return None
+    if effort not in ("none", "minimal", "low", "medium", "high", "xhigh"):
+        raise invalid("'reasoning_effort' must be one of none, minimal, low, medium, high, "
+                      "xhigh", param="reasoning_effort")
+    return effort not in ("none", "minimal")
+
+
+def parse_chat(body: dict, frontend: Frontend, default_max_tokens: int) -> Generation:
+    ignore_unknown(body, _CHAT, "chat completion")
+    _refusals(body)
+    msgs = chat_messages(body.get("messages"))
+    tools = body.get("tools")
+    if tools is None and body.get("functions"):  # the legacy shape
+        tools = [{"type": "function", "function": f} for f in body["functions"]]
+    parse_tools = _tool_choice(body)
+    logprobs = boolean(body, "logprobs")
+    top = integer(body, "top_logprobs", 0, 0, hi=20)
+    if top and not logprobs:
+        raise invalid("'top_logprobs' needs logprobs=true", param="top_logprobs")
+    stream, include_usage = _stream_flags(body)
+    sampling = sampling_params(body, default_max_tokens, logprobs, top)
+    continue_final = boolean(body, "continue_final_message")
+    rendered = render(frontend, msgs, tools, template_kwargs(body, _thinking(body)),
+                      continue_final)
+    return Generation(rendered.tokens, sampling, rendered.checkpoints, stream, include_usage,
+                      cache_salt(body), tools, parse_tools, rendered.reasoning_open,
+                      boolean(body, "include_reasoning", True))
+
+
+def parse_completion(body: dict, frontend: Frontend, default_max_tokens: int) -> Generation:
+    ignore_unknown(body, _COMPLETION, "completion")
+    _refusals(body)
+    refuse(body, "echo", lambda v: v is False, "is not supported")
+    refuse(body, "suffix", lambda v: v == "", "is not supported")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        tokens = frontend.encode(prompt)
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        tokens = list(prompt)
+    else:
+        raise invalid("'prompt' must be a string, one string in a list, or a list of token "
+                      "ids (batches are not supported)", param="prompt")
+    if not tokens:
+        raise invalid("'prompt' is empty", param="prompt")
+    top = integer(body, "logprobs", 0, None, hi=20)
+    stream, include_usage = _stream_flags(body)
+    return Generation(tokens, sampling_params(body, default_max_tokens, top is not None,
+                                              top or 0),
+                      [], stream, include_usage, cache_salt(body), structured=False)
+
+
+# ---- responses -----------------------------------------------------------------------
+
+
+def _usage(u: Usage) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+
+def _finish(reason: str | None, run: Run) -> str | None:
+    return "tool_calls" if reason == "stop" and run.called_tools else reason
+
+
+def _tool_call(d: Any, index: int | None = None) -> dict:
+    call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": d.name, "arguments": d.arguments}}
+    return call if index is None else {"index": index, **call}
+
+
+def _chat_logprobs(frontend: Frontend, entries: list[tuple[int, float, Any]]) -> dict:
+    def one(tok: int, lp: float) -> dict:
+        s = frontend.decode([tok])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    return {"content": [{**one(t, lp), "top_logprobs": [one(a, b) for a, b in top or ()]}
+                        for t, lp, top in entries]}
+
+
+def _completion_logprobs(frontend: Frontend, entries: list[tuple[int, float, Any]],
+                         offset: int = 0) -> dict:
+    tokens = [frontend.decode([t]) for t, _, _ in entries]
+    offsets, pos = [], offset
+    for s in tokens:
+        offsets.append(pos)
+        pos += len(s)
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{frontend.decode([a]): b for a, b in top or ()}
+                             for _, _, top in entries],
+            "text_offset": offsets}
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, parse_chat, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, parse_completion, chat=False)
+
+
+async def _serve(request: web.Request, parse, chat: bool) -> web.StreamResponse:
+    body = await read_json(request)
+    frontend = request.app[FRONTEND]
+    check_model(body, frontend)
+    gen = parse(body, frontend, request.app[CONFIG].default_max_tokens)
+    run = Run(request, gen)
+    base = {"id": ("chatcmpl-" if chat else "cmpl-") + run.id, "created": run.created,
+            "model": body.get("model") or frontend.model_id}
+    if not gen.stream:
+        reply = await run.collect()
+        return web.json_response(_whole(frontend, gen, run, reply, base, chat))
+    return await _stream(request, frontend, gen, run, base, chat)
+
+
+def _whole(frontend: Frontend, gen: Generation, run: Run, reply: Reply, base: dict,
+           chat: bool) -> dict:
+    finish = _finish(reply.last.finish_reason, run)
+    lp = None
+    if chat:
+        calls = [_tool_call(d) for d in reply.deltas if d.kind == "tool_call"]
+        content = reply.text()
+        message = {"role": "assistant", "content": content if content or not calls else None}
+        if reply.text("reasoning"):
+            message["reasoning_content"] = reply.text("reasoning")
+        if calls:
+            message["tool_calls"] = calls
+        if gen.sampling.logprobs:
+            lp = _chat_logprobs(frontend, reply.logprobs)
+        choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish}
+        obj = "chat.completion"
+    else:
+        if gen.sampling.logprobs:
+            lp = _completion_logprobs(frontend, reply.logprobs)
+        choice = {"index": 0, "text": reply.text(), "logprobs": lp, "finish_reason": finish}
+        obj = "text_completion"
+    return {**base, "object": obj, "choices": [choice], "usage": _usage(reply.last.usage)}
+
+
+async def _stream(request: web.Request, frontend: Frontend, gen: Generation, run: Run,
+                  base: dict, chat: bool) -> web.StreamResponse:
+    resp = await sse(request)
+    chunk = {**base, "object": "chat.completion.chunk" if chat else "text_completion"}
+    usage_field = {"usage": None} if gen.include_usage else {}
+    calls = 0
+    text_offset = 0
+
+    async def emit(choice: dict) -> None:
+        await send(resp, {**chunk, "choices": [{"index": 0, "logprobs": None,
+                                                "finish_reason": None, **choice}],
+                          **usage_field})
+
+    if chat:
+        await emit({"delta": {"role": "assistant", "content": ""}})
+    async for step in run.steps():
+        out = step.out
+        if out.finish_reason == "error":
+            await send(resp, ApiError(500, out.error or "generation failed").openai_body())
+            break
+        lp = None
+        if gen.sampling.logprobs and out.logprobs:
+            entries = [(t, *x) for t, x in zip(out.token_ids, out.logprobs)]
+            lp = (_chat_logprobs(frontend, entries) if chat
+                  else _completion_logprobs(frontend, entries, text_offset))
+        pieces: list[dict] = []
+        for d in step.deltas:
+            if not chat:
+                pieces.append({"text": d.text})
+            elif d.kind == "content":
+                pieces.append({"delta": {"content": d.text}})
+            elif d.kind == "reasoning":
+                pieces.append({"delta": {"reasoning_content": d.text}})
+            else:  # a whole tool call: id and name first, then the arguments
+                call = _tool_call(d, calls)
+                args = call["function"].pop("arguments")
+                call["function"]["arguments"] = ""
+                pieces.append({"delta": {"tool_calls": [call]}})
+                pieces.append({"delta": {"tool_calls": [
+                    {"index": calls, "function": {"arguments": args}}]}})
+                calls += 1
+        if lp is not None:
+            if not pieces:
+                pieces.append({"delta": {}} if chat else {"text": ""})
+            pieces[0]["logprobs"] = lp
+        if out.finish_reason is not None:
+            finish = {"finish_reason": _finish(out.finish_reason, run)}
+            pieces.append({"delta": {}, **finish} if chat else {"text": "", **finish})
+        for p in pieces:
+            text_offset += len(p.get("text", ""))
+            await emit(p)
+        if out.finish_reason and gen.include_usage:
+            await send(resp, {**chunk, "choices": [], "usage": _usage(out.usage)})
+    await send(resp, "[DONE]")
+    await resp.write_eof()
+    return resp
+
+
+# ---- /tokenize and /detokenize (vLLM's shapes) -----------------------------------------
+
+
+def tokenize_body(body: dict, frontend: Frontend) -> list[int]:
+    """The token ids of a ``/tokenize`` body: ``prompt`` text, or chat ``messages``."""
+    if "messages" in body:
+        rendered = render(frontend, chat_messages(body["messages"]), body.get("tools"),
+                          template_kwargs(body, None))
+        return rendered.tokens
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise invalid("give 'prompt' (a string) or 'messages'", param="prompt")
+    return frontend.encode(prompt, add_special_tokens=boolean(body, "add_special_tokens",
+                                                              True))
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    frontend = request.app[FRONTEND]
+    check_model(body, frontend)
+    tokens = tokenize_body(body, frontend)
+    return web.json_response({"count": len(tokens), "tokens": tokens, "token_strs": None,
+                              "max_model_len": request.app[SCHEDULER].max_prompt_tokens})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    frontend = request.app[FRONTEND]
+    check_model(body, frontend)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise invalid("'tokens' must be a list of token ids", param="tokens")
+    return web.json_response({"prompt": frontend.decode(tokens)})
