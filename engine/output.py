@@ -8,6 +8,11 @@ deltas is held back until it is whole, so the result does not depend on where th
 tokens fall. A call cut off by the end of generation, or that fails to parse, comes back
 as the text it was.
 
+Newlines at the edges of a segment are the template's, not the reply's: a Qwen3-style
+template writes ``<think>\n{reasoning}\n</think>\n\n{content}\n<tool_call>``. They are
+trimmed, so the reply re-rendered in the next turn's history gives the tokens the model
+produced, and the next turn's prompt hits the cache through them.
+
 This module imports no MLX: the server uses its parsers through the frontend.
 """
 
@@ -72,8 +77,11 @@ class OutputParser:
     calls: int = 0  # tool calls emitted
     _buf: str = ""
     _tool_text: list[str] = field(default_factory=list)
+    _lstrip: bool = False  # a marker was just crossed: drop the next segment's newlines
+    _before_call: str = ""  # newlines trimmed before a call, put back if it stays text
 
     def __post_init__(self):
+        self._lstrip = self.state != CONTENT  # a reply that opens inside a block
         m = self.markers
         self._think = bool(m.think_start and m.think_end)
         self._tools_on = bool(self.parse_tools and m.tool_start and m.tool_parser)
@@ -95,9 +103,9 @@ class OutputParser:
             if not self.markers.tool_end and not truncated:
                 self._emit_call(text, out)  # the family ends a call with the reply
             else:
-                self._emit(CONTENT, self.markers.tool_start + text, out)
+                self._emit_raw_call(text, out)
         else:
-            self._emit(self.state, rest, out)
+            self._emit(self.state, rest if self.state == CONTENT else rest.rstrip("\n"), out)
         self.state = CONTENT
         return out
 
@@ -115,17 +123,19 @@ class OutputParser:
             found = [(buf.find(s), s, st) for s, st in starts if buf.find(s) >= 0]
             if found:
                 i, marker, new_state = min(found)
-                self._emit(CONTENT, buf[:i], out)
+                text = buf[:i].rstrip("\n")
+                self._emit(CONTENT, text, out)
+                self._before_call = buf[len(text):i]
                 self._buf = buf[i + len(marker):]
-                self.state = new_state
+                self.state, self._lstrip = new_state, True
                 return True
             keep = _held(buf, [s for s, _ in starts])
         elif self.state == REASONING:
             i = buf.find(m.think_end)
             if i >= 0:
-                self._emit(REASONING, buf[:i], out)
+                self._emit(REASONING, buf[:i].rstrip("\n"), out)
                 self._buf = buf[i + len(m.think_end):]
-                self.state = CONTENT
+                self.state, self._lstrip = CONTENT, True
                 return True
             keep = _held(buf, [m.think_end])
         else:  # TOOL
@@ -134,18 +144,24 @@ class OutputParser:
                 text = "".join(self._tool_text) + buf[:i]
                 self._tool_text = []
                 self._buf = buf[i + len(m.tool_end):]
-                self.state = CONTENT
+                self.state, self._lstrip = CONTENT, True
                 self._emit_call(text, out)
                 return True
             keep = _held(buf, [m.tool_end]) if m.tool_end else 0
             self._tool_text.append(buf[: len(buf) - keep])
             self._buf = buf[len(buf) - keep:]
             return False
-        self._emit(self.state, buf[: len(buf) - keep], out)
-        self._buf = buf[len(buf) - keep:]
+        end = len(buf) - keep
+        while end and buf[end - 1] == "\n":  # trailing newlines wait for what follows
+            end -= 1
+        self._emit(self.state, buf[:end], out)
+        self._buf = buf[end:]
         return False
 
     def _emit(self, kind: str, text: str, out: list[Delta]) -> None:
+        if self._lstrip:
+            text = text.lstrip("\n")
+            self._lstrip = not text
         if not text:
             return
         if out and out[-1].kind == kind and kind != TOOL:
@@ -170,7 +186,12 @@ class OutputParser:
         except Exception as e:  # any parser failure: the call stays text
             log.warning("a tool call did not parse (%s: %s); returning it as text",
                         type(e).__name__, e)
-            self._emit(CONTENT, m.tool_start + text + (m.tool_end or ""), out)
+            self._emit_raw_call(text + (m.tool_end or ""), out)
             return
         out.extend(deltas)
         self.calls += len(deltas)
+
+    def _emit_raw_call(self, text: str, out: list[Delta]) -> None:
+        """A call that stays text: as the model wrote it, trimmed newlines included."""
+        self._lstrip = False
+        self._emit(CONTENT, self._before_call + self.markers.tool_start + text, out)

@@ -131,3 +131,41 @@ class FakeGenerator:
             self._emit(FinishEvent(spec.seq_id, reason, generated))
         finally:
             self._tasks.pop(spec.seq_id, None)
+
+
+@dataclass
+class ScriptedGenerator(FakeGenerator):
+    """Replies with scripted text, tokenized by a real tokenizer: the server's output
+    path (reasoning, tool calls) sees what a model of that family would emit. Each
+    request takes the next script (the last one repeats); the reply ends with a stop."""
+
+    tokenizer: object = None
+    scripts: list = field(default_factory=list)
+
+    async def _run(self, spec: SequenceSpec) -> None:
+        bs = self.block_size
+        try:
+            done = spec.cached_tokens
+            for cp in spec.checkpoints:
+                self._emit(BlocksEvent(spec.seq_id, spec.prompt[: cp.tokens], done // bs,
+                                       self._blocks(spec.prompt, done // bs, cp.tokens // bs),
+                                       cp.tier))
+                done = cp.tokens
+            self.prefilled_tokens += len(spec.prompt) - spec.cached_tokens
+            script = self.scripts.pop(0) if len(self.scripts) > 1 else self.scripts[0]
+            tokens = list(self.tokenizer.encode(script, add_special_tokens=False))
+            tokens = tokens[: spec.sampling.max_tokens]
+            for i, tok in enumerate(tokens):
+                await asyncio.sleep(self.token_delay)
+                text = (self.tokenizer.decode(tokens[: i + 1])
+                        [len(self.tokenizer.decode(tokens[:i])):])
+                self._emit(TokenEvent(spec.seq_id, tok, text))
+            length = len(tokens) == spec.sampling.max_tokens
+            kv = list(spec.prompt) + (tokens[:-1] if length else tokens)  # what was fed
+            first, end = done // bs, len(kv) // bs
+            self._emit(BlocksEvent(spec.seq_id, kv[: end * bs], first,
+                                   self._blocks(kv, first, end), 0))
+            self._emit(FinishEvent(spec.seq_id, "length" if length else "stop",
+                                   len(tokens) + (0 if length else 1)))
+        finally:
+            self._tasks.pop(spec.seq_id, None)

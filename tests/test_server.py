@@ -378,3 +378,60 @@ async def test_metrics_expose_the_required_series(worker):
         assert m['blockserve_requests_total{finish_reason="length"}'] == 2
         assert m["blockserve_time_to_first_token_seconds_count"] == 2
         assert m['blockserve_kv_blocks{state="cached"}'] > 0
+
+
+async def test_logprobs_in_chat_and_completions(worker):
+    async with serve(worker) as srv:
+        client = oa(srv.url)
+        r = await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=6,
+                                                 temperature=0, logprobs=True,
+                                                 top_logprobs=3,
+                                                 extra_body={"ignore_eos": True})
+        entries = r.choices[0].logprobs.content
+        assert len(entries) == r.usage.completion_tokens == 6
+        assert "".join(e.token for e in entries) == r.choices[0].message.content
+        for e in entries:  # greedy: the chosen token is the most likely one
+            assert len(e.top_logprobs) == 3 and e.logprob <= 0
+            assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-5)
+            assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=6, temperature=0, logprobs=True,
+            stream=True, extra_body={"ignore_eos": True})
+        streamed = [e.logprob async for c in stream if c.choices and c.choices[0].logprobs
+                    for e in c.choices[0].logprobs.content]
+        assert streamed == pytest.approx([e.logprob for e in entries], abs=1e-5)
+        c = await client.completions.create(model=MODEL, prompt="Open the file", max_tokens=4,
+                                            temperature=0, logprobs=2,
+                                            extra_body={"ignore_eos": True})
+        lp = c.choices[0].logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+        assert "".join(lp.tokens) == c.choices[0].text
+        assert lp.text_offset[0] == 0 and all(len(t) == 2 for t in lp.top_logprobs)
+
+
+async def test_logit_bias_and_penalties_apply_per_request(worker, ref_model):
+    """mlx-lm's logits processors, per sequence: a biased and a penalised request share
+    the batch with a plain one, which stays exact."""
+    async with serve(worker) as srv:
+        client = oa(srv.url)
+        forced = worker.tokenizer.encode(" file")[0]
+        plain_prompt = srv.frontend.render_chat(CHAT).tokens
+
+        async def ask(**kw):
+            r = await client.chat.completions.create(
+                model=MODEL, messages=CHAT, max_tokens=8, temperature=0, logprobs=True,
+                **{"extra_body": {"ignore_eos": True}, **kw})
+            return r.choices[0].message.content, [e.logprob for e in
+                                                  r.choices[0].logprobs.content]
+
+        (biased, _), (_, penalised), (_, presence), (plain, plain_lp) = await asyncio.gather(
+            ask(logit_bias={str(forced): 100}),
+            ask(extra_body={"ignore_eos": True, "repetition_penalty": 5.0}),
+            ask(presence_penalty=2.0, frequency_penalty=2.0),
+            ask())
+        assert plain == worker.tokenizer.decode(reference_tokens(ref_model, plain_prompt, 8))
+        assert biased == worker.tokenizer.decode([forced] * 8)
+        # The prompt's tokens are penalised, so the distribution of the first token moves.
+        assert penalised[0] != pytest.approx(plain_lp[0], abs=1e-4)
+        assert presence[0] != pytest.approx(plain_lp[0], abs=1e-4)
+        await wait_idle(srv.url)
