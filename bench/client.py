@@ -30,6 +30,7 @@ class Record:
     cached_tokens: int = 0
     completion_tokens: int = 0
     messages: list[dict] = field(default_factory=list)
+    tools: list[dict] | None = None
     prompt_ids: list[int] = field(default_factory=list)  # rendered after the run
     error: str | None = None
     text: str = ""
@@ -71,16 +72,18 @@ class Target:
     model: str
     # Prompt token ids of a request's messages, for the prefix trie. Called after the
     # run, on a worker thread, so that it may ask the server itself and costs no TTFT.
-    render: Callable[[list[dict]], list[int]] | None = None
+    render: Callable[[list[dict], list[dict] | None], list[int]] | None = None
 
 
 async def _one(http: aiohttp.ClientSession, target: Target, session: Session, s_idx: int,
                turn: int, records: list[Record]) -> None:
     msgs = session.messages_for(turn)
-    rec = Record(s_idx, turn, messages=msgs)
+    rec = Record(s_idx, turn, messages=msgs, tools=session.tools)
     body = {"model": target.model, "messages": msgs, "stream": True, "temperature": 0,
             "max_tokens": session.turns[turn].max_tokens,
             "stream_options": {"include_usage": True}}
+    if session.tools:
+        body["tools"] = session.tools
     rec.start = time.perf_counter()
     events: list[tuple[float, dict]] = []
     try:
@@ -149,7 +152,7 @@ async def run_workload(target: Target, workload: Workload, concurrency: int | No
         bar.close()
     if target.render:
         for rec in records:
-            rec.prompt_ids = await asyncio.to_thread(target.render, rec.messages)
+            rec.prompt_ids = await asyncio.to_thread(target.render, rec.messages, rec.tools)
     return records, wall
 
 

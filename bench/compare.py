@@ -27,7 +27,7 @@ from blockserve.bench.plots import plot_ttft_cdf
 from blockserve.bench.run import bench_once, make_target
 from blockserve.bench.stats import records_json
 from blockserve.bench.tokens import LocalTokenizer
-from blockserve.bench.workloads import agent_sessions, shared_prefix
+from blockserve.bench.workloads import agent_sessions, claude_code_sessions, shared_prefix
 
 TARGETS = {"ttft_p90_ratio": 0.5, "requests_per_s_ratio": 1.5, "prefill_efficiency": 0.9}
 
@@ -41,7 +41,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--max-seconds", type=float, default=900)
     p.add_argument("--workloads", default="shared-prefix,agent",
-                   help="comma list of: shared-prefix, agent")
+                   help="comma list of: shared-prefix, agent, claude-code")
+    p.add_argument("--claude-code-tokens", type=int, default=18000,
+                   help="claude-code replay: system prompt and 24 tools, in tokens")
+    p.add_argument("--claude-code-turns", type=int, default=4)
     p.add_argument("--name", default="compare", help="stem of the result files")
 
 
@@ -54,6 +57,10 @@ def _workloads(args, trim):
     if "agent" in chosen:
         out.append((agent_sessions(4, 4, args.system_tokens, output_tokens=args.output_tokens,
                                    seed=1, trim=trim), 4))
+    if "claude-code" in chosen:
+        out.append((claude_code_sessions(1, args.claude_code_turns, args.claude_code_tokens,
+                                         output_tokens=args.output_tokens, seed=3, trim=trim),
+                    1))
     return out
 
 
@@ -176,6 +183,14 @@ def main(args: argparse.Namespace) -> int:
             plot_ttft_cdf(records[workload], str(out / f"{args.name}-{name}-ttft.png"))
         except ImportError:
             pass
+    for workload, by_server in results.items():
+        if all(len(s["per_turn"]) > 1 for s in by_server.values()):
+            lines += ["", f"Per turn, {workload}:", "",
+                      "| turn | server | TTFT p50 s | cached / prompt tokens |", "|---|---|---|---|"]
+            for server, s in by_server.items():
+                for t, v in sorted(s["per_turn"].items()):
+                    lines.append(f"| {t + 1} | {server} | {v['ttft_s']['p50']:.2f} | "
+                                 f"{v['cached_tokens']:.0f} / {v['prompt_tokens']:.0f} |")
     table = "\n".join(lines) + "\n"
     (out / f"{args.name}.md").write_text(table)
     (out / f"{args.name}.json").write_text(json.dumps(

@@ -33,6 +33,10 @@ def build_workload(args: argparse.Namespace, tok: BenchTokenizer) -> Workload:
         return WORKLOADS[args.workload](args.sessions, args.turns, args.system_tokens,
                                         output_tokens=args.output_tokens, seed=args.seed,
                                         trim=trim)
+    if args.workload == "claude-code":
+        return WORKLOADS[args.workload](args.sessions, args.turns, args.system_tokens,
+                                        tools=args.tools, output_tokens=args.output_tokens,
+                                        seed=args.seed, trim=trim)
     return WORKLOADS[args.workload](args.requests, args.prompt_tokens, args.output_tokens,
                                     args.seed, trim)
 
@@ -45,6 +49,14 @@ async def bench_once(target: Target, workload: Workload, concurrency: int | None
                                        seed, progress)
     after = await scrape(target.url)
     return summarize(records, wall, before, after), records
+
+
+def format_turns(s: dict) -> str:
+    """One line per turn of a session: TTFT and cached / prompt tokens."""
+    return "\n".join(
+        f"  turn {t + 1}: TTFT p50 {v['ttft_s']['p50'] or 0:.3f} s, cached "
+        f"{v['cached_tokens']:.0f} of {v['prompt_tokens']:.0f} prompt tokens"
+        for t, v in sorted(s["per_turn"].items()))
 
 
 def format_summary(name: str, s: dict) -> str:
@@ -67,7 +79,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="shared-prefix")
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--prompts-per-group", type=int, default=8)
-    p.add_argument("--system-tokens", type=int, default=1024)
+    p.add_argument("--system-tokens", type=int, default=1024,
+                   help="system prompt (claude-code: system prompt and tools) in tokens; "
+                        "Claude Code's is ~18000")
+    p.add_argument("--tools", type=int, default=24, help="tools (claude-code)")
     p.add_argument("--question-tokens", type=int, default=32)
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--sessions", type=int, default=4)
@@ -100,6 +115,8 @@ def main(args: argparse.Namespace) -> int:
                                                   not args.no_progress))
         label = f"rate {args.rate}/s" if args.rate else f"concurrency {c}"
         print(format_summary(f"{workload.name}, {label}", summary))
+        if len(summary["per_turn"]) > 1:
+            print(format_turns(summary))
         runs.append({"concurrency": c, "rate": args.rate, "summary": summary,
                      "records": records_json(records)})
         sweep.append((c, summary["output_tokens_per_s"], records, label))

@@ -70,7 +70,19 @@ def summarize(records: list[Record], wall: float, before: dict | None = None,
         "prompt_tokens_computed": computed, "computed_from": source,
         "distinct_prefix_tokens": distinct,
         "prefill_efficiency": distinct / computed if distinct and computed > 0 else None,
+        "per_turn": per_turn(ok),
     }
+
+
+def per_turn(records: list[Record]) -> dict[int, dict]:
+    """TTFT and prompt / cached tokens by turn of a session (agent replays)."""
+    out = {}
+    for turn in sorted({r.turn for r in records}):
+        rs = [r for r in records if r.turn == turn]
+        out[turn] = {"requests": len(rs), "ttft_s": latency_stats([r.ttft for r in rs]),
+                     "prompt_tokens": sum(r.prompt_tokens for r in rs) / len(rs),
+                     "cached_tokens": sum(r.cached_tokens for r in rs) / len(rs)}
+    return out
 
 
 def records_json(records: list[Record]) -> list[dict]:
@@ -79,6 +91,7 @@ def records_json(records: list[Record]) -> list[dict]:
         d = asdict(r)
         d.pop("prompt_ids")
         d.pop("messages")
+        d.pop("tools")
         d["tpot"] = r.tpot
         out.append(d)
     return out

@@ -14,8 +14,8 @@ from typing import Protocol
 
 
 class BenchTokenizer(Protocol):
-    def render(self, messages: list[dict]) -> list[int]:
-        """Token ids of a chat prompt, with the assistant header."""
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a chat prompt (and its tools), with the assistant header."""
 
     def trim(self, text: str, n: int) -> str:
         """``text`` cut to its first ``n`` tokens."""
@@ -27,8 +27,9 @@ class LocalTokenizer:
 
         self._tok = AutoTokenizer.from_pretrained(path)
 
-    def render(self, messages: list[dict]) -> list[int]:
-        return list(self._tok.apply_chat_template(messages, add_generation_prompt=True,
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return list(self._tok.apply_chat_template(messages, tools=tools,
+                                                  add_generation_prompt=True,
                                                   tokenize=True, return_dict=False))
 
     def trim(self, text: str, n: int) -> str:
@@ -53,9 +54,11 @@ class ServerTokenizer:
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())
 
-    def render(self, messages: list[dict]) -> list[int]:
-        return self._post("/tokenize", {"messages": messages,
-                                        "add_generation_prompt": True})["tokens"]
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        body = {"messages": messages, "add_generation_prompt": True}
+        if tools:
+            body["tools"] = tools
+        return self._post("/tokenize", body)["tokens"]
 
     def trim(self, text: str, n: int) -> str:
         ids = self._post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]

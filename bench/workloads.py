@@ -7,6 +7,7 @@ the turn's new message). Single-request workloads have one turn per session.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,6 +22,9 @@ _WORDS = ("the cache block model token server request reply tool result file cod
 class Turn:
     message: dict  # appended to the history before this turn's request
     max_tokens: int
+    # A recorded trace's assistant turn (e.g. a tool call) before ``message``: replayed
+    # instead of the server's reply to the previous turn.
+    replayed: dict | None = None
 
 
 @dataclass
@@ -28,15 +32,22 @@ class Session:
     system: str | None
     turns: list[Turn]
     group: int = 0
+    tools: list[dict] | None = None  # sent with every request (OpenAI's shape)
     history: list[dict] = field(default_factory=list)  # filled while running
 
     def messages_for(self, i: int) -> list[dict]:
         base = [{"role": "system", "content": self.system}] if self.system else []
-        return base + self.history + [self.turns[i].message]
+        turn = self.turns[i]
+        return base + self.history + ([turn.replayed] if turn.replayed else []) + [turn.message]
 
     def record_reply(self, i: int, reply: str) -> None:
-        """Turn ``i`` is done: its message and the server's reply join the history."""
-        self.history += [self.turns[i].message, {"role": "assistant", "content": reply}]
+        """Turn ``i`` is done: its messages and the server's reply join the history (a
+        replayed trace replaces that reply with its own next assistant turn)."""
+        turn = self.turns[i]
+        self.history += ([turn.replayed] if turn.replayed else []) + [turn.message]
+        nxt = self.turns[i + 1] if i + 1 < len(self.turns) else None
+        if nxt is None or nxt.replayed is None:
+            self.history.append({"role": "assistant", "content": reply})
 
 
 @dataclass
@@ -101,4 +112,52 @@ def no_sharing(requests: int = 32, prompt_tokens: int = 512, output_tokens: int 
         for i in range(requests)])
 
 
-WORKLOADS = {"shared-prefix": shared_prefix, "agent": agent_sessions, "no-sharing": no_sharing}
+_TOOL_NAMES = ("Read", "Write", "Edit", "MultiEdit", "Bash", "BashOutput", "KillShell", "Glob",
+               "Grep", "LS", "NotebookRead", "NotebookEdit", "WebFetch", "WebSearch",
+               "TodoWrite", "Task", "ExitPlanMode", "SlashCommand", "AskUser", "Skill",
+               "ListMcpResources", "ReadMcpResource", "Monitor", "ToolSearch")
+
+
+def _tool(rng: random.Random, name: str, tokens: int, trim: Trim | None) -> dict:
+    """An OpenAI-style tool whose description and schema are about ``tokens`` long."""
+    params = {f"{w}_{j}": {"type": rng.choice(["string", "integer", "boolean"]),
+                           "description": random_text(rng, 12, trim)}
+              for j, w in enumerate(rng.sample(_WORDS, 4))}
+    return {"type": "function", "function": {
+        "name": name, "description": random_text(rng, max(tokens - 120, 16), trim),
+        "parameters": {"type": "object", "properties": params,
+                       "required": list(params)[:2]}}}
+
+
+def claude_code_sessions(sessions: int = 1, turns: int = 6, system_tokens: int = 18000,
+                         tools: int = 24, tool_tokens: int = 250, result_tokens: int = 400,
+                         output_tokens: int = 32, seed: int = 3,
+                         trim: Trim | None = None) -> Workload:
+    """A Claude-Code-shaped replay: one long system prompt and a list of ``tools``
+    tools shared by every session; a task, then turns of (the trace's tool call, its
+    result). The system prompt and tools are ~``system_tokens`` in all."""
+    rng = random.Random(seed)
+    tool_list = [_tool(rng, _TOOL_NAMES[i % len(_TOOL_NAMES)] + ("" if i < 24 else str(i)),
+                       tool_tokens, trim) for i in range(tools)]
+    system = random_text(rng, max(system_tokens - tools * tool_tokens, 64), trim)
+    out = []
+    for i in range(sessions):
+        ts = [Turn({"role": "user", "content": f"Task {i}: " + random_text(rng, 64, trim)},
+                   output_tokens)]
+        for t in range(1, turns):
+            tool = rng.choice(tool_list)["function"]
+            call_id = f"call_{i}_{t}"
+            args = {k: random_text(rng, 6, trim) for k in list(tool["parameters"]["properties"])[:2]}
+            ts.append(Turn(
+                {"role": "tool", "tool_call_id": call_id,
+                 "content": random_text(rng, result_tokens, trim)},
+                output_tokens,
+                replayed={"role": "assistant", "content": "", "tool_calls": [{
+                    "id": call_id, "type": "function",
+                    "function": {"name": tool["name"], "arguments": json.dumps(args)}}]}))
+        out.append(Session(system, ts, group=i, tools=tool_list))
+    return Workload(f"claude-code {sessions}x{turns}", out)
+
+
+WORKLOADS = {"shared-prefix": shared_prefix, "agent": agent_sessions, "no-sharing": no_sharing,
+             "claude-code": claude_code_sessions}

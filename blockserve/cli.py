@@ -30,7 +30,9 @@ def total_ram() -> int:
 def _serve_args(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI and Anthropic APIs)")
     p.add_argument("--model", default=None,
-                   help="local path, hub id, or demo id (default: demo:tiny, built offline)")
+                   help="a local mlx-lm directory, a hub id, a .gguf file (llama, qwen2, "
+                        "qwen3; converted once), or a demo id such as demo:tiny (default: "
+                        "SmolLM2-135M-Instruct, fetched and converted on first use)")
     p.add_argument("--revision", default=None, help="hub revision")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -87,7 +89,12 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = stack_config(args)
-    stack = build_stack(config)
+    try:
+        stack = build_stack(config)
+    except (ValueError, RuntimeError, OSError) as e:  # a bad model file, a failed fetch
+        logging.getLogger("blockserve").error("cannot serve %s: %s",
+                                              args.model or "the built-in model", e)
+        return 2
     app = stack.app()
 
     async def close_engine(app: web.Application) -> None:

@@ -12,10 +12,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load
 
+from blockserve.engine.builtin import BUILTIN_MODEL, ensure_builtin_model, ensure_gguf_model
 from blockserve.engine.demo import ensure_demo_model, parse_demo_id
 from blockserve.engine.kvblocks import CacheLayout
 
-DEFAULT_MODEL = "demo:tiny"
+DEFAULT_MODEL = BUILTIN_MODEL
 
 
 class UnsupportedModelError(ValueError):
@@ -36,11 +37,16 @@ class LoadedModel:
 
 
 def resolve(model: str | None) -> tuple[str, str]:
-    """(model id shown to clients, path or hub id for mlx-lm)."""
+    """(model id shown to clients, path or hub id for mlx-lm): the built-in model, a
+    demo model, a GGUF file (converted once), or a directory or hub id as it is."""
     model = model or DEFAULT_MODEL
+    if model == BUILTIN_MODEL:
+        return model, str(ensure_builtin_model())
     spec = parse_demo_id(model)
     if spec is not None:
         return model, str(ensure_demo_model(spec))
+    if model.lower().endswith(".gguf"):
+        return Path(model).name[: -len(".gguf")], str(ensure_gguf_model(model))
     return model, model
 
 

@@ -8,7 +8,8 @@ from blockserve.bench.client import Record, record_stream, run_workload, scrape
 from blockserve.bench.run import bench_once, make_target
 from blockserve.bench.stats import distinct_prefix_tokens, summarize
 from blockserve.bench.tokens import ServerTokenizer
-from blockserve.bench.workloads import agent_sessions, no_sharing, shared_prefix
+from blockserve.bench.workloads import agent_sessions, claude_code_sessions, no_sharing, \
+    shared_prefix
 from blockserve.engine.worker import EngineWorker
 from tests.server_harness import serve
 
@@ -107,3 +108,39 @@ async def test_a_short_end_to_end_bench_run(worker):
         assert all(r.cached_tokens > 0 for r in later)
         assert (await scrape(srv.url))["blockserve_requests_running"] == 0
         assert await scrape("http://127.0.0.1:9") == {}  # nothing there: no metrics
+
+
+def test_claude_code_replay_sends_the_trace_not_the_reply():
+    w = claude_code_sessions(sessions=1, turns=3, system_tokens=400, tools=3, tool_tokens=40,
+                             result_tokens=20, seed=0)
+    assert _shape(w) == _shape(claude_code_sessions(sessions=1, turns=3, system_tokens=400,
+                                                    tools=3, tool_tokens=40,
+                                                    result_tokens=20, seed=0))
+    (s,) = w.sessions
+    assert len(s.tools) == 3 and s.tools[0]["function"]["name"] == "Read"
+    first = s.messages_for(0)
+    assert [m["role"] for m in first] == ["system", "user"]
+    s.record_reply(0, "the server's own words")
+    second = s.messages_for(1)
+    assert [m["role"] for m in second] == ["system", "user", "assistant", "tool"]
+    call = second[2]["tool_calls"][0]
+    assert second[3]["tool_call_id"] == call["id"] and "the server's" not in str(second)
+    s.record_reply(1, "again")
+    s.record_reply(2, "last reply")
+    assert s.history[-1] == {"role": "assistant", "content": "last reply"}
+
+
+async def test_a_short_claude_code_replay(worker):
+    async with serve(worker) as srv:
+        tok = ServerTokenizer(srv.url)
+        w = await asyncio.to_thread(claude_code_sessions, sessions=1, turns=3,
+                                    system_tokens=600, tools=4, tool_tokens=60,
+                                    result_tokens=30, output_tokens=4, trim=tok.trim)
+        summary, records = await bench_once(make_target(srv.url, "demo:tiny", tok), w, 1,
+                                            None, 60, 0, progress=False)
+        assert summary["errors"] == 0 and summary["requests"] == 3
+        turns = summary["per_turn"]
+        # Later turns hit the system prompt, the tools and the earlier turns.
+        assert turns[1]["cached_tokens"] >= turns[0]["prompt_tokens"] - 16
+        assert turns[2]["cached_tokens"] >= turns[1]["prompt_tokens"] - 16
+        assert summary["prefill_efficiency"] > 0.9

@@ -28,22 +28,47 @@ def test_parse_bytes():
         parse_bytes("lots")
 
 
-def test_serve_then_sigterm_ends_streams_and_exits_zero():
+def start(*args: str) -> tuple[subprocess.Popen, str]:
+    """``blockserve serve`` on a free port, once it answers /health."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "blockserve.cli", "serve", "--port", str(port),
-                             "--model", "demo:tiny"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "blockserve.cli", "serve", "--port",
+                             str(port), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(f"the server exited: {proc.stdout.read()}")
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the server did not start")
+
+
+def test_the_default_model_is_real_and_answers():
+    """No --model: SmolLM2-135M-Instruct, fetched and converted offline from its GGUF."""
+    proc, url = start()
     try:
-        for _ in range(300):
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("the server did not start")
+        body = json.dumps({"messages": [{"role": "user",
+                                         "content": "What is the capital of France?"}],
+                           "max_tokens": 20, "temperature": 0}).encode()
+        req = urllib.request.Request(url + "/v1/chat/completions", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            reply = json.loads(r.read())
+        assert reply["model"] == "SmolLM2-135M-Instruct"
+        assert "Paris" in reply["choices"][0]["message"]["content"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+
+
+def test_serve_then_sigterm_ends_streams_and_exits_zero():
+    proc, url = start("--model", "demo:tiny")
+    try:
         body = json.dumps({"prompt": "Hello", "max_tokens": 5000, "ignore_eos": True,
                            "stream": True}).encode()
         req = urllib.request.Request(url + "/v1/completions", body,

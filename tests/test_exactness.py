@@ -7,7 +7,7 @@ from mlx_lm.utils import load
 
 from blockserve.engine.chat import render_chat
 from blockserve.engine.kvblocks import KVBlock
-from blockserve.engine.model import resolve
+from blockserve.engine.model import DEFAULT_MODEL, resolve
 from blockserve.engine.worker import EngineWorker
 from tests.engine_harness import assert_idle, make_scheduler, reference_tokens, run, run_many
 
@@ -16,6 +16,8 @@ BS = 16
 
 
 ARCHS = ["qwen3", "llama", "qwen3_next", "gemma3_text"]  # attention, hybrid SSM, sliding
+# ... and the real, trained default model (SmolLM2-135M-Instruct, from its GGUF).
+MODELS = [f"demo:tiny-{a}" for a in ARCHS] + [DEFAULT_MODEL]
 
 
 def _worker_and_reference(name):
@@ -27,9 +29,9 @@ def _worker_and_reference(name):
     worker.close()
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=MODELS)
 def engine_pair(request):
-    yield from _worker_and_reference(f"demo:tiny-{request.param}")
+    yield from _worker_and_reference(request.param)
 
 
 def chat(tokenizer, system, *turns):

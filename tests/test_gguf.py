@@ -1,0 +1,249 @@
+"""GGUF conversion, without the wheel: small quantized GGUFs written here with llama.cpp's
+``gguf`` package, for the llama and qwen3 layouts. The converted weights match an
+independent numpy dequantization, and the converted model generates the tokens of the
+same weights loaded directly by mlx-lm. Bad files are clear errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.utils import load
+
+from blockserve.engine.demo import demo_spec, ensure_demo_model
+from blockserve.engine.gguf import GGUFError, convert_gguf
+from tests.engine_harness import reference_tokens
+
+Q = gguf.GGMLQuantizationType
+HF_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}
+
+
+# ---- an independent dequantization (the GGML block formats, written out) ----------
+
+
+def ref_dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+    blocks = raw.reshape(-1)
+    if qtype == Q.Q8_0:  # f16 scale, 32 int8
+        b = blocks.reshape(-1, 34)
+        d = b[:, :2].copy().view(np.float16).astype(np.float32)
+        q = b[:, 2:].copy().view(np.int8).astype(np.float32)
+        out = d * q
+    elif qtype in (Q.Q4_0, Q.Q4_1):  # f16 scale (and min), 16 bytes of two nibbles
+        size = 18 if qtype == Q.Q4_0 else 20
+        b = blocks.reshape(-1, size)
+        d = b[:, :2].copy().view(np.float16).astype(np.float32)
+        nib = b[:, size - 16:]
+        q = np.concatenate([nib & 0x0F, nib >> 4], axis=1).astype(np.float32)
+        if qtype == Q.Q4_0:
+            out = (q - 8) * d
+        else:
+            out = q * d + b[:, 2:4].copy().view(np.float16).astype(np.float32)
+    else:
+        raise AssertionError(qtype)
+    return out.reshape(shape)
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter's Q/K row order for its rotary layout (llama family)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2)
+            .reshape(w.shape))
+
+
+def qtype_for(name: str) -> Q:
+    if name.endswith("norm.weight"):
+        return Q.F32
+    if "embed" in name:
+        return Q.Q8_0  # as SmolLM2: a Q8_0 embedding, Q4_1 elsewhere
+    return Q.Q4_1 if "mlp" in name else Q.Q4_0
+
+
+def write_gguf(model_dir: Path, out: Path, pre: str = "gpt2", arch: str | None = None,
+               tensor_type: Q | None = None) -> dict[str, np.ndarray]:
+    """The demo model as a quantized GGUF; returns the reference float weights (HF
+    names and order) that the file holds."""
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = arch or config["model_type"]
+    weights = {k: np.array(v) for k, v in mx.load(str(model_dir / "model.safetensors")).items()}
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_uint32(f"{arch}.block_count", config["num_hidden_layers"])
+    w.add_uint32(f"{arch}.context_length", config["max_position_embeddings"])
+    w.add_uint32(f"{arch}.embedding_length", config["hidden_size"])
+    w.add_uint32(f"{arch}.feed_forward_length", config["intermediate_size"])
+    w.add_uint32(f"{arch}.attention.head_count", config["num_attention_heads"])
+    w.add_uint32(f"{arch}.attention.head_count_kv", config["num_key_value_heads"])
+    w.add_uint32(f"{arch}.attention.key_length", config["head_dim"])
+    w.add_float32(f"{arch}.rope.freq_base", config["rope_theta"])
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    vocab = dict(tok["model"]["vocab"])
+    added = {t["content"]: (t["id"], t["special"]) for t in tok["added_tokens"]}
+    vocab.update({t: i for t, (i, _) in added.items()})
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    types = [3 if added.get(t, (0, False))[1] else 4 if t in added else 1 for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(vocab["<|im_end|>"])
+    w.add_chat_template(json.loads((model_dir / "tokenizer_config.json").read_text())
+                        ["chat_template"])
+    reference = {}
+    for name, value in weights.items():
+        value = value.astype(np.float32)
+        if name.startswith("model.layers."):
+            i, rest = name[len("model.layers."):].split(".", 1)
+            base, kind = rest.rsplit(".", 1)
+            gname = f"blk.{i}.{HF_TO_GGUF[base]}.{kind}"
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight",
+                     "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]
+        stored = value
+        if arch == "llama" and base_is(name, ("q_proj", "k_proj")):
+            heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+            stored = permute(value, heads)
+        qtype = tensor_type or qtype_for(name)
+        if qtype == Q.F32:
+            w.add_tensor(gname, stored)
+            deq = stored
+        elif qtype == Q.I32:  # a type no one dequantizes
+            w.add_tensor(gname, stored.astype(np.int32))
+            deq = None
+        else:
+            raw = gguf.quants.quantize(stored, qtype)
+            w.add_tensor(gname, raw, raw_dtype=qtype)
+            deq = ref_dequantize(raw, qtype, stored.shape) if qtype in (
+                Q.Q8_0, Q.Q4_0, Q.Q4_1) else None
+        if deq is not None and arch == "llama" and base_is(name, ("q_proj", "k_proj")):
+            heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+            deq = unpermute_ref(deq, heads)
+        reference[name] = deq
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return reference
+
+
+def base_is(name: str, parts: tuple[str, ...]) -> bool:
+    return any(f".{p}." in name for p in parts)
+
+
+def unpermute_ref(w: np.ndarray, n_head: int) -> np.ndarray:
+    # The inverse of ``permute``, written independently: row r of head h was taken from
+    # position (h, i, j) -> (h, j, i).
+    rows = w.shape[0] // n_head
+    out = np.empty_like(w)
+    for h in range(n_head):
+        for i in range(rows // 2):
+            for j in range(2):
+                out[h * rows + j * (rows // 2) + i] = w[h * rows + i * 2 + j]
+    return out
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def converted(request, tmp_path_factory):
+    """(demo model dir, GGUF path, converted dir, reference weights) per layout."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    src = ensure_demo_model(demo_spec("tiny", request.param, seed=5))
+    path = tmp / "model.gguf"
+    reference = write_gguf(src, path)
+    out = tmp / "converted"
+    convert_gguf(path, out)
+    return src, path, out, reference
+
+
+def test_weights_match_an_independent_dequantization(converted):
+    _, _, out, reference = converted
+    got = {k: np.array(v) for k, v in mx.load(str(out / "model.safetensors")).items()}
+    assert set(got) == set(reference)
+    for name, ref in reference.items():
+        assert got[name].dtype == np.float32
+        np.testing.assert_allclose(got[name], ref, rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_greedy_tokens_equal_the_same_weights_loaded_by_mlx_lm(converted, tmp_path):
+    src, _, out, reference = converted
+    direct = tmp_path / "direct"
+    shutil.copytree(src, direct)
+    mx.save_safetensors(str(direct / "model.safetensors"),
+                        {k: mx.array(v) for k, v in reference.items()})
+    model_a, tok_a = load(str(out))
+    model_b, tok_b = load(str(direct))
+    msgs = [{"role": "system", "content": "You read files."},
+            {"role": "user", "content": "Open the file 12 and print 3.5 values, café!"}]
+    prompt_a = tok_a.apply_chat_template(msgs, add_generation_prompt=True)
+    prompt_b = tok_b.apply_chat_template(msgs, add_generation_prompt=True)
+    assert prompt_a == prompt_b  # the tokenizer rebuilt from the metadata agrees
+    tokens = reference_tokens(model_a, prompt_a, 16)
+    assert tokens == reference_tokens(model_b, prompt_b, 16)
+    assert len(set(tokens)) > 4
+    assert tok_a.decode(tokens) == tok_b.decode(tokens)
+
+
+def test_k_quants_are_read():
+    """Most GGUFs in the wild are K-quants (Q4_K_M, Q6_K): the converter takes every
+    type gguf's numpy dequantizers know. A Q4_K block with scale 1, min 0, all 6-bit
+    sub-scales 1 and every nibble 3 holds 3.0 everywhere."""
+    from types import SimpleNamespace
+
+    from blockserve.engine.gguf import _dequantize
+
+    block = np.zeros(144, dtype=np.uint8)
+    block[:2] = np.array([1.0], dtype=np.float16).view(np.uint8)  # d
+    block[4:8] = 1  # scales of sub-blocks 0-3; 8-11 hold 4-7's low bits
+    block[12:16] = 0x01  # sub-blocks 4-7: scale low nibble 1, min 0
+    block[16:] = 0x33
+    t = SimpleNamespace(name="blk.0.ffn_up.weight", tensor_type=Q.Q4_K,
+                        shape=np.array([256, 1]), data=block.reshape(1, 144))
+    w = _dequantize(t)
+    assert w.shape == (1, 256) and np.allclose(w, 3.0)
+
+
+def _bad(tmp_path, content: bytes) -> Path:
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(content)
+    return p
+
+
+def test_bad_files_are_clear_errors(converted, tmp_path):
+    src, good, _, _ = converted
+    data = good.read_bytes()
+    with pytest.raises(GGUFError, match="not a GGUF file"):
+        convert_gguf(_bad(tmp_path, b"PK\x03\x04" + data[4:]), tmp_path / "a")
+    with pytest.raises(GGUFError, match="unreadable GGUF|is the file complete"):
+        convert_gguf(_bad(tmp_path, data[: len(data) // 2]), tmp_path / "b")
+    mamba = tmp_path / "mamba.gguf"
+    write_gguf(src, mamba, arch="mamba")
+    with pytest.raises(GGUFError, match="architecture 'mamba' is not supported"):
+        convert_gguf(mamba, tmp_path / "c")
+    ints = tmp_path / "ints.gguf"
+    write_gguf(src, ints, tensor_type=Q.I32)
+    with pytest.raises(GGUFError, match="quantization type I32 is not supported"):
+        convert_gguf(ints, tmp_path / "e")
+    with pytest.raises(GGUFError, match="pre-tokenizer 'tekken' is not supported"):
+        tek = tmp_path / "tek.gguf"
+        write_gguf(src, tek, pre="tekken")
+        convert_gguf(tek, tmp_path / "d")
+
+
+def test_the_cli_refuses_a_bad_file_without_a_traceback(tmp_path):
+    bad = _bad(tmp_path, b"not a model at all")
+    done = subprocess.run([sys.executable, "-m", "blockserve.cli", "serve", "--model",
+                           str(bad), "--port", "0"], capture_output=True, text=True,
+                          timeout=120, env={"BLOCKSERVE_HOME": str(tmp_path / "home"),
+                                            "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2
+    assert "not a GGUF file" in done.stderr and "Traceback" not in done.stderr
