@@ -55,14 +55,33 @@ def _serve_args(sub) -> None:
                    help="prompts prefilled together in one batch")
     p.add_argument("--max-tokens", type=int, default=512,
                    help="default max_tokens when a request gives none")
-    p.add_argument("--api-key", default=os.environ.get("BLOCKSERVE_API_KEY"),
-                   help="require this key (Authorization: Bearer, or x-api-key)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require a key (Authorization: Bearer, or x-api-key); repeatable: "
+                        "each key is a tenant, whose prefix cache no other tenant shares "
+                        "(default: $BLOCKSERVE_API_KEY, if set)")
+    p.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="more keys, one per line (# starts a comment)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, stop admitting and let running requests finish "
+                        "for this long before aborting the rest (a second signal aborts "
+                        "at once)")
     p.add_argument("--no-inflight-sharing", action="store_true",
                    help="do not make requests wait for a shared prefix being computed")
     p.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
                    help="a name clients may use for the model (repeatable; the first is "
                         "reported; default: the --model value)")
     p.add_argument("--log-level", default="INFO")
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """Keys from --api-key, --api-key-file and $BLOCKSERVE_API_KEY, in that order."""
+    keys = list(args.api_key or [])
+    if args.api_key_file:
+        with open(args.api_key_file) as f:
+            keys += [line.split("#", 1)[0].strip() for line in f]
+    if not keys and os.environ.get("BLOCKSERVE_API_KEY"):
+        keys.append(os.environ["BLOCKSERVE_API_KEY"])
+    return [k for k in dict.fromkeys(keys) if k]
 
 
 def stack_config(args: argparse.Namespace) -> StackConfig:
@@ -74,7 +93,7 @@ def stack_config(args: argparse.Namespace) -> StackConfig:
         active_kv_memory_bytes=args.active_kv_memory_bytes, max_num_seqs=args.max_num_seqs,
         max_queue=args.max_queue, max_model_len=args.max_model_len,
         prefill_step_size=args.prefill_step_size, prompt_concurrency=args.prompt_concurrency,
-        default_max_tokens=args.max_tokens, api_key=args.api_key,
+        default_max_tokens=args.max_tokens, api_keys=api_keys(args),
         share_inflight=not args.no_inflight_sharing,
         served_model_names=args.served_model_name or [])
 
@@ -110,9 +129,39 @@ def serve(args: argparse.Namespace) -> int:
         config.kv_cache_memory_bytes / 2**30, loaded.kv_bytes_per_token,
         config.kv_cache_memory_bytes // (loaded.kv_bytes_per_token * config.block_size),
         config.active_kv_memory_bytes / 2**30, stack.scheduler.max_prompt_tokens)
-    web.run_app(app, host=args.host, port=args.port, handler_cancellation=True,
-                shutdown_timeout=10, print=None)
+    asyncio.run(_run(app, stack.scheduler, args.host, args.port, args.drain_timeout))
     return 0
+
+
+async def _run(app, scheduler, host: str, port: int, drain_timeout: float) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: health says so and new requests get a
+    503, running ones finish within ``drain_timeout``, and only then is the rest aborted
+    (their streams end with finish reason "abort"). A second signal skips the wait."""
+    import asyncio
+    import signal
+
+    from aiohttp import web
+
+    log = logging.getLogger("blockserve")
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    loop = asyncio.get_running_loop()
+    signals = asyncio.Queue()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    sig = await signals.get()
+    scheduler.drain()
+    log.info("%s: draining %d running and %d waiting requests (up to %.0f s)",
+             signal.Signals(sig).name, scheduler.num_running, scheduler.num_waiting,
+             drain_timeout)
+    deadline = loop.time() + drain_timeout
+    while not scheduler.idle and loop.time() < deadline and signals.empty():
+        await asyncio.sleep(0.05)
+    if not scheduler.idle:
+        log.info("aborting %d requests still running", scheduler.num_running
+                 + scheduler.num_waiting)
+    await runner.cleanup()  # aborts what is left, closes connections and the engine
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ class StackConfig:
     prefill_step_size: int = 256
     prompt_concurrency: int = 8
     default_max_tokens: int = 512
-    api_key: str | None = None
+    api_keys: list[str] = field(default_factory=list)  # each one a tenant
     share_inflight: bool = True
     served_model_names: list[str] = field(default_factory=list)
 
@@ -56,7 +56,7 @@ class Stack:
 
     def app(self) -> web.Application:
         return create_app(self.scheduler, self.frontend,
-                          ServerConfig(self.config.default_max_tokens, self.config.api_key))
+                          ServerConfig(self.config.default_max_tokens, self.config.api_keys))
 
 
 def build_stack(config: StackConfig, worker: EngineWorker | None = None) -> Stack:

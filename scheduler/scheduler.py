@@ -164,6 +164,7 @@ class Scheduler:
         self._arrivals = itertools.count()
         self._reserved_bytes = 0
         self._closed = False
+        self.draining = False  # refuse new requests, let running ones finish
 
     # ---- public API (event loop) --------------------------------------------
 
@@ -189,8 +190,9 @@ class Scheduler:
 
     def submit(self, req: Request) -> RequestStream:
         """Queue a request; raises a ``SchedulerError`` if it can't be accepted."""
-        if self._closed:
-            raise SchedulerClosedError("the server is shutting down")
+        if self._closed or self.draining:
+            raise SchedulerClosedError("the server is shutting down: retry on another "
+                                       "replica, or here after a restart")
         if not req.prompt:
             raise SchedulerError("the prompt is empty: at least one token is required")
         limit = self.max_prompt_tokens
@@ -240,6 +242,14 @@ class Scheduler:
     def reset_cache(self) -> bool:
         """Flush the pool; refused (False) while any block is pinned."""
         return self.pool.reset()
+
+    def drain(self) -> None:
+        """Stop admitting new requests; the queued and running ones carry on."""
+        self.draining = True
+
+    @property
+    def idle(self) -> bool:
+        return not self._running and not self._waiting
 
     def shutdown(self) -> None:
         """Refuse new requests and abort what is left. The generator stays open: its

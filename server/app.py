@@ -5,6 +5,7 @@ metrics and cache administration are here."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -25,7 +26,21 @@ log = logging.getLogger("blockserve.server")
 @dataclass
 class ServerConfig:
     default_max_tokens: int = 512
-    api_key: str | None = None
+    # Each key is a tenant: its requests' prefix cache is salted by it, so tenants never
+    # share (or time) each other's blocks. No keys: an open server, one tenant.
+    api_keys: list[str] = field(default_factory=list)
+
+
+def tenant_of(key: str) -> str:
+    """A tenant's name in cache salts: a digest, so the key itself is kept nowhere."""
+    return hashlib.sha256(b"blockserve-tenant\0" + key.encode()).hexdigest()[:32]
+
+
+def cache_salt(tenant: str | None, salt: str | None) -> str | None:
+    """The tenant's salt, with a request's own ``cache_salt`` nested inside it."""
+    if tenant is None:
+        return salt
+    return f"tenant:{tenant}" if salt is None else f"tenant:{tenant}\0salt:{salt}"
 
 
 SCHEDULER = web.AppKey("scheduler", Scheduler)
@@ -46,6 +61,8 @@ def create_app(scheduler: Scheduler, frontend: Frontend, config: ServerConfig) -
     app[METRICS] = Metrics(scheduler)
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_post("/v1/completions", openai_api.completions)
+    app.router.add_post("/v1/chat/completions/render", openai_api.render_chat)
+    app.router.add_post("/v1/completions/render", openai_api.render_completion)
     app.router.add_post("/v1/messages", anthropic_api.messages)
     app.router.add_post("/v1/messages/count_tokens", anthropic_api.count_tokens)
     app.router.add_get("/v1/models", models)
@@ -97,15 +114,24 @@ async def _errors(request: web.Request, handler):
     return err.response(_is_anthropic(request))
 
 
+TENANT = web.RequestKey("tenant", str)  # the request's tenant, set by _auth
+
+
 @web.middleware
 async def _auth(request: web.Request, handler):
-    key = request.app[CONFIG].api_key
-    if key and request.path not in _OPEN_PATHS:
+    keys = request.app[CONFIG].api_keys
+    if keys and request.path not in _OPEN_PATHS:
         bearer = request.headers.get("Authorization", "")
         given = bearer[7:] if bearer.startswith("Bearer ") else request.headers.get("x-api-key")
-        if not hmac.compare_digest((given or "").encode(), key.encode()):
+        given_bytes = (given or "").encode()
+        match = None
+        for key in keys:  # every key is compared, in constant time: no early exit
+            if hmac.compare_digest(given_bytes, key.encode()):
+                match = key
+        if match is None:
             raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY "
                                 "or x-api-key: KEY)", code="invalid_api_key")
+        request[TENANT] = tenant_of(match)
     return await handler(request)
 
 
@@ -167,7 +193,8 @@ class Run:
         self.first: float | None = None
         self.parser = self.app[FRONTEND].output_parser(gen.tools, gen.parse_tools,
                                                        gen.reasoning_open, gen.structured)
-        req = Request(gen.prompt, gen.sampling, gen.checkpoints, gen.cache_salt)
+        req = Request(gen.prompt, gen.sampling, gen.checkpoints,
+                      cache_salt(request.get(TENANT), gen.cache_salt))
         self.stream = self.app[SCHEDULER].submit(req)  # SchedulerError -> HTTP error
         self.id = self.stream.request_id
         self.created = int(time.time())
@@ -262,6 +289,10 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """200 while serving; 503 while draining, so that load balancers move away."""
+    if request.app[SCHEDULER].draining:
+        return web.json_response({"status": "draining"}, status=503,
+                                 headers={"Retry-After": "5"})
     return web.json_response({"status": "ok"})
 
 

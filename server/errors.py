@@ -73,5 +73,5 @@ def from_scheduler(e: SchedulerError) -> ApiError:
     if isinstance(e, RequestTooLargeError):
         return ApiError(400, str(e), param="max_tokens", code="request_too_large")
     if isinstance(e, SchedulerClosedError):
-        return ApiError(503, str(e), code="shutting_down")
+        return ApiError(503, str(e), code="shutting_down", headers={"Retry-After": "5"})
     return ApiError(400, str(e))

@@ -403,3 +403,23 @@ async def detokenize(request: web.Request) -> web.Response:
             isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise invalid("'tokens' must be a list of token ids", param="tokens")
     return web.json_response({"prompt": frontend.decode(tokens)})
+
+
+async def render_chat(request: web.Request) -> web.Response:
+    """vLLM's ``/v1/chat/completions/render``: the prompt's token ids, rendered exactly as
+    the same request would be served, without generating (routers route on them)."""
+    return await _render(request, parse_chat)
+
+
+async def render_completion(request: web.Request) -> web.Response:
+    """vLLM's ``/v1/completions/render``."""
+    return await _render(request, parse_completion)
+
+
+async def _render(request: web.Request, parse) -> web.Response:
+    body = await read_json(request)
+    frontend = request.app[FRONTEND]
+    check_model(body, frontend)
+    gen = parse(body, frontend, request.app[CONFIG].default_max_tokens)
+    return web.json_response({"model": body.get("model") or frontend.model_id,
+                              "token_ids": gen.prompt, "features": None})

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -66,8 +67,49 @@ def test_the_default_model_is_real_and_answers():
         proc.communicate(timeout=30)
 
 
-def test_serve_then_sigterm_ends_streams_and_exits_zero():
-    proc, url = start("--model", "demo:tiny")
+def post(url: str, body: dict) -> tuple[int, dict, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), dict(e.headers)
+
+
+def test_sigterm_drains_running_streams_and_refuses_new_ones():
+    """A rolling restart loses nothing: a stream in flight at SIGTERM completes with its
+    real finish reason, while health says draining and new requests get a 503."""
+    proc, url = start("--model", "demo:tiny", "--drain-timeout", "60")
+    try:
+        body = json.dumps({"prompt": "Hello", "max_tokens": 300, "ignore_eos": True,
+                           "stream": True}).encode()
+        req = urllib.request.Request(url + "/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as stream:
+            assert stream.readline().startswith(b"data: ")
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            with pytest.raises(urllib.error.HTTPError) as health:
+                urllib.request.urlopen(url + "/health", timeout=5)
+            assert health.value.code == 503
+            code, err, headers = post(url + "/v1/completions", {"prompt": "Hi",
+                                                                "max_tokens": 2})
+            assert code == 503 and headers["Retry-After"] == "5"
+            assert err["error"]["code"] == "shutting_down"
+            rest = stream.read().decode()
+        assert rest.rstrip().endswith("data: [DONE]")
+        assert '"finish_reason": "length"' in rest and "abort" not in rest
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert "draining 1 running" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_then_sigterm_past_the_drain_timeout_aborts_and_exits_zero():
+    proc, url = start("--model", "demo:tiny", "--drain-timeout", "0.5")
     try:
         body = json.dumps({"prompt": "Hello", "max_tokens": 5000, "ignore_eos": True,
                            "stream": True}).encode()

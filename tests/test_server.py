@@ -215,7 +215,7 @@ async def test_anthropic_errors_use_anthropic_shape(worker):
 
 
 async def test_api_key_is_required_when_set(worker):
-    async with serve(worker, api_key="sekret") as srv:
+    async with serve(worker, api_keys=["sekret"]) as srv:
         body = {"messages": CHAT, "max_tokens": 2}
         code, err, _ = await post(srv.url, "/v1/chat/completions", body)
         assert code == 401 and err["error"]["type"] == "authentication_error"
@@ -435,3 +435,27 @@ async def test_logit_bias_and_penalties_apply_per_request(worker, ref_model):
         assert penalised[0] != pytest.approx(plain_lp[0], abs=1e-4)
         assert presence[0] != pytest.approx(plain_lp[0], abs=1e-4)
         await wait_idle(srv.url)
+
+
+async def test_tenants_never_share_blocks(worker):
+    """Each API key is a tenant: the same prompt under two keys shares nothing (no hit,
+    so no timing channel either); under one key it hits; a cache_salt nests inside."""
+    async with serve(worker, api_keys=["key-a", "key-b"]) as srv:
+        a, b = oa(srv.url, "key-a"), oa(srv.url, "key-b")
+
+        async def cached(client, **kw):
+            r = await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2,
+                                                     temperature=0, **kw)
+            return r.usage.prompt_tokens_details.cached_tokens
+
+        assert await cached(a) == 0
+        assert await cached(b) == 0  # another tenant: a miss
+        assert await cached(a) > 0 and await cached(b) > 0  # each hits its own
+        assert await cached(a, extra_body={"cache_salt": "s1"}) == 0  # nested salt
+        assert await cached(a, extra_body={"cache_salt": "s1"}) > 0
+        with pytest.raises(openai.AuthenticationError):
+            await oa(srv.url, "key-c").chat.completions.create(model=MODEL, messages=CHAT,
+                                                               max_tokens=2)
+        namespaces = {b.namespace for b in srv.scheduler.pool.blocks()}
+        assert len(namespaces) == 3 and all(ns.cache_salt for ns in namespaces)
+        assert not any("key-" in ns.cache_salt for ns in namespaces)  # keys are not kept
