@@ -51,8 +51,9 @@ def _serve_args(sub) -> None:
                    help="context limit in tokens (default: the model's)")
     p.add_argument("--prefill-step-size", type=int, default=256,
                    help="prompt tokens per forward pass (256 measured best on CPU)")
-    p.add_argument("--prompt-concurrency", type=int, default=8,
-                   help="prompts prefilled together in one batch")
+    p.add_argument("--prompt-concurrency", type=int, default=None,
+                   help="prompts prefilled together in one batch (default: 1 on the CPU, "
+                        "where batching only delays the first tokens; 8 on a GPU)")
     p.add_argument("--max-tokens", type=int, default=512,
                    help="default max_tokens when a request gives none")
     p.add_argument("--api-key", action="append", default=None, metavar="KEY",

@@ -31,7 +31,7 @@ class StackConfig:
     max_queue: int = 256
     max_model_len: int | None = None  # None: the model's own context length
     prefill_step_size: int = 256
-    prompt_concurrency: int = 8
+    prompt_concurrency: int | None = None  # None: by device (engine.worker)
     default_max_tokens: int = 512
     api_keys: list[str] = field(default_factory=list)  # each one a tenant
     share_inflight: bool = True

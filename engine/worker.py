@@ -45,6 +45,15 @@ class _Sequence:
     generated: int = 0
 
 
+def default_prompt_concurrency() -> int:
+    """Prompts prefilled together. On the CPU a batch of prompts is no faster than the
+    same prompts one by one (the work is compute-bound, and rows of unequal length are
+    padded), so batching only delays every prompt to the end of the slowest: one at a
+    time gives the shortest mean time to first token there (BENCHMARKS.md). A GPU has
+    parallelism to spare, so it batches, as mlx-lm does."""
+    return 1 if mx.default_device() == mx.cpu else 8
+
+
 class EngineWorker:
     """Implements ``scheduler.protocol.Generator`` on a real mlx-lm model."""
 
@@ -54,7 +63,7 @@ class EngineWorker:
         *,
         block_size: int = 16,
         max_running: int = 16,
-        prefill_batch_size: int = 8,
+        prefill_batch_size: int | None = None,
         prefill_step_size: int = 256,
         revision: str | None = None,
     ):
@@ -62,7 +71,7 @@ class EngineWorker:
         self._model_name = model
         self._revision = revision
         self.max_running = max_running
-        self._prefill_batch_size = prefill_batch_size
+        self._prefill_batch_size = prefill_batch_size or default_prompt_concurrency()
         self._prefill_step_size = prefill_step_size
         self._commands: queue.Queue = queue.Queue()
         self._emit: Callable[[EngineEvent], None] | None = None
@@ -93,7 +102,8 @@ class EngineWorker:
 
     def describe_backend(self) -> str:
         """The device and BLAS in use, for the start-up log."""
-        return f"backend {mx.default_device()}, BLAS {blas.active_blas}"
+        return (f"backend {mx.default_device()}, BLAS {blas.active_blas}, prompts prefilled "
+                f"{self._prefill_batch_size} at a time")
 
     def close(self) -> None:
         if self._thread.is_alive():

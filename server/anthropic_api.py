@@ -14,10 +14,10 @@ from blockserve.scheduler import RequestOutput, Usage
 from blockserve.server.app import FRONTEND, Run, check_model, read_json, send, sse
 from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import (
-    MEDIA_PLACEHOLDER,
     Frontend,
     Generation,
     boolean,
+    content_text,
     ignore_unknown,
     log,
     render,
@@ -38,28 +38,7 @@ _STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
 
 
 def _text_of(content: Any, where: str, answering: bool) -> str:
-    """Text of a string or of text blocks; media becomes a placeholder, or a 400 in the
-    turn being answered."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise invalid(f"{where}: content must be a string or a list of blocks",
-                      param="messages")
-    out = []
-    for block in content:
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text" and isinstance(block.get("text"), str):
-            out.append(block["text"])
-        elif kind in _MEDIA:
-            if answering:
-                raise invalid(f"{where}: this model reads text only; a block of type "
-                              f"{kind!r} can't be answered", param="messages")
-            out.append(MEDIA_PLACEHOLDER.format(kind=_MEDIA[kind]))
-        else:
-            log.warning("%s: ignoring a content block of type %r", where, kind)
-    return "".join(out)
+    return content_text(content, where, answering, ("text",), _MEDIA)
 
 
 def _system(system: Any) -> str:

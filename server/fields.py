@@ -69,6 +69,34 @@ class Generation:
     structured: bool = True  # split reasoning and tool calls out (chat); False: raw text
 
 
+def content_text(content: Any, where: str, answering: bool, text_types: tuple[str, ...],
+                 media: dict[str, str]) -> str:
+    """A message's content as text: a string, or a list of parts (OpenAI) or blocks
+    (Anthropic) of ``text_types``. Media (``media``: type -> what to call it) in an
+    earlier turn becomes a placeholder; in the turn being answered it is a 400. Other
+    parts are ignored, with a warning."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"{where}: content must be a string or a list of parts",
+                      param="messages")
+    out = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in text_types and isinstance(part.get("text"), str):
+            out.append(part["text"])
+        elif kind in media:
+            if answering:
+                raise invalid(f"{where}: this model reads text only; a part of type "
+                              f"{kind!r} can't be answered", param="messages")
+            out.append(MEDIA_PLACEHOLDER.format(kind=media[kind]))
+        else:
+            log.warning("%s: ignoring a content part of type %r", where, kind)
+    return "".join(out)
+
+
 def ignore_unknown(body: dict, known: set[str], where: str) -> None:
     """Unknown fields are ignored, and named in the log."""
     unknown = sorted(set(body) - known)

@@ -23,12 +23,12 @@ from blockserve.server.app import (
 )
 from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import (
-    MEDIA_PLACEHOLDER,
     SAMPLING_FIELDS,
     Frontend,
     Generation,
     boolean,
     cache_salt,
+    content_text,
     ignore_unknown,
     integer,
     log,
@@ -81,28 +81,8 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
 
 
 def _text(content: Any, where: str, answering: bool) -> str:
-    """A message's content as text: a string, or a list of parts. Media in an earlier
-    turn becomes a placeholder; in the turn being answered it is a 400."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise invalid(f"{where}: content must be a string or a list of parts",
-                      param="messages")
-    out = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
-            out.append(part["text"])
-        elif kind in _MEDIA_PARTS:
-            if answering:
-                raise invalid(f"{where}: this model reads text only; a content part of "
-                              f"type {kind!r} can't be answered", param="messages")
-            out.append(MEDIA_PLACEHOLDER.format(kind=_MEDIA_PARTS[kind]))
-        else:
-            log.warning("%s: ignoring a content part of type %r", where, kind)
-    return "".join(out)
+    return content_text(content, where, answering, ("text", "input_text", "output_text"),
+                        _MEDIA_PARTS)
 
 
 def _tool_calls(calls: Any, where: str) -> list[dict]:

@@ -77,16 +77,20 @@ def post(url: str, body: dict) -> tuple[int, dict, dict]:
         return e.code, json.loads(e.read()), dict(e.headers)
 
 
+def stream_completion(url: str, max_tokens: int):
+    body = json.dumps({"prompt": "Hello", "max_tokens": max_tokens, "ignore_eos": True,
+                       "stream": True}).encode()
+    req = urllib.request.Request(url + "/v1/completions", body,
+                                 {"Content-Type": "application/json"})
+    return urllib.request.urlopen(req, timeout=60)
+
+
 def test_sigterm_drains_running_streams_and_refuses_new_ones():
     """A rolling restart loses nothing: a stream in flight at SIGTERM completes with its
     real finish reason, while health says draining and new requests get a 503."""
     proc, url = start("--model", "demo:tiny", "--drain-timeout", "60")
     try:
-        body = json.dumps({"prompt": "Hello", "max_tokens": 300, "ignore_eos": True,
-                           "stream": True}).encode()
-        req = urllib.request.Request(url + "/v1/completions", body,
-                                     {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as stream:
+        with stream_completion(url, 300) as stream:
             assert stream.readline().startswith(b"data: ")
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)
@@ -111,11 +115,7 @@ def test_sigterm_drains_running_streams_and_refuses_new_ones():
 def test_serve_then_sigterm_past_the_drain_timeout_aborts_and_exits_zero():
     proc, url = start("--model", "demo:tiny", "--drain-timeout", "0.5")
     try:
-        body = json.dumps({"prompt": "Hello", "max_tokens": 5000, "ignore_eos": True,
-                           "stream": True}).encode()
-        req = urllib.request.Request(url + "/v1/completions", body,
-                                     {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as stream:
+        with stream_completion(url, 5000) as stream:
             first = stream.readline()
             assert first.startswith(b"data: ")
             proc.send_signal(signal.SIGTERM)
