@@ -22,7 +22,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from blockserve.bench.run import bench_once, make_target
+from blockserve.bench.client import run_workload
+from blockserve.bench.run import make_target
+from blockserve.bench.stats import summarize
 from blockserve.bench.tokens import LocalTokenizer
 from blockserve.bench.workloads import shared_prefix
 
@@ -78,9 +80,10 @@ def run(model: str, replicas: int, policy: str, groups: int, per_group: int,
         workload = shared_prefix(groups, per_group, system_tokens, 32, 16, seed=0,
                                  trim=tok.trim)
         target = make_target(f"http://127.0.0.1:{port}", model, tok)
-        summary, _ = asyncio.run(bench_once(target, workload, replicas * 2, None, 900, 0,
-                                            progress=False))
-        return summary
+        # From usage, not /metrics: through the router, /metrics is one replica's.
+        records, wall = asyncio.run(run_workload(target, workload, replicas * 2, None, 900,
+                                                 0, progress=False))
+        return summarize(records, wall)
     finally:
         _stop(procs)
 
