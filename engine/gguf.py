@@ -43,6 +43,9 @@ _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"
                  "output": "lm_head"}
 
 
+GGUF_SOURCE_KEY = "blockserve_gguf"  # in config.json: converted from a GGUF file
+
+
 class GGUFError(ValueError):
     """The file can't be served: not a GGUF, truncated, or an unsupported kind."""
 
@@ -132,6 +135,7 @@ def model_config(meta: dict[str, Any], tied: bool) -> dict:
         "vocab_size": len(meta["tokenizer.ggml.tokens"]),
         "tie_word_embeddings": tied,
         "torch_dtype": "float32",
+        GGUF_SOURCE_KEY: True,
     }
     if meta.get(f"{arch}.rope.scaling.type") not in (None, "none"):
         raise GGUFError(f"rope scaling {meta[f'{arch}.rope.scaling.type']!r} is not "

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load
 
 from blockserve.engine.builtin import BUILTIN_MODEL, ensure_builtin_model, ensure_gguf_model
+from blockserve.engine.gguf import GGUF_SOURCE_KEY
 from blockserve.engine.demo import ensure_demo_model, parse_demo_id
 from blockserve.engine.kvblocks import CacheLayout
 
 DEFAULT_MODEL = BUILTIN_MODEL
+log = logging.getLogger(__name__)
 
 
 class UnsupportedModelError(ValueError):
@@ -50,9 +54,24 @@ def resolve(model: str | None) -> tuple[str, str]:
     return model, model
 
 
+def weights_for_device(net: Any, model_id: str, gpu: bool | None = None) -> None:
+    """A GGUF's weights, converted to float32, kept so on the CPU backend (MLX's
+    quantized matmul is ~10x slower there) and quantized to 4 bits on a GPU (Apple
+    silicon), where memory bandwidth decides."""
+    gpu = mx.default_device() == mx.gpu if gpu is None else gpu
+    if gpu:
+        nn.quantize(net, group_size=64, bits=4)
+        log.info("%s: GGUF weights quantized to 4 bits for the GPU", model_id)
+    else:
+        log.info("%s: GGUF weights kept in float32, the fast path on the CPU backend",
+                 model_id)
+
+
 def load_model(model: str | None = None, revision: str | None = None) -> LoadedModel:
     model_id, path = resolve(model)
     net, tokenizer, config = load(path, revision=revision, return_config=True)
+    if config.get(GGUF_SOURCE_KEY):
+        weights_for_device(net, model_id)
     caches = make_prompt_cache(net)
     try:
         layout = CacheLayout.of(caches)

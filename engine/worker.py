@@ -81,6 +81,9 @@ class EngineWorker:
         self._thread.start()
         self._ready.wait()
         if self._load_error is not None:
+            # Let the thread finish its MLX teardown first: a process that exits while a
+            # thread is still inside MLX aborts (134) instead of reporting the error.
+            self._thread.join()
             raise self._load_error
         m = self.loaded
         self.namespace = Namespace(m.identity)

@@ -247,3 +247,22 @@ def test_the_cli_refuses_a_bad_file_without_a_traceback(tmp_path):
                                             "PATH": "/usr/bin:/bin"})
     assert done.returncode == 2
     assert "not a GGUF file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_weights_are_chosen_by_device(converted):
+    """float32 on the CPU backend; 4-bit on a GPU (forced here: MLX's quantized matmul
+    also runs on the CPU, slowly)."""
+    import mlx.nn as nn
+
+    from blockserve.engine.model import weights_for_device
+
+    _, _, out, _ = converted
+    assert json.loads((out / "config.json").read_text())["blockserve_gguf"] is True
+    cpu, _ = load(str(out))
+    weights_for_device(cpu, "t", gpu=False)
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in cpu.named_modules())
+    gpu, tok = load(str(out))
+    weights_for_device(gpu, "t", gpu=True)
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in gpu.named_modules())
+    prompt = tok.encode("Open the file")
+    assert len(reference_tokens(gpu, prompt, 4)) == 4
