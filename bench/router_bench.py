@@ -29,32 +29,39 @@ from blockserve.bench.tokens import LocalTokenizer
 from blockserve.bench.workloads import shared_prefix
 
 
-def _port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait(url: str, timeout: float = 300) -> None:
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
+    """Until ``url`` answers 200; fails early if ``proc``, the server, exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read()[-2000:] if proc.stdout else ""
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}: {out}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(url)
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not come up")
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def stop(*procs: subprocess.Popen) -> None:
+    """SIGTERM (a replica drains), then wait; kill what doesn't end."""
     for p in procs:
-        p.send_signal(signal.SIGTERM)
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
     for p in procs:
         try:
             p.wait(60)
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait()
 
 
 def run(model: str, replicas: int, policy: str, groups: int, per_group: int,
@@ -63,18 +70,18 @@ def run(model: str, replicas: int, policy: str, groups: int, per_group: int,
     procs, urls = [], []
     try:
         for _ in range(replicas):
-            port = _port()
+            port = free_port()
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "blockserve.cli", "serve", "--model", model, "--port",
                  str(port), "--log-level", "WARNING"], stdout=subprocess.DEVNULL))
             urls.append(f"http://127.0.0.1:{port}")
         for url in urls:
-            _wait(url + "/health")
-        port = _port()
+            wait_ready(url + "/health")
+        port = free_port()
         procs.append(subprocess.Popen([router, "--host", "127.0.0.1", "--port", str(port),
                                        "--policy", policy, "--worker-urls", *urls],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait(f"http://127.0.0.1:{port}/v1/models")
+        wait_ready(f"http://127.0.0.1:{port}/v1/models")
         with urllib.request.urlopen(urls[0] + "/server_info") as r:
             tok = LocalTokenizer(json.loads(r.read())["model_path"])
         workload = shared_prefix(groups, per_group, system_tokens, 32, 16, seed=0,
@@ -85,7 +92,7 @@ def run(model: str, replicas: int, policy: str, groups: int, per_group: int,
                                                  0, progress=False))
         return summarize(records, wall)
     finally:
-        _stop(procs)
+        stop(*procs)
 
 
 def main(argv: list[str] | None = None) -> None:

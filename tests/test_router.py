@@ -10,49 +10,18 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from blockserve.bench.router_bench import free_port, stop, wait_ready
+
 ROUTER = shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
 MODEL = "demo:tiny"
 WORDS = "file code value list tool agent cache block model token reply read write".split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args[0]} exited: {proc.stdout.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"{url} did not come up")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +35,9 @@ def replicas():
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         urls.append(f"http://127.0.0.1:{port}")
     for proc, url in zip(procs, urls):
-        wait_http(url + "/health", proc)
+        wait_ready(url + "/health", proc)
     yield procs, urls
-    for proc in procs:
-        stop(proc)
+    stop(*procs)
 
 
 def router(urls: list[str], policy: str) -> tuple[subprocess.Popen, str]:
@@ -81,7 +49,7 @@ def router(urls: list[str], policy: str) -> tuple[subprocess.Popen, str]:
                              "1", "--health-failure-threshold", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/v1/models", proc)
+    wait_ready(url + "/v1/models", proc)
     return proc, url
 
 
@@ -152,7 +120,7 @@ async def test_a_killed_replica_does_not_fail_the_service(tmp_path):
             stderr=subprocess.STDOUT, text=True))
         urls.append(f"http://127.0.0.1:{port}")
     for proc, url in zip(procs, urls):
-        wait_http(url + "/health", proc)
+        wait_ready(url + "/health", proc)
     proc_r, url = router(urls, "cache_aware")
     try:
         reqs = groups(3)
@@ -167,8 +135,7 @@ async def test_a_killed_replica_does_not_fail_the_service(tmp_path):
                 assert r["choices"][0]["finish_reason"] in ("length", "stop")
     finally:
         stop(proc_r)
-        for p in procs:
-            stop(p)
+        stop(*procs)
 
 
 async def test_a_draining_replica_finishes_its_stream_through_the_router(replicas):
