@@ -70,6 +70,7 @@ def record_stream(rec: Record, t0: float, events: list[tuple[float, dict]]) -> N
 class Target:
     url: str
     model: str
+    api_key: str | None = None  # sent as Authorization: Bearer
     # Prompt token ids of a request's messages, for the prefix trie. Called after the
     # run, on a worker thread, so that it may ask the server itself and costs no TTFT.
     render: Callable[[list[dict], list[dict] | None], list[int]] | None = None
@@ -119,7 +120,8 @@ async def run_workload(target: Target, workload: Workload, concurrency: int | No
         bar = tqdm(total=workload.num_requests, desc=workload.name, unit="req", leave=False)
     deadline = time.perf_counter() + max_seconds
     timeout = aiohttp.ClientTimeout(total=max_seconds)
-    async with aiohttp.ClientSession(timeout=timeout) as http:
+    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as http:
 
         async def run_session(i: int, s: Session) -> None:
             for turn in range(len(s.turns)):

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import urllib.request
 from pathlib import Path
 
 from blockserve.bench.client import Target, run_workload, scrape
@@ -19,8 +20,17 @@ from blockserve.bench.tokens import BenchTokenizer, open_tokenizer
 from blockserve.bench.workloads import WORKLOADS, Workload
 
 
-def make_target(url: str, model: str, tok: BenchTokenizer) -> Target:
-    return Target(url.rstrip("/"), model, tok.render)
+def served_model(url: str, api_key: str | None = None) -> str:
+    """The first model a server lists at /v1/models (any OpenAI-compatible server)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    req = urllib.request.Request(url.rstrip("/") + "/v1/models", headers=headers)
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())["data"][0]["id"]
+
+
+def make_target(url: str, model: str, tok: BenchTokenizer, api_key: str | None = None
+                ) -> Target:
+    return Target(url.rstrip("/"), model, api_key, tok.render)
 
 
 def build_workload(args: argparse.Namespace, tok: BenchTokenizer) -> Workload:
@@ -71,7 +81,8 @@ def format_summary(name: str, s: dict) -> str:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--model", default="demo:tiny", help="model name to send")
+    p.add_argument("--model", default=None,
+                   help="model name to send (default: the first of the server's /v1/models)")
     p.add_argument("--tokenizer", default=None,
                    help="a local Hugging Face tokenizer directory (default: the server's "
                         "/tokenize and /detokenize endpoints, which blockserve serves)")
@@ -101,8 +112,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.model is None:
+        args.model = served_model(args.url, args.api_key)
     tok = open_tokenizer(args.url, args.tokenizer, args.model, args.api_key)
-    target = make_target(args.url, args.model, tok)
+    target = make_target(args.url, args.model, tok, args.api_key)
     levels = [None] if args.rate else [int(c) for c in args.concurrency.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,7 @@ def worker():
 async def test_blockserve_bench_runs_without_mlx(worker, tmp_path):
     async with serve(worker) as srv:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", NO_MLX, "bench", "--url", srv.url, "--model", "demo:tiny",
+            sys.executable, "-c", NO_MLX, "bench", "--url", srv.url,  # model: /v1/models
             "--workload", "agent", "--sessions", "2", "--turns", "2", "--system-tokens", "40",
             "--output-tokens", "3", "--concurrency", "2", "--no-progress",
             "--out", str(tmp_path), "--name", "nomlx",
@@ -85,6 +85,7 @@ async def test_blockserve_bench_runs_without_mlx(worker, tmp_path):
         out, _ = await asyncio.wait_for(proc.communicate(), 120)
         assert proc.returncode == 0, out.decode()
     result = json.loads((tmp_path / "nomlx.json").read_text())
+    assert result["model"] == "demo:tiny"
     summary = result["runs"][0]["summary"]
     assert summary["requests"] == 4 and summary["errors"] == 0
     assert summary["distinct_prefix_tokens"] > 40  # prompts rendered by the server
