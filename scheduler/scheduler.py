@@ -67,6 +67,9 @@ class Request:
     checkpoints: list[tuple[int, int]] = field(default_factory=list)
     cache_salt: str | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Siblings with the same prompt follow (n > 1): publish the prompt's last full block
+    # as soon as it is computed, so they wait for it and prefill only the tail.
+    share_prompt: bool = False
 
 
 @dataclass
@@ -307,9 +310,10 @@ class Scheduler:
         bs = self.pool.block_size
         tiers: dict[int, int] = {}
         marks = list(req.checkpoints)
-        if gen.needs_snapshots:
-            # A snapshot at the prompt's last full block lets the same prompt, or its
-            # next turn, resume there: the finish can't snapshot an unaligned end.
+        if gen.needs_snapshots or req.share_prompt:
+            # A checkpoint at the prompt's last full block lets the same prompt (a
+            # sibling choice), or its next turn, resume there; for state layers also
+            # because the finish can't snapshot an unaligned end.
             marks.append(((len(req.prompt) - 1) // bs * bs, TIER_GENERATED))
         for offset, tier in marks:
             aligned = offset // bs * bs

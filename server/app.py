@@ -5,12 +5,13 @@ metrics and cache administration are here."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, AsyncIterator
 
 from aiohttp import web
@@ -186,15 +187,20 @@ class Run:
     """One request in flight: submits it, parses its output, times it, and aborts it if
     the client goes."""
 
-    def __init__(self, request: web.Request, gen: Generation):
+    def __init__(self, request: web.Request, gen: Generation, index: int = 0):
         self.app = request.app
         self.gen = gen
+        self.index = index  # which choice, when a request asks for several
         self.t0 = time.perf_counter()
         self.first: float | None = None
         self.parser = self.app[FRONTEND].output_parser(gen.tools, gen.parse_tools,
                                                        gen.reasoning_open, gen.structured)
-        req = Request(gen.prompt, gen.sampling, gen.checkpoints,
-                      cache_salt(request.get(TENANT), gen.cache_salt))
+        sampling = gen.sampling
+        if index and sampling.seed is not None:  # each choice its own, reproducible stream
+            sampling = replace(sampling, seed=sampling.seed + index)
+        req = Request(gen.prompt, sampling, gen.checkpoints,
+                      cache_salt(request.get(TENANT), gen.cache_salt),
+                      share_prompt=gen.n > 1)
         self.stream = self.app[SCHEDULER].submit(req)  # SchedulerError -> HTTP error
         self.id = self.stream.request_id
         self.created = int(time.time())
@@ -237,6 +243,48 @@ class Run:
             raise ApiError(503, "the request was aborted: the server is shutting down")
         reply.calls = self.parser.calls
         return reply
+
+
+def start_runs(request: web.Request, gen: Generation) -> list[Run]:
+    """One ``Run`` per choice; if one can't be submitted, the others are withdrawn."""
+    runs: list[Run] = []
+    try:
+        for i in range(gen.n):
+            runs.append(Run(request, gen, i))
+    except BaseException:
+        for run in runs:
+            run.stream.cancel()
+        raise
+    return runs
+
+
+async def merged_steps(runs: list[Run]) -> AsyncIterator[tuple[Run, Step]]:
+    """The steps of several runs, interleaved as they come."""
+    if len(runs) == 1:
+        async for step in runs[0].steps():
+            yield runs[0], step
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(run: Run) -> None:
+        try:
+            async for step in run.steps():
+                await queue.put((run, step))
+        finally:
+            await queue.put((run, None))
+
+    tasks = [asyncio.create_task(pump(run)) for run in runs]
+    try:
+        left = len(runs)
+        while left:
+            run, step = await queue.get()
+            if step is None:
+                left -= 1
+            else:
+                yield run, step
+    finally:
+        for task in tasks:
+            task.cancel()  # a client gone, or an error: every choice is aborted
 
 
 async def sse(request: web.Request) -> web.StreamResponse:

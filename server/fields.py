@@ -67,6 +67,7 @@ class Generation:
     reasoning_open: bool = False  # the prompt ends inside a think block
     include_reasoning: bool = True  # False: reasoning is dropped from the reply
     structured: bool = True  # split reasoning and tool calls out (chat); False: raw text
+    n: int = 1  # choices, sharing the prompt's blocks
 
 
 def content_text(content: Any, where: str, answering: bool, text_types: tuple[str, ...],

@@ -3,6 +3,7 @@ reasoning, tool calls and logprobs; ``/tokenize`` and ``/detokenize``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -17,9 +18,11 @@ from blockserve.server.app import (
     Reply,
     Run,
     check_model,
+    merged_steps,
     read_json,
     send,
     sse,
+    start_runs,
 )
 from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import (
@@ -57,8 +60,8 @@ _MEDIA_PARTS = {"image_url": "image", "input_image": "image", "input_audio": "au
 def _refusals(body: dict) -> None:
     """Known fields whose effect this server can't give: a 400 rather than a silent
     change of the result."""
-    refuse(body, "n", lambda v: v == 1, "must be 1 (several choices are not supported)")
-    refuse(body, "best_of", lambda v: v == 1, "must be 1")
+    refuse(body, "best_of", lambda v: v in (1, body.get("n", 1)),
+           "must equal n (choosing the best of several is not supported)")
     refuse(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text",
            "supports only {'type': 'text'} (JSON output can't be enforced yet)")
     for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
@@ -66,6 +69,14 @@ def _refusals(body: dict) -> None:
         refuse(body, name, lambda v: False, "is not supported by this server")
     refuse(body, "use_beam_search", lambda v: v is False, "is not supported")
     refuse(body, "min_tokens", lambda v: v == 0, "is not supported")
+
+
+MAX_CHOICES = 16
+
+
+def _n(body: dict) -> int:
+    """Choices of one prompt: they share its blocks, so it is prefilled once."""
+    return integer(body, "n", 1, 1, hi=MAX_CHOICES)
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:
@@ -176,7 +187,7 @@ def parse_chat(body: dict, frontend: Frontend, default_max_tokens: int) -> Gener
                       continue_final)
     return Generation(rendered.tokens, sampling, rendered.checkpoints, stream, include_usage,
                       cache_salt(body), tools, parse_tools, rendered.reasoning_open,
-                      boolean(body, "include_reasoning", True))
+                      boolean(body, "include_reasoning", True), n=_n(body))
 
 
 def parse_completion(body: dict, frontend: Frontend, default_max_tokens: int) -> Generation:
@@ -201,16 +212,11 @@ def parse_completion(body: dict, frontend: Frontend, default_max_tokens: int) ->
     stream, include_usage = _stream_flags(body)
     return Generation(tokens, sampling_params(body, default_max_tokens, top is not None,
                                               top or 0),
-                      [], stream, include_usage, cache_salt(body), structured=False)
+                      [], stream, include_usage, cache_salt(body), structured=False,
+                      n=_n(body))
 
 
 # ---- responses -----------------------------------------------------------------------
-
-
-def _usage(u: Usage) -> dict:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
 def _finish(reason: str | None, run: Run) -> str | None:
@@ -258,17 +264,29 @@ async def _serve(request: web.Request, parse, chat: bool) -> web.StreamResponse:
     frontend = request.app[FRONTEND]
     check_model(body, frontend)
     gen = parse(body, frontend, request.app[CONFIG].default_max_tokens)
-    run = Run(request, gen)
-    base = {"id": ("chatcmpl-" if chat else "cmpl-") + run.id, "created": run.created,
-            "model": body.get("model") or frontend.model_id}
+    runs = start_runs(request, gen)
+    base = {"id": ("chatcmpl-" if chat else "cmpl-") + runs[0].id,
+            "created": runs[0].created, "model": body.get("model") or frontend.model_id}
     if not gen.stream:
-        reply = await run.collect()
-        return web.json_response(_whole(frontend, gen, run, reply, base, chat))
-    return await _stream(request, frontend, gen, run, base, chat)
+        replies = await asyncio.gather(*(run.collect() for run in runs))
+        return web.json_response({
+            **base, "object": "chat.completion" if chat else "text_completion",
+            "choices": [_choice(frontend, gen, run, reply, chat)
+                        for run, reply in zip(runs, replies)],
+            "usage": _usage(*(reply.last.usage for reply in replies))})
+    return await _stream(request, frontend, gen, runs, base, chat)
 
 
-def _whole(frontend: Frontend, gen: Generation, run: Run, reply: Reply, base: dict,
-           chat: bool) -> dict:
+def _usage(*usages: Usage) -> dict:
+    """Usage of one or several choices of one prompt: the prompt counts once."""
+    first = usages[0]
+    completion = sum(u.completion_tokens for u in usages)
+    return {"prompt_tokens": first.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": first.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
+
+
+def _choice(frontend: Frontend, gen: Generation, run: Run, reply: Reply, chat: bool) -> dict:
     finish = _finish(reply.last.finish_reason, run)
     lp = None
     if chat:
@@ -281,33 +299,32 @@ def _whole(frontend: Frontend, gen: Generation, run: Run, reply: Reply, base: di
             message["tool_calls"] = calls
         if gen.sampling.logprobs:
             lp = _chat_logprobs(frontend, reply.logprobs)
-        choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish}
-        obj = "chat.completion"
-    else:
-        if gen.sampling.logprobs:
-            lp = _completion_logprobs(frontend, reply.logprobs)
-        choice = {"index": 0, "text": reply.text(), "logprobs": lp, "finish_reason": finish}
-        obj = "text_completion"
-    return {**base, "object": obj, "choices": [choice], "usage": _usage(reply.last.usage)}
+        return {"index": run.index, "message": message, "logprobs": lp,
+                "finish_reason": finish}
+    if gen.sampling.logprobs:
+        lp = _completion_logprobs(frontend, reply.logprobs)
+    return {"index": run.index, "text": reply.text(), "logprobs": lp, "finish_reason": finish}
 
 
-async def _stream(request: web.Request, frontend: Frontend, gen: Generation, run: Run,
+async def _stream(request: web.Request, frontend: Frontend, gen: Generation, runs: list[Run],
                   base: dict, chat: bool) -> web.StreamResponse:
     resp = await sse(request)
     chunk = {**base, "object": "chat.completion.chunk" if chat else "text_completion"}
     usage_field = {"usage": None} if gen.include_usage else {}
-    calls = 0
-    text_offset = 0
+    calls = [0] * len(runs)  # tool calls so far, per choice
+    text_offset = [0] * len(runs)
+    usages: list[Usage | None] = [None] * len(runs)
 
-    async def emit(choice: dict) -> None:
-        await send(resp, {**chunk, "choices": [{"index": 0, "logprobs": None,
+    async def emit(index: int, choice: dict) -> None:
+        await send(resp, {**chunk, "choices": [{"index": index, "logprobs": None,
                                                 "finish_reason": None, **choice}],
                           **usage_field})
 
     if chat:
-        await emit({"delta": {"role": "assistant", "content": ""}})
-    async for step in run.steps():
-        out = step.out
+        for run in runs:
+            await emit(run.index, {"delta": {"role": "assistant", "content": ""}})
+    async for run, step in merged_steps(runs):
+        i, out = run.index, step.out
         if out.finish_reason == "error":
             await send(resp, ApiError(500, out.error or "generation failed").openai_body())
             break
@@ -315,7 +332,7 @@ async def _stream(request: web.Request, frontend: Frontend, gen: Generation, run
         if gen.sampling.logprobs and out.logprobs:
             entries = [(t, *x) for t, x in zip(out.token_ids, out.logprobs)]
             lp = (_chat_logprobs(frontend, entries) if chat
-                  else _completion_logprobs(frontend, entries, text_offset))
+                  else _completion_logprobs(frontend, entries, text_offset[i]))
         pieces: list[dict] = []
         for d in step.deltas:
             if not chat:
@@ -325,13 +342,13 @@ async def _stream(request: web.Request, frontend: Frontend, gen: Generation, run
             elif d.kind == "reasoning":
                 pieces.append({"delta": {"reasoning_content": d.text}})
             else:  # a whole tool call: id and name first, then the arguments
-                call = _tool_call(d, calls)
+                call = _tool_call(d, calls[i])
                 args = call["function"].pop("arguments")
                 call["function"]["arguments"] = ""
                 pieces.append({"delta": {"tool_calls": [call]}})
                 pieces.append({"delta": {"tool_calls": [
-                    {"index": calls, "function": {"arguments": args}}]}})
-                calls += 1
+                    {"index": calls[i], "function": {"arguments": args}}]}})
+                calls[i] += 1
         if lp is not None:
             if not pieces:
                 pieces.append({"delta": {}} if chat else {"text": ""})
@@ -339,11 +356,12 @@ async def _stream(request: web.Request, frontend: Frontend, gen: Generation, run
         if out.finish_reason is not None:
             finish = {"finish_reason": _finish(out.finish_reason, run)}
             pieces.append({"delta": {}, **finish} if chat else {"text": "", **finish})
+            usages[i] = out.usage
         for p in pieces:
-            text_offset += len(p.get("text", ""))
-            await emit(p)
-        if out.finish_reason and gen.include_usage:
-            await send(resp, {**chunk, "choices": [], "usage": _usage(out.usage)})
+            text_offset[i] += len(p.get("text", ""))
+            await emit(i, p)
+    if gen.include_usage and all(usages):
+        await send(resp, {**chunk, "choices": [], "usage": _usage(*usages)})
     await send(resp, "[DONE]")
     await resp.write_eof()
     return resp

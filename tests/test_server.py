@@ -161,7 +161,8 @@ async def post(url, path, body, headers=None, raw=None):
     ({"messages": []}, None, 400, "messages"),
     ({"messages": CHAT, "max_tokens": -5}, None, 400, "max_tokens"),
     ({"messages": CHAT, "temperature": "hot"}, None, 400, "temperature"),
-    ({"messages": CHAT, "n": 2}, None, 400, "n"),
+    ({"messages": CHAT, "n": 0}, None, 400, "n"),
+    ({"messages": CHAT, "n": 17}, None, 400, "n"),
     ({"messages": CHAT, "logprobs": "yes"}, None, 400, "logprobs"),
     ({"messages": CHAT, "logprobs": True, "top_logprobs": 50}, None, 400, "top_logprobs"),
     ({"messages": CHAT, "response_format": {"type": "json_object"}}, None, 400,
@@ -459,3 +460,48 @@ async def test_tenants_never_share_blocks(worker):
         namespaces = {b.namespace for b in srv.scheduler.pool.blocks()}
         assert len(namespaces) == 3 and all(ns.cache_salt for ns in namespaces)
         assert not any("key-" in ns.cache_salt for ns in namespaces)  # keys are not kept
+
+
+async def test_n_choices_share_one_prefill(worker, ref_model):
+    """n choices of one prompt: its blocks are computed once and shared (each sibling
+    recomputes at most its last partial block); greedy choices are identical and exact;
+    with a seed they are reproducible and differ."""
+    async with serve(worker) as srv:
+        client = oa(srv.url)
+        prompt = srv.frontend.render_chat(CHAT).tokens
+        before = (await metrics(srv.url))["blockserve_prompt_tokens_computed_total"]
+        r = await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8,
+                                                 temperature=0, n=4,
+                                                 extra_body={"ignore_eos": True})
+        after = (await metrics(srv.url))["blockserve_prompt_tokens_computed_total"]
+        assert [c.index for c in r.choices] == [0, 1, 2, 3]
+        texts = {c.message.content for c in r.choices}
+        assert texts == {worker.tokenizer.decode(reference_tokens(ref_model, prompt, 8))}
+        assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == 32
+        assert after - before <= len(prompt) + 3 * 16  # not 4 x len(prompt)
+        # A completion has no chat checkpoints: the siblings still share its blocks.
+        text = " ".join(["the cache block of the first file"] * 12)
+        n_prompt = len(worker.tokenizer.encode(text))
+        before = after
+        c = await client.completions.create(model=MODEL, prompt=text, max_tokens=4, n=4,
+                                            temperature=0, extra_body={"ignore_eos": True})
+        after = (await metrics(srv.url))["blockserve_prompt_tokens_computed_total"]
+        assert len({x.text for x in c.choices}) == 1 and c.usage.prompt_tokens == n_prompt
+        assert n_prompt > 64 and after - before <= n_prompt + 3 * 16
+        sampled = [await client.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=8, temperature=1.0, seed=7, n=3,
+            extra_body={"ignore_eos": True, "cache_salt": f"run{i}"}) for i in range(2)]
+        first, again = ([c.message.content for c in x.choices] for x in sampled)
+        assert first == again  # reproducible, choice by choice
+        assert len(set(first)) > 1  # seed + index: different streams
+        stream = await client.completions.create(model=MODEL, prompt="Open the file",
+                                                 max_tokens=4, n=2, stream=True,
+                                                 temperature=0,
+                                                 stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True})
+        chunks = [c async for c in stream]
+        finished = {c.choices[0].index for c in chunks
+                    if c.choices and c.choices[0].finish_reason == "length"}
+        assert finished == {0, 1}
+        assert chunks[-1].usage.completion_tokens == 8
+        await wait_idle(srv.url)
