@@ -8,7 +8,7 @@ engine, so it never touches MLX.
 from __future__ import annotations
 
 from blockserve.engine.chat import RenderedPrompt, render_chat
-from blockserve.engine.output import Markers, OutputParser
+from blockserve.engine.output import CONTENT, REASONING, Markers, OutputParser
 
 
 class TokenizerFrontend:
@@ -38,8 +38,7 @@ class TokenizerFrontend:
     def output_parser(self, tools: list[dict] | None = None, parse_tools: bool = False,
                       reasoning_open: bool = False, structured: bool = True) -> OutputParser:
         """A parser for one request's output; ``structured=False`` passes text through."""
-        markers = self._markers if structured else Markers()
-        parser = OutputParser(markers, tools, parse_tools)
-        if reasoning_open and structured:
-            parser.state = "reasoning"
-        return parser
+        if not structured:
+            return OutputParser(Markers())
+        return OutputParser(self._markers, tools, parse_tools,
+                            state=REASONING if reasoning_open else CONTENT)

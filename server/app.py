@@ -177,7 +177,6 @@ class Reply:
     deltas: list[Any] = field(default_factory=list)
     last: RequestOutput | None = None
     logprobs: list[tuple[int, float, Any]] = field(default_factory=list)  # token, lp, top
-    calls: int = 0
 
     def text(self, kind: str = "content") -> str:
         return "".join(d.text for d in self.deltas if d.kind == kind)
@@ -241,7 +240,6 @@ class Run:
             raise ApiError(500, reply.last.error or "generation failed")
         if reply.last.finish_reason == "abort":
             raise ApiError(503, "the request was aborted: the server is shutting down")
-        reply.calls = self.parser.calls
         return reply
 
 
