@@ -20,6 +20,7 @@ from blockserve.server.fields import (
     content_text,
     ignore_unknown,
     log,
+    parses_tool_calls,
     render,
     sampling_params,
     template_kwargs,
@@ -143,13 +144,8 @@ def _tools(tools: Any) -> list[dict] | None:
 
 def _tool_choice(body: dict, tools: list[dict] | None) -> bool:
     choice = body.get("tool_choice")
-    kind = choice.get("type") if isinstance(choice, dict) else choice
-    if kind in (None, "auto"):
-        return bool(tools)
-    if kind == "none":
-        return False
-    raise invalid("'tool_choice' supports 'auto' and 'none': this server can't force a "
-                  "tool call yet", param="tool_choice")
+    return parses_tool_calls(choice.get("type") if isinstance(choice, dict) else choice,
+                             bool(tools))
 
 
 def _thinking(body: dict) -> bool | None:

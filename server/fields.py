@@ -220,6 +220,18 @@ def cache_salt(body: dict) -> str | None:
     return salt
 
 
+def parses_tool_calls(kind: str | None, has_tools: bool) -> bool:
+    """The one ``tool_choice`` policy of both APIs, given the choice's kind: 'auto' (the
+    default) parses calls when there are tools, 'none' doesn't; a forced choice
+    ('required', 'any', a named tool) can't be enforced yet, so it is refused."""
+    if kind in (None, "auto"):
+        return has_tools
+    if kind == "none":
+        return False
+    raise invalid("'tool_choice' supports 'auto' and 'none': this server can't force a "
+                  "tool call yet", param="tool_choice")
+
+
 def template_kwargs(body: dict, enable_thinking: bool | None) -> dict:
     """``chat_template_kwargs``, with the API's thinking switch unless it sets its own."""
     kwargs = body.get("chat_template_kwargs")

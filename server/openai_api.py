@@ -35,6 +35,7 @@ from blockserve.server.fields import (
     ignore_unknown,
     integer,
     log,
+    parses_tool_calls,
     refuse,
     render,
     sampling_params,
@@ -147,15 +148,9 @@ def chat_messages(messages: Any) -> list[dict]:
 
 
 def _tool_choice(body: dict) -> bool:
-    """Whether tool calls are parsed: 'auto' (the default with tools) yes, 'none' no;
-    a forced choice can't be enforced yet, so it is refused."""
     choice = body.get("tool_choice", body.get("function_call"))
-    if choice in (None, "auto"):
-        return bool(body.get("tools"))
-    if choice == "none":
-        return False
-    raise invalid("'tool_choice' supports 'auto' and 'none': this server can't force a "
-                  "tool call yet", param="tool_choice")
+    kind = choice if choice is None or isinstance(choice, str) else "function"
+    return parses_tool_calls(kind, bool(body.get("tools")))
 
 
 def _thinking(body: dict) -> bool | None:
