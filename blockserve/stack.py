@@ -77,5 +77,6 @@ def build_stack(config: StackConfig, worker: EngineWorker | None = None) -> Stac
         active_kv_budget_bytes=config.active_kv_memory_bytes,
         share_inflight=config.share_inflight))
     names = config.served_model_names or [worker.loaded.model_id]
-    frontend = TokenizerFrontend(names, worker.tokenizer, worker.loaded.model_path)
+    frontend = TokenizerFrontend(names, worker.tokenizer, worker.loaded.model_path,
+                                 worker.grammars)
     return Stack(config, worker, pool, scheduler, frontend)

@@ -7,18 +7,23 @@ engine, so it never touches MLX.
 
 from __future__ import annotations
 
+from typing import Any
+
 from blockserve.engine.chat import RenderedPrompt, render_chat
-from blockserve.engine.output import CONTENT, REASONING, Markers, OutputParser
+from blockserve.engine.output import CONTENT, REASONING, TOOL, Markers, OutputParser, json_call
+from blockserve.engine.structured import Constraint, Grammars
 
 
 class TokenizerFrontend:
-    def __init__(self, model_names: list[str], tokenizer, model_path: str):
+    def __init__(self, model_names: list[str], tokenizer, model_path: str,
+                 grammars: Grammars | None = None):
         if not model_names:
             raise ValueError("a served model needs at least one name")
         self.model_names = list(model_names)  # what clients may call it; the first is shown
         self.model_path = model_path  # where its weights and tokenizer live
         self._tok = tokenizer
         self._markers = Markers.of(tokenizer)
+        self._grammars = grammars or Grammars(tokenizer)
 
     @property
     def model_id(self) -> str:
@@ -35,10 +40,34 @@ class TokenizerFrontend:
     def decode(self, tokens: list[int]) -> str:
         return self._tok.decode(tokens)
 
+    def constrain(self, kind: str, spec: Any, reasoning_open: bool = False) -> Constraint:
+        """Compile a format: ``json`` (a schema, or None for any object), ``regex``,
+        ``choice`` (a list of strings) or ``tools`` ((tools, name or None, parallel)).
+        Raises ``GrammarError`` (a ValueError) with the reason it can't be enforced."""
+        g = self._grammars
+        if kind == "json":
+            return g.json_schema(spec, reasoning_open)
+        if kind == "regex":
+            return g.regex(spec, reasoning_open)
+        if kind == "choice":
+            return g.choice(spec, reasoning_open)
+        if kind == "tools":
+            tools, name, parallel = spec
+            return g.tool_calls(tools, name, parallel, reasoning_open)
+        raise ValueError(f"unknown format kind {kind!r}")
+
     def output_parser(self, tools: list[dict] | None = None, parse_tools: bool = False,
-                      reasoning_open: bool = False, structured: bool = True) -> OutputParser:
-        """A parser for one request's output; ``structured=False`` passes text through."""
+                      reasoning_open: bool = False, structured: bool = True,
+                      bare_tool_call: bool = False) -> OutputParser:
+        """A parser for one request's output; ``structured=False`` passes text through.
+        ``bare_tool_call``: the reply is one JSON call, forced by a grammar on a model
+        without a JSON call format of its own (reasoning, if open, comes first)."""
         if not structured:
             return OutputParser(Markers())
+        if bare_tool_call:
+            markers = Markers(self._markers.think_start, self._markers.think_end,
+                              tool_start="", tool_parser=json_call)
+            return OutputParser(markers, tools, True, after_reasoning=TOOL,
+                                state=REASONING if reasoning_open else TOOL)
         return OutputParser(self._markers, tools, parse_tools,
                             state=REASONING if reasoning_open else CONTENT)

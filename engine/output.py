@@ -59,6 +59,12 @@ class Markers:
                    getattr(tokenizer, "tool_parser", None))
 
 
+def json_call(text: str, tools: Any = None) -> dict:
+    """A bare call, ``{"name": ..., "arguments": {...}}``: what a grammar forces on a
+    model that has no JSON call format of its own."""
+    return json.loads(text)
+
+
 def _held(buf: str, markers: list[str]) -> int:
     """Length of the longest tail of ``buf`` that could start one of ``markers``."""
     for n in range(min(len(buf), max((len(m) for m in markers), default=1) - 1), 0, -1):
@@ -74,6 +80,7 @@ class OutputParser:
     tools: list[dict] | None = None  # the request's tools, for parsers that use schemas
     parse_tools: bool = True  # False: tool_choice "none", or no tools given
     state: str = CONTENT
+    after_reasoning: str = CONTENT  # TOOL: the reply is a bare call (a forced choice)
     calls: int = 0  # tool calls emitted
     _buf: str = ""
     _tool_text: list[str] = field(default_factory=list)
@@ -135,7 +142,7 @@ class OutputParser:
             if i >= 0:
                 self._emit(REASONING, buf[:i].rstrip("\n"), out)
                 self._buf = buf[i + len(m.think_end):]
-                self.state, self._lstrip = CONTENT, True
+                self.state, self._lstrip = self.after_reasoning, True
                 return True
             keep = _held(buf, [m.think_end])
         else:  # TOOL

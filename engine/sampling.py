@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
+import llguidance as llg
+import llguidance.numpy as llg_np
 import mlx.core as mx
+import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
+from blockserve.engine.structured import Constraint, JsonCloser
 from blockserve.scheduler.protocol import SamplingParams
+
+log = logging.getLogger(__name__)
+
 
 def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
@@ -60,3 +68,79 @@ def token_logprobs(logprobs: mx.array, token: int, top: int
     values = logprobs[ids]
     order = mx.argsort(-values)
     return chosen, list(zip(ids[order].tolist(), values[order].tolist()))
+
+
+class GrammarProcessor:
+    """A logits processor that masks a sequence's logits to the tokens its grammar
+    allows next (one per sequence; constrained and free sequences share a batch).
+
+    mlx-lm calls it once per generated token, before sampling; from the second call on,
+    the context's last token is the one sampled after the previous call, so the matcher
+    consumes it first. With ``constraint.after`` set, the grammar applies only once the
+    sequence has produced those tokens (a reasoning model's end of thinking). In JSON
+    mode, when the budget nears its end, the document's shortest completion is forced
+    (``closed``), so the reply still parses.
+    """
+
+    CLOSE_SLACK = 8  # tokens a single step may add to the closing text
+
+    def __init__(self, vocab: llg.LLTokenizer, constraint: Constraint, max_tokens: int):
+        self._vocab = vocab
+        self._matcher = llg.LLMatcher(vocab, constraint.grammar)
+        self._bits = llg_np.allocate_token_bitmask(1, vocab.vocab_size)
+        self._after = list(constraint.after)
+        self._recent: list[int] = []
+        self._closer = JsonCloser() if constraint.json_mode else None
+        self._max_tokens = max_tokens
+        self._forced: list[int] = []
+        self._calls = 0
+        self.closed = False  # the reply was completed early, at the end of its budget
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if self._calls:
+            self._advance(tokens[-1].item())
+        self._calls += 1
+        if self._after:
+            return logits
+        allowed = self._allowed()
+        n = logits.shape[-1]
+        allowed = allowed[:n]
+        if len(allowed) < n:  # the model's vocabulary is padded past the tokenizer's
+            allowed = np.concatenate([allowed, np.zeros(n - len(allowed), np.bool_)])
+        return mx.where(mx.array(allowed), logits, -mx.inf)
+
+    def _allowed(self) -> np.ndarray:
+        if self._matcher.is_error():  # nothing valid can follow: end the reply
+            return self._only(self._vocab.eos_token)
+        llg_np.fill_next_token_bitmask(self._matcher, self._bits)
+        allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little").astype(np.bool_)
+        if self._closer is not None and not self._matcher.is_stopped():
+            remaining = self._max_tokens - (self._calls - 1)
+            text = None if self.closed else self._closer.closing()
+            if text is not None:
+                plan = self._vocab.tokenize_str(text)
+                if remaining <= len(plan) + self.CLOSE_SLACK:
+                    self._forced, self.closed = plan, True
+            if self._forced:
+                token = self._forced.pop(0)
+                if allowed[token]:
+                    return self._only(token)
+                # The text's tokens don't fit what came before: try again next step.
+                self._forced, self.closed = [], False
+        return allowed
+
+    def _only(self, token: int) -> np.ndarray:
+        allowed = np.zeros(self._vocab.vocab_size, dtype=np.bool_)
+        allowed[token] = True
+        return allowed
+
+    def _advance(self, token: int) -> None:
+        if self._after:
+            self._recent = (self._recent + [token])[-len(self._after):]
+            if self._recent == self._after:
+                self._after = []
+        elif not self._matcher.consume_token(token):
+            log.warning("grammar: token %d was rejected (%s); ending the reply", token,
+                        self._matcher.get_error())
+        elif self._closer is not None:
+            self._closer.feed(self._vocab.decode_bytes([token]))

@@ -20,7 +20,13 @@ from mlx_lm.models.cache import make_prompt_cache
 from blockserve.engine import blas
 from blockserve.engine.kvblocks import blocks_from_cache, cache_from_blocks
 from blockserve.engine.model import LoadedModel, load_model
-from blockserve.engine.sampling import logits_processors, make_sampler, token_logprobs
+from blockserve.engine.sampling import (
+    GrammarProcessor,
+    logits_processors,
+    make_sampler,
+    token_logprobs,
+)
+from blockserve.engine.structured import Grammars
 from blockserve.engine.text import IncrementalDetokenizer, StopStringFilter
 from blockserve.kvpool import TIER_GENERATED, Namespace
 from blockserve.scheduler.protocol import (
@@ -42,6 +48,7 @@ class _Sequence:
     stops: StopStringFilter
     checkpoints: dict[int, int]  # prompt offset -> tier, still to publish
     published_blocks: int  # blocks [0, published_blocks) are in the pool or cached
+    grammar: GrammarProcessor | None = None
     generated: int = 0
 
 
@@ -90,6 +97,7 @@ class EngineWorker:
         self.kv_bytes_per_token = m.kv_bytes_per_token
         self.max_context = m.max_context
         self.tokenizer = m.tokenizer
+        self.grammars = Grammars(m.tokenizer)  # shared with the frontend, which checks
         self.needs_snapshots = m.layout.needs_snapshots
 
     # ---- the Generator protocol (any thread) ----------------------------------
@@ -228,13 +236,18 @@ class EngineWorker:
         stop_ids = set(p.stop_token_ids)
         if not p.ignore_eos:
             stop_ids |= self.loaded.eos_token_ids
+        processors = logits_processors(p)
+        grammar = None
+        if p.constraint is not None:  # last: the penalties never revive a masked token
+            grammar = GrammarProcessor(self.grammars.vocab, p.constraint, p.max_tokens)
+            processors.append(grammar)
         (uid,) = self._bg.insert_segments(
             [segments],
             max_tokens=[p.max_tokens],
             caches=[cache],
             all_tokens=[list(spec.prompt[: spec.cached_tokens])],
             samplers=[make_sampler(p)],
-            logits_processors=[logits_processors(p)],
+            logits_processors=[processors],
             stop_sequences=[StopSequences([[t] for t in sorted(stop_ids)] or None)],
         )
         self._uids[spec.seq_id] = uid
@@ -245,6 +258,7 @@ class EngineWorker:
             stops=StopStringFilter(p.stop),
             checkpoints=checkpoints,
             published_blocks=spec.cached_tokens // bs,
+            grammar=grammar,
         )
 
     def _step(self) -> None:
@@ -289,6 +303,8 @@ class EngineWorker:
         """Publish the sequence's remaining full blocks, then report the finish with
         the text still held back (an incomplete character, a possible stop string)."""
         tail = seq.stops.push(seq.detok.flush()) + seq.stops.flush()
+        if seq.grammar is not None and seq.grammar.closed:
+            reason = "length"  # completed early because the budget ran out
         # State layers describe all the tokens, so a snapshot fits only an aligned end.
         aligned = len(tokens) % self.block_size == 0
         self._publish(seq, cache, list(tokens), TIER_GENERATED, snapshot=aligned)

@@ -32,6 +32,9 @@ class SamplingParams:
     logprobs: bool = False  # report each token's log probability
     top_logprobs: int = 0  # and this many most likely alternatives
     skip_special_tokens: bool = True
+    # Structured output: a compiled format the tokens must follow (opaque here; the
+    # engine's ``engine.structured.Constraint``).
+    constraint: Any = None
 
 
 @dataclass(frozen=True)

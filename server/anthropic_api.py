@@ -14,22 +14,28 @@ from blockserve.scheduler import RequestOutput, Usage
 from blockserve.server.app import FRONTEND, Run, check_model, read_json, send, sse
 from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import (
+    Format,
     Frontend,
     Generation,
+    ToolChoice,
     boolean,
+    constrain,
     content_text,
     ignore_unknown,
     log,
-    parses_tool_calls,
+    one_format,
     render,
     sampling_params,
+    schema_object,
     template_kwargs,
+    tool_choice,
 )
 
 ANTHROPIC_BILLING_PREFIX = "x-anthropic-billing-header"
 
 _KNOWN = {"model", "messages", "system", "max_tokens", "stop_sequences", "temperature",
           "top_p", "top_k", "stream", "tools", "tool_choice", "thinking", "output_config",
+          "output_format",
           # hints and bookkeeping: prompt caching is automatic here, routing is moot
           "metadata", "service_tier", "cache_control", "context_management", "container",
           "inference_geo", "speed", "diagnostics", "user_profile_id", "workspace_id",
@@ -142,10 +148,28 @@ def _tools(tools: Any) -> list[dict] | None:
     return out or None
 
 
-def _tool_choice(body: dict, tools: list[dict] | None) -> bool:
+def _tool_choice(body: dict, tools: list[dict] | None) -> ToolChoice:
     choice = body.get("tool_choice")
-    return parses_tool_calls(choice.get("type") if isinstance(choice, dict) else choice,
-                             bool(tools))
+    if choice is not None and not isinstance(choice, dict):
+        raise invalid("'tool_choice' must be an object", param="tool_choice")
+    choice = choice or {}
+    parallel = not boolean(choice, "disable_parallel_tool_use")
+    return tool_choice(choice.get("type"), choice.get("name"), tools, parallel)
+
+
+def _output_format(body: dict) -> Format | None:
+    """``output_config.format`` (or the beta's ``output_format``): a JSON schema."""
+    config = body.get("output_config")
+    if config is not None and not isinstance(config, dict):
+        raise invalid("'output_config' must be an object", param="output_config")
+    fmt, param = (config or {}).get("format"), "output_config.format"
+    if fmt is None:
+        fmt, param = body.get("output_format"), "output_format"
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise invalid(f"'{param}.type' must be 'json_schema'", param=param)
+    return Format("json", schema_object(fmt.get("schema"), f"{param}.schema"), param)
 
 
 def _thinking(body: dict) -> bool | None:
@@ -161,23 +185,21 @@ def _thinking(body: dict) -> bool | None:
 
 def _parse(body: dict, frontend: Frontend, count_only: bool = False) -> Generation:
     ignore_unknown(body, _KNOWN, "messages")
-    config = body.get("output_config")
-    if isinstance(config, dict) and config.get("format") is not None:
-        raise invalid("'output_config.format' is not supported: JSON output can't be "
-                      "enforced yet", param="output_config")
     if not count_only and body.get("max_tokens") is None:
         raise invalid("'max_tokens' is required", param="max_tokens")
     msgs = _messages(body)
     tools = _tools(body.get("tools"))
-    parse_tools = _tool_choice(body, tools)
+    choice = _tool_choice(body, tools)
+    fmt = one_format(_output_format(body), choice.forced)
     sampling = sampling_params(
         {"max_tokens": body.get("max_tokens"), "temperature": body.get("temperature"),
          "top_p": body.get("top_p"), "top_k": body.get("top_k"),
          "stop": body.get("stop_sequences")}, 1)
     rendered = render(frontend, msgs, tools, template_kwargs({}, _thinking(body)))
-    return Generation(rendered.tokens, sampling, rendered.checkpoints, boolean(body, "stream"),
-                      tools=tools, parse_tools=parse_tools,
-                      reasoning_open=rendered.reasoning_open)
+    gen = Generation(rendered.tokens, sampling, rendered.checkpoints, boolean(body, "stream"),
+                     tools=tools, parse_tools=choice.parse,
+                     reasoning_open=rendered.reasoning_open)
+    return gen if count_only else constrain(frontend, gen, fmt)
 
 
 # ---- responses -----------------------------------------------------------------------

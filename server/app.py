@@ -193,7 +193,8 @@ class Run:
         self.t0 = time.perf_counter()
         self.first: float | None = None
         self.parser = self.app[FRONTEND].output_parser(gen.tools, gen.parse_tools,
-                                                       gen.reasoning_open, gen.structured)
+                                                       gen.reasoning_open, gen.structured,
+                                                       gen.bare_tool_call)
         sampling = gen.sampling
         if index and sampling.seed is not None:  # each choice its own, reproducible stream
             sampling = replace(sampling, seed=sampling.seed + index)

@@ -8,8 +8,9 @@ result is refused (400, naming it); a malformed value of a known field is a 400.
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from blockserve.scheduler import SamplingParams
@@ -48,8 +49,12 @@ class Frontend(Protocol):
     def decode(self, tokens: list[int]) -> str: ...
 
     def output_parser(self, tools: list[dict] | None = None, parse_tools: bool = False,
-                      reasoning_open: bool = False, structured: bool = True
-                      ) -> OutputParser: ...
+                      reasoning_open: bool = False, structured: bool = True,
+                      bare_tool_call: bool = False) -> OutputParser: ...
+
+    def constrain(self, kind: str, spec: Any, reasoning_open: bool = False) -> Any:
+        """A compiled format (``engine.structured.Constraint``); ValueError if it can't
+        be enforced."""
 
 
 @dataclass
@@ -68,6 +73,51 @@ class Generation:
     include_reasoning: bool = True  # False: reasoning is dropped from the reply
     structured: bool = True  # split reasoning and tool calls out (chat); False: raw text
     n: int = 1  # choices, sharing the prompt's blocks
+    bare_tool_call: bool = False  # a forced call on a model without a JSON call format
+
+
+@dataclass(frozen=True)
+class Format:
+    """A structured-output request: ``kind`` json (``spec`` a schema or None), regex,
+    choice or tools ((tools, name or None, parallel)); ``param`` names the field."""
+
+    kind: str
+    spec: Any
+    param: str
+
+
+def constrain(frontend: Frontend, gen: Generation, fmt: Format | None) -> Generation:
+    """``gen`` with its format's grammar; a format that can't be enforced is a 400."""
+    if fmt is None:
+        return gen
+    try:
+        c = frontend.constrain(fmt.kind, fmt.spec, gen.reasoning_open)
+    except ValueError as e:
+        raise invalid(f"'{fmt.param}' can't be enforced: {e}", param=fmt.param)
+    gen.sampling = replace(gen.sampling, constraint=c)
+    gen.bare_tool_call = c.bare_tool_call
+    return gen
+
+
+def one_format(*formats: Format | None) -> Format | None:
+    """At most one format per request (a schema and a forced tool call can't both hold)."""
+    given = [f for f in formats if f is not None]
+    if len(given) > 1:
+        raise invalid(f"'{given[0].param}' and '{given[1].param}' can't be combined",
+                      param=given[1].param)
+    return given[0] if given else None
+
+
+def schema_object(v: Any, param: str) -> dict:
+    """A JSON schema given as an object, or as a JSON string (vLLM's guided_json)."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError as e:
+            raise invalid(f"'{param}' is not valid JSON: {e}", param=param)
+    if not isinstance(v, dict):
+        raise invalid(f"'{param}' must be a JSON schema object", param=param)
+    return v
 
 
 def content_text(content: Any, where: str, answering: bool, text_types: tuple[str, ...],
@@ -220,16 +270,34 @@ def cache_salt(body: dict) -> str | None:
     return salt
 
 
-def parses_tool_calls(kind: str | None, has_tools: bool) -> bool:
+@dataclass(frozen=True)
+class ToolChoice:
+    parse: bool  # parse tool calls out of the text
+    forced: Format | None = None  # the reply must be a call (of one named tool)
+
+
+def tool_choice(kind: str | None, name: Any, tools: list[dict] | None, parallel: bool,
+                param: str = "tool_choice") -> ToolChoice:
     """The one ``tool_choice`` policy of both APIs, given the choice's kind: 'auto' (the
-    default) parses calls when there are tools, 'none' doesn't; a forced choice
-    ('required', 'any', a named tool) can't be enforced yet, so it is refused."""
+    default) parses calls when there are tools, 'none' doesn't; 'required' or 'any'
+    forces a call of one of the tools, 'function' or 'tool' a call of the named one."""
     if kind in (None, "auto"):
-        return has_tools
+        return ToolChoice(bool(tools))
     if kind == "none":
-        return False
-    raise invalid("'tool_choice' supports 'auto' and 'none': this server can't force a "
-                  "tool call yet", param="tool_choice")
+        return ToolChoice(False)
+    if kind not in ("required", "any", "function", "tool"):
+        raise invalid(f"'{param}' must be auto, none, required/any or a named tool",
+                      param=param)
+    if not tools:
+        raise invalid(f"'{param}' forces a tool call, but no 'tools' were given",
+                      param=param)
+    if kind in ("function", "tool"):
+        names = [(t.get("function") or t).get("name") for t in tools]
+        if not isinstance(name, str) or name not in names:
+            raise invalid(f"'{param}' names a tool that is not in 'tools': {name!r}",
+                          param=param)
+        return ToolChoice(True, Format("tools", (tools, name, False), param))
+    return ToolChoice(True, Format("tools", (tools, None, parallel), param))
 
 
 def template_kwargs(body: dict, enable_thinking: bool | None) -> dict:

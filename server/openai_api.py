@@ -27,32 +27,38 @@ from blockserve.server.app import (
 from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import (
     SAMPLING_FIELDS,
+    Format,
     Frontend,
     Generation,
+    ToolChoice,
     boolean,
     cache_salt,
+    constrain,
     content_text,
     ignore_unknown,
     integer,
     log,
-    parses_tool_calls,
+    one_format,
     refuse,
     render,
     sampling_params,
+    schema_object,
     template_kwargs,
+    tool_choice,
 )
 
 # Known fields that change nothing in the output (client bookkeeping, hints).
-_INERT = {"model", "user", "store", "metadata", "service_tier", "parallel_tool_calls",
-          "prompt_cache_key", "verbosity", "safety_identifier", "prediction", "modalities",
+_INERT = {"model", "user", "store", "metadata", "service_tier", "prompt_cache_key", "verbosity", "safety_identifier", "prediction", "modalities",
           "stream_reasoning", "separate_reasoning", "no_stop_trim", "return_hidden_states",
           "request_id", "priority", "add_special_tokens", "documents"}
 _CHAT = {"messages", "stream", "stream_options", "n", "tools", "tool_choice", "logprobs",
          "top_logprobs", "response_format", "chat_template_kwargs", "reasoning_effort",
-         "include_reasoning", "continue_final_message", "add_generation_prompt",
+         "parallel_tool_calls", "structured_outputs", "guided_json", "guided_regex",
+         "guided_choice", "include_reasoning", "continue_final_message", "add_generation_prompt",
          "functions", "function_call"} | SAMPLING_FIELDS | _INERT
 _COMPLETION = {"prompt", "stream", "stream_options", "n", "best_of", "echo", "suffix",
-               "logprobs"} | SAMPLING_FIELDS | _INERT
+               "logprobs", "response_format", "structured_outputs", "guided_json",
+               "guided_regex", "guided_choice"} | SAMPLING_FIELDS | _INERT
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 _MEDIA_PARTS = {"image_url": "image", "input_image": "image", "input_audio": "audio",
                 "file": "file", "input_file": "file", "video_url": "video"}
@@ -63,16 +69,70 @@ def _refusals(body: dict) -> None:
     change of the result."""
     refuse(body, "best_of", lambda v: v in (1, body.get("n", 1)),
            "must equal n (choosing the best of several is not supported)")
-    refuse(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text",
-           "supports only {'type': 'text'} (JSON output can't be enforced yet)")
-    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                 "structured_outputs", "prompt_logprobs"):
+    for name in ("guided_grammar", "guided_decoding_backend", "prompt_logprobs"):
         refuse(body, name, lambda v: False, "is not supported by this server")
     refuse(body, "use_beam_search", lambda v: v is False, "is not supported")
     refuse(body, "min_tokens", lambda v: v == 0, "is not supported")
 
 
 MAX_CHOICES = 16
+
+
+def _response_format(body: dict) -> Format | None:
+    """OpenAI's ``response_format``: text, json_object or json_schema (always enforced,
+    ``strict`` or not: a schema that can't be enforced is a 400, never a hope)."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Format("json", None, "response_format")
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict):
+            raise invalid("'response_format.json_schema' must be an object",
+                          param="response_format")
+        schema = spec.get("schema")
+        return Format("json", None if schema is None else
+                      schema_object(schema, "response_format"), "response_format")
+    raise invalid("'response_format.type' must be text, json_object or json_schema",
+                  param="response_format")
+
+
+def _guided(body: dict) -> Format | None:
+    """vLLM's structured outputs: ``structured_outputs`` {json, regex, choice,
+    json_object}, or the older ``guided_json``/``guided_regex``/``guided_choice``."""
+    so = body.get("structured_outputs")
+    if so is not None and not isinstance(so, dict):
+        raise invalid("'structured_outputs' must be an object", param="structured_outputs")
+    given = {f"guided_{k}": body[f"guided_{k}"] for k in ("json", "regex", "choice")
+             if body.get(f"guided_{k}") is not None}
+    for k, v in (so or {}).items():
+        if k in ("json", "regex", "choice") and v is not None:
+            given[f"structured_outputs.{k}"] = v
+        elif k == "json_object" and v:
+            given["structured_outputs.json_object"] = None
+        elif k in ("grammar", "structural_tag") and v is not None:
+            raise invalid(f"'structured_outputs.{k}' is not supported by this server",
+                          param="structured_outputs")
+    formats = []
+    for param, v in given.items():
+        kind = param.rsplit("_", 1)[-1] if param.startswith("guided") else param.split(".")[1]
+        if kind == "json":
+            formats.append(Format("json", schema_object(v, param), param))
+        elif kind == "json_object":
+            formats.append(Format("json", None, param))
+        elif kind == "regex":
+            if not isinstance(v, str):
+                raise invalid(f"'{param}' must be a string", param=param)
+            formats.append(Format("regex", v, param))
+        elif not isinstance(v, list) or not v or not all(isinstance(c, str) for c in v):
+            raise invalid(f"'{param}' must be a non-empty list of strings", param=param)
+        else:
+            formats.append(Format("choice", v, param))
+    return one_format(*formats)
 
 
 def _n(body: dict) -> int:
@@ -147,10 +207,16 @@ def chat_messages(messages: Any) -> list[dict]:
     return msgs
 
 
-def _tool_choice(body: dict) -> bool:
+def _tool_choice(body: dict, tools: list[dict] | None) -> ToolChoice:
     choice = body.get("tool_choice", body.get("function_call"))
-    kind = choice if choice is None or isinstance(choice, str) else "function"
-    return parses_tool_calls(kind, bool(body.get("tools")))
+    parallel = boolean(body, "parallel_tool_calls", True)
+    if isinstance(choice, dict):  # {"type": "function", "function": {"name": ...}}
+        fn = choice.get("function", choice)  # legacy function_call: {"name": ...}
+        return tool_choice("function", fn.get("name") if isinstance(fn, dict) else None,
+                           tools, parallel)
+    if choice is not None and not isinstance(choice, str):
+        raise invalid("'tool_choice' must be a string or an object", param="tool_choice")
+    return tool_choice(choice, None, tools, parallel)
 
 
 def _thinking(body: dict) -> bool | None:
@@ -170,7 +236,8 @@ def parse_chat(body: dict, frontend: Frontend, default_max_tokens: int) -> Gener
     tools = body.get("tools")
     if tools is None and body.get("functions"):  # the legacy shape
         tools = [{"type": "function", "function": f} for f in body["functions"]]
-    parse_tools = _tool_choice(body)
+    choice = _tool_choice(body, tools)
+    fmt = one_format(_response_format(body), _guided(body), choice.forced)
     logprobs = boolean(body, "logprobs")
     top = integer(body, "top_logprobs", 0, 0, hi=20)
     if top and not logprobs:
@@ -180,9 +247,10 @@ def parse_chat(body: dict, frontend: Frontend, default_max_tokens: int) -> Gener
     continue_final = boolean(body, "continue_final_message")
     rendered = render(frontend, msgs, tools, template_kwargs(body, _thinking(body)),
                       continue_final)
-    return Generation(rendered.tokens, sampling, rendered.checkpoints, stream, include_usage,
-                      cache_salt(body), tools, parse_tools, rendered.reasoning_open,
-                      boolean(body, "include_reasoning", True), n=_n(body))
+    gen = Generation(rendered.tokens, sampling, rendered.checkpoints, stream, include_usage,
+                     cache_salt(body), tools, choice.parse, rendered.reasoning_open,
+                     boolean(body, "include_reasoning", True), n=_n(body))
+    return constrain(frontend, gen, fmt)
 
 
 def parse_completion(body: dict, frontend: Frontend, default_max_tokens: int) -> Generation:
@@ -205,10 +273,12 @@ def parse_completion(body: dict, frontend: Frontend, default_max_tokens: int) ->
         raise invalid("'prompt' is empty", param="prompt")
     top = integer(body, "logprobs", 0, None, hi=20)
     stream, include_usage = _stream_flags(body)
-    return Generation(tokens, sampling_params(body, default_max_tokens, top is not None,
-                                              top or 0),
-                      [], stream, include_usage, cache_salt(body), structured=False,
-                      n=_n(body))
+    fmt = one_format(_response_format(body), _guided(body))
+    gen = Generation(tokens, sampling_params(body, default_max_tokens, top is not None,
+                                             top or 0),
+                     [], stream, include_usage, cache_salt(body), structured=False,
+                     n=_n(body))
+    return constrain(frontend, gen, fmt)
 
 
 # ---- responses -----------------------------------------------------------------------

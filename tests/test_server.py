@@ -165,7 +165,9 @@ async def post(url, path, body, headers=None, raw=None):
     ({"messages": CHAT, "n": 17}, None, 400, "n"),
     ({"messages": CHAT, "logprobs": "yes"}, None, 400, "logprobs"),
     ({"messages": CHAT, "logprobs": True, "top_logprobs": 50}, None, 400, "top_logprobs"),
-    ({"messages": CHAT, "response_format": {"type": "json_object"}}, None, 400,
+    ({"messages": CHAT, "response_format": {"type": "xml"}}, None, 400, "response_format"),
+    ({"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": "(?=a)"}}}}, None, 400,
      "response_format"),
     ({"messages": CHAT, "tool_choice": "required"}, None, 400, "tool_choice"),
     ({"messages": CHAT, "presence_penalty": 9}, None, 400, "presence_penalty"),

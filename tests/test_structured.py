@@ -1,0 +1,304 @@
+"""Structured output on real engines: JSON schemas, JSON mode, regexes, choices and
+forced tool calls, through the official SDKs. On a random-weight demo model the output
+conforms only because the grammar makes it, so every check here can fail."""
+
+import asyncio
+import json
+
+import anthropic
+import jsonschema
+import openai
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mlx_lm.utils import load
+
+from blockserve.engine.model import DEFAULT_MODEL, resolve
+from blockserve.engine.sampling import GrammarProcessor
+from blockserve.engine.structured import Grammars, JsonCloser
+from blockserve.engine.worker import EngineWorker
+from tests.engine_harness import reference_tokens
+from tests.server_harness import serve
+
+MODEL = "demo:tiny"
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 10},
+                 "minItems": 1, "maxItems": 3},
+        "address": {"type": "object",
+                    "properties": {"city": {"type": "string", "maxLength": 16},
+                                   "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["city", "zip"], "additionalProperties": False},
+        "score": {"type": "number", "minimum": -1, "maximum": 1},
+        "active": {"type": "boolean"},
+    },
+    "required": ["name", "age", "role", "tags", "address"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                            "days": {"type": "integer", "minimum": 1,
+                                                     "maximum": 7}},
+           "required": ["city", "days"], "additionalProperties": False}
+READ = {"type": "object", "properties": {"path": {"type": "string", "maxLength": 30}},
+        "required": ["path"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "read", "parameters": READ}}]
+TOOLS_AN = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]}
+            for t in TOOLS]
+PROMPTS = [f"Tell me about user number {i}, please." for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = EngineWorker(MODEL, block_size=16, max_running=16)
+    yield w
+    w.close()
+
+
+def oa(url):
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+async def test_a_nested_schema_always_conforms(worker):
+    """Greedy and sampled, concurrent in one batch: every reply validates."""
+    async with serve(worker) as srv:
+        fmt = {"type": "json_schema",
+               "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+        greedy = [oa(srv.url).chat.completions.create(
+            model=MODEL, messages=user(p), temperature=0, max_tokens=200,
+            response_format=fmt) for p in PROMPTS]
+        sampled = [oa(srv.url).chat.completions.create(
+            model=MODEL, messages=user(p), temperature=1.0, seed=i, max_tokens=200,
+            response_format=fmt) for i, p in enumerate(PROMPTS)]
+        replies = await asyncio.gather(*greedy, *sampled)
+        for r in replies:
+            c = r.choices[0]
+            assert c.finish_reason == "stop", c.message.content
+            jsonschema.validate(json.loads(c.message.content), PERSON)
+        texts = {r.choices[0].message.content for r in replies}
+        assert len(texts) > len(PROMPTS), "the replies should differ (the model is free "\
+                                          "where the schema allows)"
+
+
+async def test_anthropic_output_format_conforms(worker):
+    async with serve(worker) as srv:
+        client = anthropic.AsyncAnthropic(base_url=srv.url, api_key="x", max_retries=0)
+        for p in PROMPTS[:3]:
+            msg = await client.messages.create(
+                model=MODEL, max_tokens=200, messages=user(p),
+                extra_body={"temperature": 0, "output_config": {
+                    "format": {"type": "json_schema", "schema": PERSON}}})
+            assert msg.stop_reason == "end_turn"
+            jsonschema.validate(json.loads(msg.content[0].text), PERSON)
+
+
+async def test_json_mode_always_yields_a_json_object(worker):
+    """The random model writes strings forever; near max_tokens the engine completes the
+    document, so it parses, and the finish reason still says it was cut short."""
+    async with serve(worker) as srv:
+        replies = await asyncio.gather(*[oa(srv.url).chat.completions.create(
+            model=MODEL, messages=user(p), temperature=t, seed=1, max_tokens=40,
+            response_format={"type": "json_object"}) for p in PROMPTS for t in (0, 1)])
+        for r in replies:
+            assert isinstance(json.loads(r.choices[0].message.content), dict)
+            assert r.usage.completion_tokens <= 40
+        assert "length" in {r.choices[0].finish_reason for r in replies}
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=3),
+    max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.text(max_size=5), _JSON, max_size=4))
+def test_every_prefix_of_a_document_closes_to_json(doc):
+    """Cut a compact document anywhere: the closer's text completes it to an object
+    (None only inside a multi-byte character)."""
+    data = json.dumps(doc, ensure_ascii=False, separators=(", ", ": ")).encode()
+    for cut in range(len(data) + 1):
+        closer = JsonCloser()
+        closer.feed(data[:cut])
+        tail = closer.closing()
+        if tail is None:
+            with pytest.raises(UnicodeDecodeError):
+                data[:cut].decode()
+            continue
+        assert isinstance(json.loads(data[:cut].decode() + tail), dict), (data[:cut], tail)
+
+
+async def test_forced_tool_choices_yield_parsable_calls(worker):
+    async with serve(worker) as srv:
+        for p in PROMPTS[:3]:
+            r = await oa(srv.url).chat.completions.create(
+                model=MODEL, messages=user(p), temperature=0, max_tokens=200, tools=TOOLS,
+                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+            c = r.choices[0]
+            assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
+            call = c.message.tool_calls[0].function
+            assert call.name == "get_weather"
+            jsonschema.validate(json.loads(call.arguments), WEATHER)
+        r = await oa(srv.url).chat.completions.create(
+            model=MODEL, messages=user("Go."), temperature=0, max_tokens=300, tools=TOOLS,
+            tool_choice="required", parallel_tool_calls=False)
+        calls = r.choices[0].message.tool_calls
+        assert len(calls) == 1
+        schema = {"get_weather": WEATHER, "read": READ}[calls[0].function.name]
+        jsonschema.validate(json.loads(calls[0].function.arguments), schema)
+
+        client = anthropic.AsyncAnthropic(base_url=srv.url, api_key="x", max_retries=0)
+        for choice in ({"type": "tool", "name": "read"}, {"type": "any"}):
+            msg = await client.messages.create(  # up to 8 parallel calls under "any"
+                model=MODEL, max_tokens=600, tools=TOOLS_AN, tool_choice=choice,
+                messages=user("Open the file."), extra_body={"temperature": 0})
+            assert msg.stop_reason == "tool_use"
+            uses = [b for b in msg.content if b.type == "tool_use"]
+            assert uses and (choice["type"] == "any" or uses[0].name == "read")
+            for u in uses:
+                jsonschema.validate(u.input, {"get_weather": WEATHER, "read": READ}[u.name])
+
+
+async def test_the_forced_call_is_in_the_models_own_format(worker):
+    """The reply re-rendered by the template is the tokens the model produced, so the
+    next turn's prompt hits the cache through the call."""
+    async with serve(worker) as srv:
+        msgs = user("What is the weather?")
+        r = await oa(srv.url).chat.completions.create(
+            model=MODEL, messages=msgs, temperature=0, max_tokens=200, tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        call = r.choices[0].message.tool_calls[0]
+        turn = msgs + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                       {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+        r2 = await oa(srv.url).chat.completions.create(
+            model=MODEL, messages=turn, temperature=0, max_tokens=4, tools=TOOLS)
+        prompt1 = r.usage.prompt_tokens + r.usage.completion_tokens
+        assert r2.usage.prompt_tokens_details.cached_tokens >= (prompt1 - 1) // 16 * 16
+
+
+async def test_regex_and_choice_on_completions(worker):
+    async with serve(worker) as srv:
+        r = await oa(srv.url).completions.create(
+            model=MODEL, prompt="The code is", max_tokens=32, temperature=0,
+            extra_body={"guided_regex": r"[A-Z]{3}-[0-9]{4}"})
+        assert r.choices[0].text and __import__("re").fullmatch(r"[A-Z]{3}-[0-9]{4}",
+                                                                r.choices[0].text)
+        r = await oa(srv.url).chat.completions.create(
+            model=MODEL, messages=user("Yes or no?"), max_tokens=8, temperature=0,
+            extra_body={"structured_outputs": {"choice": ["yes", "no", "maybe"]}})
+        assert r.choices[0].message.content in ("yes", "no", "maybe")
+
+
+async def test_n_choices_each_conform(worker):
+    async with serve(worker) as srv:
+        r = await oa(srv.url).chat.completions.create(
+            model=MODEL, messages=user("A person."), n=4, temperature=1.0, seed=7,
+            max_tokens=200, response_format={"type": "json_schema", "json_schema": {
+                "name": "p", "schema": PERSON}})
+        assert len(r.choices) == 4
+        for c in r.choices:
+            jsonschema.validate(json.loads(c.message.content), PERSON)
+
+
+@pytest.mark.parametrize("body, param, reason", [
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"not": {"type": "string"}}}}}, "response_format", "not"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}},
+     "response_format", "minimum"),
+    ({"guided_json": "{not json"}, "guided_json", "JSON"),
+    ({"guided_regex": "(?<=a)b"}, "guided_regex", "look"),
+    ({"guided_grammar": "root ::= x"}, "guided_grammar", "not supported"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice", "nope"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {
+        "type": "json_object"}}, "tool_choice", "combined"),
+])
+async def test_formats_that_cant_be_enforced_are_400s_that_say_why(worker, body, param,
+                                                                  reason):
+    async with serve(worker) as srv:
+        with pytest.raises(openai.BadRequestError) as e:
+            await oa(srv.url).chat.completions.create(model=MODEL, messages=user("hi"),
+                                                      max_tokens=4, extra_body=body)
+        err = e.value.body
+        assert err["param"] == param and reason in err["message"], err
+        r = await oa(srv.url).chat.completions.create(model=MODEL, messages=user("hi"),
+                                                      max_tokens=2)
+        assert r.choices[0].finish_reason == "length"
+
+
+async def test_free_requests_stay_exact_beside_constrained_ones(worker):
+    """Constrained and free requests share batches; the free ones still produce
+    exactly mlx-lm's greedy tokens."""
+    ref_model, _ = load(resolve(MODEL)[1])
+    n = 24
+    async with serve(worker) as srv:
+        fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
+        free = [oa(srv.url).completions.create(
+            model=MODEL, prompt=p, max_tokens=n, temperature=0,
+            extra_body={"ignore_eos": True})
+            for p in PROMPTS[:4]]
+        constrained = [oa(srv.url).chat.completions.create(
+            model=MODEL, messages=user(p), temperature=0, max_tokens=200,
+            response_format=fmt) for p in PROMPTS[:4]]
+        replies = await asyncio.gather(*free, *constrained)
+        for p, r in zip(PROMPTS[:4], replies[:4]):
+            expected = reference_tokens(ref_model, srv.frontend.encode(p), n)
+            assert r.choices[0].text == srv.frontend.decode(expected)
+        for r in replies[4:]:
+            jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+
+
+def test_the_mask_waits_for_the_end_of_reasoning():
+    """With ``after`` set, the logits pass untouched until those tokens were produced,
+    then only what the grammar allows survives."""
+    import mlx.core as mx
+    _, tok = load(resolve(MODEL)[1])
+    grammars = Grammars(tok)
+    c = grammars.choice(["yes", "no"], reasoning_open=True)
+    assert c.after == tuple(tok.encode("</think>", add_special_tokens=False))
+    proc = GrammarProcessor(grammars.vocab, c, max_tokens=100)
+    logits = mx.zeros((1, grammars.vocab.vocab_size))
+    context = list(tok.encode("hello", add_special_tokens=False))
+    assert mx.array_equal(proc(mx.array(context), logits), logits)  # reasoning: free
+    for t in [*tok.encode(" thinking", add_special_tokens=False), *c.after]:
+        context.append(t)
+        out = proc(mx.array(context), logits)
+    allowed = {i for i, v in enumerate(out[0].tolist()) if v > float("-inf")}
+    starts = {ids[0] for w in ("yes", "no")
+              for ids in [tok.encode(w, add_special_tokens=False)]}
+    assert starts <= allowed and len(allowed) < 10
+
+
+async def test_a_real_model_without_a_call_format_gets_bare_calls():
+    """SmolLM2 has no tool-call format: a forced choice makes the whole reply one JSON
+    call, which comes back as a tool call; its schema output is real JSON too."""
+    w = EngineWorker(DEFAULT_MODEL, block_size=16, max_running=4)
+    try:
+        async with serve(w) as srv:
+            r = await oa(srv.url).chat.completions.create(
+                model=srv.frontend.model_id, messages=user("What's the weather in Paris?"),
+                temperature=0, max_tokens=100, tools=TOOLS, tool_choice="required")
+            c = r.choices[0]
+            assert c.finish_reason == "tool_calls" and c.message.content is None
+            call = c.message.tool_calls[0].function
+            schema = {"get_weather": WEATHER, "read": READ}[call.name]
+            jsonschema.validate(json.loads(call.arguments), schema)
+            r = await oa(srv.url).chat.completions.create(
+                model=srv.frontend.model_id, messages=user("Describe a user of our app."),
+                temperature=0, max_tokens=200, response_format={
+                    "type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
+            jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    finally:
+        w.close()
