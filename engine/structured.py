@@ -3,8 +3,9 @@ forced tool call) compiled into an llguidance grammar, checked against the model
 vocabulary, so that a grammar the engine can't enforce is refused before it runs.
 
 llguidance was chosen by measuring (``bench/grammar_bench.py``, BENCHMARKS.md): on a 49K
-vocabulary in a batch of 16 it computes masks 2x faster than xgrammar and 4x faster
-than outlines-core, compiles a schema in milliseconds, and needs no torch.
+vocabulary in a batch of 16 its masks cost about a fifth of xgrammar's or
+outlines-core's per step (and a twentieth of xgrammar's at p99), it compiles a schema in
+about 10 ms against their 270 and 660, and it needs no torch.
 
 JSON is compact (``", "`` and ``": "`` separators, no free whitespace): a model that
 may write whitespace forever can't be made to finish, and the separators are the ones
