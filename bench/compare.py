@@ -5,7 +5,10 @@
 Starts each server in turn on 127.0.0.1 (never both at once: they would share the
 cores), runs the same seeded workloads against it, stops it, and writes
 ``bench/results/<name>.{json,md}`` and TTFT CDF plots. Both servers get the system
-OpenBLAS: blockserve loads it itself, mlx_lm server through LD_PRELOAD.
+OpenBLAS: blockserve loads it itself, the peers through LD_PRELOAD. vllm-mlx pins an
+older mlx-lm and pulls torch, so it lives in its own venv (``python -m venv v &&
+v/bin/pip install vllm-mlx 'mlx[cpu]'``) and is run with ``--continuous-batching`` and
+its prefix cache on (its default).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="claude-code replay: system prompt and 24 tools, in tokens")
     p.add_argument("--claude-code-turns", type=int, default=4)
     p.add_argument("--name", default="compare", help="stem of the result files")
+    p.add_argument("--vllm-mlx", metavar="PATH",
+                   help="the vllm-mlx executable (its own venv): compare against it too")
 
 
 def _workloads(args, trim):
@@ -73,12 +78,16 @@ def _server_command(server: str, args, model_path: str | None, port: int
         return ([sys.executable, "-m", "blockserve.cli", "serve", "--model", args.model,
                  "--port", str(port), "--max-num-seqs", n, "--log-level", "WARNING"],
                 args.model, env)
-    # This machine runs MLX anyway (both servers do): give mlx_lm the same BLAS.
+    # This machine runs MLX anyway (every server does): give the peers the same BLAS.
     from blockserve.engine.blas import find_openblas
 
     blas = find_openblas()
     if blas and sys.platform.startswith("linux"):
         env["LD_PRELOAD"] = blas
+    if server == "vllm-mlx":
+        return ([args.vllm_mlx, "serve", model_path, "--port", str(port),
+                 "--continuous-batching", "--max-num-seqs", n, "--prefill-batch-size", n,
+                 "--completion-batch-size", n], model_path, env)
     return ([sys.executable, "-m", "mlx_lm.server", "--model", model_path,
              "--port", str(port), "--decode-concurrency", n, "--prompt-concurrency", n,
              "--log-level", "WARNING"], model_path, env)
@@ -132,11 +141,12 @@ def main(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, dict]] = {}
     records: dict[str, dict[str, list]] = {}
     model_path, tok = None, None
-    for i, server in enumerate(("blockserve", "mlx_lm server")):
+    servers = ["blockserve", "mlx_lm server"] + (["vllm-mlx"] if args.vllm_mlx else [])
+    for i, server in enumerate(servers):
         port = args.port + i
         cmd, model_name, env = _server_command(server, args, model_path, port)
         url = f"http://127.0.0.1:{port}"
-        print(f"starting {server}: {' '.join(cmd)}")
+        print(f"starting {server}: {' '.join(cmd)}", flush=True)
         proc = subprocess.Popen(cmd, env=env)
         try:
             asyncio.run(_wait_ready(url, proc))
@@ -168,14 +178,19 @@ def main(args: argparse.Namespace) -> int:
             lines.append(_row(workload, server, s))
     lines.append("")
     for workload, by_server in results.items():
-        a, b = by_server.get("blockserve"), by_server.get("mlx_lm server")
-        if a and b:
+        a = by_server.get("blockserve")
+        for peer in servers[1:]:
+            b = by_server.get(peer)
+            if not (a and b):
+                continue
             rps = a["requests_per_s"] / b["requests_per_s"]
             ttft = a["ttft_s"]["p90"] / b["ttft_s"]["p90"]
+            p50 = a["ttft_s"]["p50"] / b["ttft_s"]["p50"]
             lines.append(
-                f"- {workload}: requests/s ratio **{rps:.2f}x** (target >= "
-                f"{TARGETS['requests_per_s_ratio']}x), p90 TTFT ratio **{ttft:.2f}** (target "
-                f"<= {TARGETS['ttft_p90_ratio']}), blockserve prefill efficiency "
+                f"- {workload}, against {peer}: requests/s ratio **{rps:.2f}x** (target >= "
+                f"{TARGETS['requests_per_s_ratio']}x), p50 TTFT ratio **{p50:.2f}** (target "
+                f"<= 1), p90 TTFT ratio **{ttft:.2f}** (target <= "
+                f"{TARGETS['ttft_p90_ratio']}), blockserve prefill efficiency "
                 f"**{a['prefill_efficiency']:.2f}** (target >= "
                 f"{TARGETS['prefill_efficiency']})")
         name = workload.split()[0]

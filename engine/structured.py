@@ -54,8 +54,8 @@ def _lark_string(text: str) -> str:
 
 class Grammars:
     """Compiles formats for one tokenizer (an mlx-lm ``TokenizerWrapper``). The engine's
-    vocabulary is built on first use (about 0.4 s for 49K tokens) and shared by the
-    frontend, which checks grammars, and the engine thread, which runs them."""
+    vocabulary (about 0.4 s to build for 49K tokens) is shared by the frontend, which
+    checks grammars, and the engine thread, which runs them."""
 
     def __init__(self, tokenizer: Any):
         self._tok = tokenizer
@@ -67,6 +67,12 @@ class Grammars:
         self._native_calls = bool(
             parser is not None and parser.__module__.endswith(".json_tools")
             and tokenizer.tool_call_start and tokenizer.tool_call_end)
+
+    def warm(self) -> None:
+        """Build the vocabulary in the background, so the first constrained request
+        doesn't wait for it (and the server's loop doesn't either)."""
+        threading.Thread(target=lambda: self.vocab, name="blockserve-grammar-vocab",
+                         daemon=True).start()
 
     @property
     def vocab(self) -> llg.LLTokenizer:
@@ -97,7 +103,7 @@ class Grammars:
         in the model's own format where it has a JSON one."""
         schemas = []
         for t in tools:
-            fn = t.get("function", t)
+            fn = t["function"] if isinstance(t.get("function"), dict) else t
             if name is None or fn.get("name") == name:
                 params = fn.get("parameters") or {"type": "object"}
                 schemas.append({"type": "object",

@@ -98,6 +98,7 @@ class EngineWorker:
         self.max_context = m.max_context
         self.tokenizer = m.tokenizer
         self.grammars = Grammars(m.tokenizer)  # shared with the frontend, which checks
+        self.grammars.warm()
         self.needs_snapshots = m.layout.needs_snapshots
 
     # ---- the Generator protocol (any thread) ----------------------------------

@@ -292,7 +292,8 @@ def tool_choice(kind: str | None, name: Any, tools: list[dict] | None, parallel:
         raise invalid(f"'{param}' forces a tool call, but no 'tools' were given",
                       param=param)
     if kind in ("function", "tool"):
-        names = [(t.get("function") or t).get("name") for t in tools]
+        names = [(t["function"] if isinstance(t.get("function"), dict) else t).get("name")
+                 for t in tools]
         if not isinstance(name, str) or name not in names:
             raise invalid(f"'{param}' names a tool that is not in 'tools': {name!r}",
                           param=param)

@@ -107,19 +107,16 @@ def _guided(body: dict) -> Format | None:
     so = body.get("structured_outputs")
     if so is not None and not isinstance(so, dict):
         raise invalid("'structured_outputs' must be an object", param="structured_outputs")
-    given = {f"guided_{k}": body[f"guided_{k}"] for k in ("json", "regex", "choice")
-             if body.get(f"guided_{k}") is not None}
+    given = [(k, body[f"guided_{k}"], f"guided_{k}") for k in ("json", "regex", "choice")
+             if body.get(f"guided_{k}") is not None]
     for k, v in (so or {}).items():
-        if k in ("json", "regex", "choice") and v is not None:
-            given[f"structured_outputs.{k}"] = v
-        elif k == "json_object" and v:
-            given["structured_outputs.json_object"] = None
-        elif k in ("grammar", "structural_tag") and v is not None:
+        if k in ("grammar", "structural_tag") and v is not None:
             raise invalid(f"'structured_outputs.{k}' is not supported by this server",
                           param="structured_outputs")
+        if k in ("json", "regex", "choice", "json_object") and v not in (None, False):
+            given.append((k, v, f"structured_outputs.{k}"))
     formats = []
-    for param, v in given.items():
-        kind = param.rsplit("_", 1)[-1] if param.startswith("guided") else param.split(".")[1]
+    for kind, v, param in given:
         if kind == "json":
             formats.append(Format("json", schema_object(v, param), param))
         elif kind == "json_object":

@@ -65,7 +65,7 @@ def worker():
 class Recorder:
     """Every request the server admits, with its final usage (what the agent got)."""
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, frontend):
         self.streams = []
         submit = scheduler.submit
 
@@ -75,6 +75,15 @@ class Recorder:
             return stream
 
         scheduler.submit = recording_submit
+        self.tools: list[dict] = []  # the tool lists the client sent, as rendered
+        render = frontend.render_chat
+
+        def recording_render(messages, tools=None, *args):
+            if tools:
+                self.tools = tools
+            return render(messages, tools, *args)
+
+        frontend.render_chat = recording_render
 
     def mark(self) -> int:
         return len(self.streams)
@@ -103,6 +112,15 @@ def _system_end(req) -> int:
     return max((t for t, tier in req.checkpoints if tier == TIER_SYSTEM), default=0)
 
 
+def _check_tools_can_be_forced(frontend, tools):
+    """A forced tool choice over the client's real tools compiles: the grammar engine
+    takes every schema these agents send."""
+    assert len(tools) >= 5, [t.get("function", t).get("name") for t in tools]
+    frontend.constrain("tools", (tools, None, True))
+    for t in tools:
+        frontend.constrain("tools", (tools, t["function"]["name"], False))
+
+
 def _check_second_turn(first, second):
     assert first and second, "each turn sends at least one request"
     main = max(first, key=lambda r: len(r[0].prompt))[0]  # the agent's turn, not a title
@@ -121,7 +139,7 @@ def _env(tmp: Path, **extra) -> dict:
 
 async def test_claude_code_two_turns(bins, worker, tmp_path):
     async with serve(worker) as srv:
-        rec = Recorder(srv.scheduler)
+        rec = Recorder(srv.scheduler, srv.frontend)
         env = _env(tmp_path, ANTHROPIC_BASE_URL=srv.url, ANTHROPIC_API_KEY="unused")
         claude = str(bins / "claude")
         work = tmp_path / "project"
@@ -131,12 +149,13 @@ async def test_claude_code_two_turns(bins, worker, tmp_path):
         mark = rec.mark()
         await _run([claude, "-p", "Now say hi.", "--continue", "--model", MODEL], work, env)
         _check_second_turn(turn1, rec.since(mark))
+        _check_tools_can_be_forced(srv.frontend, rec.tools)
         assert srv.scheduler.pool.stats().blocks_pinned == 0
 
 
 async def test_opencode_two_turns(bins, worker, tmp_path):
     async with serve(worker) as srv:
-        rec = Recorder(srv.scheduler)
+        rec = Recorder(srv.scheduler, srv.frontend)
         work = tmp_path / "project"
         work.mkdir()
         (work / "opencode.json").write_text(json.dumps({
@@ -155,4 +174,5 @@ async def test_opencode_two_turns(bins, worker, tmp_path):
         mark = rec.mark()
         await _run([opencode, "run", "--continue", "Now say hi."], work, env)
         _check_second_turn(turn1, rec.since(mark))
+        _check_tools_can_be_forced(srv.frontend, rec.tools)
         assert srv.scheduler.pool.stats().blocks_pinned == 0
