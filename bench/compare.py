@@ -30,7 +30,12 @@ from blockserve.bench.plots import plot_ttft_cdf
 from blockserve.bench.run import bench_once, make_target
 from blockserve.bench.stats import records_json
 from blockserve.bench.tokens import LocalTokenizer
-from blockserve.bench.workloads import agent_sessions, claude_code_sessions, shared_prefix
+from blockserve.bench.workloads import (
+    agent_sessions,
+    claude_code_sessions,
+    no_sharing,
+    shared_prefix,
+)
 
 TARGETS = {"ttft_p90_ratio": 0.5, "requests_per_s_ratio": 1.5, "prefill_efficiency": 0.9}
 
@@ -44,7 +49,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--max-seconds", type=float, default=900)
     p.add_argument("--workloads", default="shared-prefix,agent",
-                   help="comma list of: shared-prefix, agent, claude-code")
+                   help="comma list of: shared-prefix, agent, claude-code, cached-prefix")
     p.add_argument("--claude-code-tokens", type=int, default=18000,
                    help="claude-code replay: system prompt and 24 tools, in tokens")
     p.add_argument("--claude-code-turns", type=int, default=4)
@@ -62,6 +67,10 @@ def _workloads(args, trim):
     if "agent" in chosen:
         out.append((agent_sessions(4, 4, args.system_tokens, output_tokens=args.output_tokens,
                                    seed=1, trim=trim), 4))
+    if "cached-prefix" in chosen:  # one request at a time: a cached 2K prefix + 32 new
+        # tokens (the first request caches the prefix), and cold 32-token prompts
+        out.append((shared_prefix(1, 5, 2048, 32, 1, seed=4, trim=trim), 1))
+        out.append((no_sharing(5, 32, 1, seed=5, trim=trim), 1))
     if "claude-code" in chosen:
         out.append((claude_code_sessions(1, args.claude_code_turns, args.claude_code_tokens,
                                          output_tokens=args.output_tokens, seed=3, trim=trim),
@@ -135,6 +144,32 @@ def _row(workload: str, server: str, s: dict) -> str:
             f"{s['errors']} |")
 
 
+def _median_ttft(recs: list, skip_first: bool) -> float | None:
+    ttfts = [r.ttft for r in sorted(recs, key=lambda r: r.start)[1 if skip_first else 0:]
+             if r.ttft is not None]
+    return sorted(ttfts)[len(ttfts) // 2] if ttfts else None
+
+
+def _cached_prefix_lines(records: dict[str, dict[str, list]]) -> list[str]:
+    """The cached-2K-prefix target: its TTFT (the first request, which cached the
+    prefix, left out) against a cold 32-token prompt, and against each peer."""
+    cached = next((v for k, v in records.items() if k.startswith("shared-prefix 1x5")), None)
+    cold = next((v for k, v in records.items() if k.startswith("no-sharing")), None)
+    if not cached or not cold:
+        return []
+    out = ["", "Cached 2K-token prefix + 32 new tokens (median TTFT, one request at a time):",
+           "", "| server | cold 32 tokens s | cached 2K + 32 s | ratio (target <= 1.5) | "
+           "blockserve / this server |", "|---|---|---|---|---|"]
+    ours = _median_ttft(cached.get("blockserve", []), True)
+    for server, recs in cached.items():
+        warm, c = _median_ttft(recs, True), _median_ttft(cold.get(server, []), False)
+        if warm is None or c is None:
+            continue
+        vs = f"{ours / warm:.2f}" if ours else "n/a"
+        out.append(f"| {server} | {c:.3f} | {warm:.3f} | {warm / c:.2f} | {vs} |")
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,6 +233,7 @@ def main(args: argparse.Namespace) -> int:
             plot_ttft_cdf(records[workload], str(out / f"{args.name}-{name}-ttft.png"))
         except ImportError:
             pass
+    lines += _cached_prefix_lines(records)
     for workload, by_server in results.items():
         if all(len(s["per_turn"]) > 1 for s in by_server.values()):
             lines += ["", f"Per turn, {workload}:", "",

@@ -144,3 +144,20 @@ async def test_a_short_claude_code_replay(worker):
         assert turns[1]["cached_tokens"] >= turns[0]["prompt_tokens"] - 16
         assert turns[2]["cached_tokens"] >= turns[1]["prompt_tokens"] - 16
         assert summary["prefill_efficiency"] > 0.9
+
+
+def test_the_cached_prefix_target_leaves_out_the_request_that_cached_it():
+    from blockserve.bench.compare import _cached_prefix_lines
+
+    def recs(*ttfts):
+        return [Record(i, 0, start=float(i), ttft=t) for i, t in enumerate(ttfts)]
+    lines = _cached_prefix_lines({
+        "shared-prefix 1x5": {"blockserve": recs(9.0, 0.3, 0.2, 0.3, 0.4),
+                              "mlx_lm server": recs(9.0, 0.6, 0.6, 0.5, 0.6)},
+        "no-sharing x5": {"blockserve": recs(0.2, 0.2, 0.1, 0.2, 0.2),
+                          "mlx_lm server": recs(0.1, 0.1, 0.1, 0.1, 0.1)}})
+    rows = {ln.split(" | ")[0].strip("| "): ln.split(" | ")[1:] for ln in lines
+            if ln.startswith("| ") and not ln.startswith("| server |")}
+    assert rows["blockserve"][:3] == ["0.200", "0.300", "1.50"]
+    assert rows["mlx_lm server"][:3] == ["0.100", "0.600", "6.00"]
+    assert rows["mlx_lm server"][3].startswith("0.50")

@@ -170,6 +170,38 @@ async def test_forced_tool_choices_yield_parsable_calls(worker):
                 jsonschema.validate(u.input, {"get_weather": WEATHER, "read": READ}[u.name])
 
 
+async def test_streamed_constrained_replies(worker):
+    """The same guarantees when streamed: a forced call arrives as tool-call deltas,
+    schema output as text deltas that join into valid JSON."""
+    async with serve(worker) as srv:
+        stream = await oa(srv.url).chat.completions.create(
+            model=MODEL, messages=user("Weather?"), temperature=0, max_tokens=200,
+            tools=TOOLS, stream=True,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        calls, finish = {}, None
+        async for chunk in stream:
+            c = chunk.choices[0]
+            for d in c.delta.tool_calls or []:
+                call = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                call["name"] += d.function.name or ""
+                call["arguments"] += d.function.arguments or ""
+            finish = c.finish_reason or finish
+        assert finish == "tool_calls" and [c["name"] for c in calls.values()] == [
+            "get_weather"]
+        jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER)
+
+        client = anthropic.AsyncAnthropic(base_url=srv.url, api_key="x", max_retries=0)
+        text = []
+        async with client.messages.stream(
+                model=MODEL, max_tokens=200, messages=user("A user."),
+                extra_body={"temperature": 0, "output_config": {
+                    "format": {"type": "json_schema", "schema": PERSON}}}) as s:
+            async for delta in s.text_stream:
+                text.append(delta)
+        assert len(text) > 3
+        jsonschema.validate(json.loads("".join(text)), PERSON)
+
+
 async def test_the_forced_call_is_in_the_models_own_format(worker):
     """The reply re-rendered by the template is the tokens the model produced, so the
     next turn's prompt hits the cache through the call."""
