@@ -267,7 +267,7 @@ async def test_formats_that_cant_be_enforced_are_400s_that_say_why(worker, body,
         assert err["param"] == param and reason in err["message"], err
         r = await oa(srv.url).chat.completions.create(model=MODEL, messages=user("hi"),
                                                       max_tokens=2)
-        assert r.choices[0].finish_reason == "length"
+        assert r.choices[0].finish_reason in ("length", "stop")  # still serving
 
 
 async def test_free_requests_stay_exact_beside_constrained_ones(worker):
