@@ -40,21 +40,25 @@ class TokenizerFrontend:
     def decode(self, tokens: list[int]) -> str:
         return self._tok.decode(tokens)
 
-    def constrain(self, kind: str, spec: Any, reasoning_open: bool = False) -> Constraint:
+    def constrain(self, kind: str, spec: Any, reasoning_open: bool = False,
+                  thinking: bool = False) -> Constraint:
         """Compile a format: ``json`` (a schema, or None for any object), ``regex``,
         ``choice`` (a list of strings) or ``tools`` ((tools, name or None, parallel)).
+        ``reasoning_open``: the prompt ends inside a think block; ``thinking``: the
+        request asked for thinking, which may come before the constrained answer.
         Raises ``GrammarError`` (a ValueError) with the reason it can't be enforced."""
         g = self._grammars
         if kind == "json":
-            return g.json_schema(spec, reasoning_open)
-        if kind == "regex":
-            return g.regex(spec, reasoning_open)
-        if kind == "choice":
-            return g.choice(spec, reasoning_open)
-        if kind == "tools":
-            tools, name, parallel = spec
-            return g.tool_calls(tools, name, parallel, reasoning_open)
-        raise ValueError(f"unknown format kind {kind!r}")
+            c = g.json_schema(spec)
+        elif kind == "regex":
+            c = g.regex(spec)
+        elif kind == "choice":
+            c = g.choice(spec)
+        elif kind == "tools":
+            c = g.tool_calls(*spec)
+        else:
+            raise ValueError(f"unknown format kind {kind!r}")
+        return g.with_reasoning(c, reasoning_open, thinking)
 
     def output_parser(self, tools: list[dict] | None = None, parse_tools: bool = False,
                       reasoning_open: bool = False, structured: bool = True,

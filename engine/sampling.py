@@ -76,8 +76,8 @@ class GrammarProcessor:
 
     mlx-lm calls it once per generated token, before sampling; from the second call on,
     the context's last token is the one sampled after the previous call, so the matcher
-    consumes it first. With ``constraint.after`` set, the grammar applies only once the
-    sequence has produced those tokens (a reasoning model's end of thinking). In JSON
+    consumes it first. A reply in reasoning is free until its end-of-thinking tokens
+    (``Constraint.reasoning``); the grammar applies to the answer after them. In JSON
     mode, when the budget nears its end, the document's shortest completion is forced
     (``closed``), so the reply still parses.
     """
@@ -88,7 +88,11 @@ class GrammarProcessor:
         self._vocab = vocab
         self._matcher = llg.LLMatcher(vocab, constraint.grammar)
         self._bits = llg_np.allocate_token_bitmask(1, vocab.vocab_size)
-        self._after = list(constraint.after)
+        self._think_end = list(constraint.think_end)
+        self._thinking = constraint.reasoning == "open"  # free until ``think_end``
+        # "optional": the first token may open a think block instead of the answer
+        self._think_start = constraint.think_start if constraint.reasoning == "optional" \
+            else None
         self._recent: list[int] = []
         self._closer = JsonCloser() if constraint.json_mode else None
         self._max_tokens = max_tokens
@@ -100,9 +104,12 @@ class GrammarProcessor:
         if self._calls:
             self._advance(tokens[-1].item())
         self._calls += 1
-        if self._after:
+        if self._thinking:
             return logits
         allowed = self._allowed()
+        if self._think_start is not None:  # the first token: the answer, or thinking
+            allowed = allowed.copy()
+            allowed[self._think_start] = True
         n = logits.shape[-1]
         allowed = allowed[:n]
         if len(allowed) < n:  # the model's vocabulary is padded past the tokenizer's
@@ -135,10 +142,14 @@ class GrammarProcessor:
         return allowed
 
     def _advance(self, token: int) -> None:
-        if self._after:
-            self._recent = (self._recent + [token])[-len(self._after):]
-            if self._recent == self._after:
-                self._after = []
+        if self._think_start is not None:
+            opened, self._think_start = token == self._think_start, None
+            if opened:
+                self._thinking = True
+                return
+        if self._thinking:
+            self._recent = (self._recent + [token])[-len(self._think_end):]
+            self._thinking = self._recent != self._think_end
         elif not self._matcher.consume_token(token):
             log.warning("grammar: token %d was rejected (%s); ending the reply", token,
                         self._matcher.get_error())

@@ -38,14 +38,21 @@ class GrammarError(ValueError):
 
 @dataclass(frozen=True)
 class Constraint:
-    """A compiled format: the grammar, the tokens after which it applies (a reasoning
-    model's end-of-thinking marker; empty: from the first token), and whether the reply
-    is a bare JSON tool call (models without a JSON tool-call format of their own)."""
+    """A compiled format: the grammar, how it meets the model's reasoning, and whether
+    the reply is a bare JSON tool call (models without a JSON call format of their own).
+
+    ``reasoning``: "none", the grammar applies from the first token; "open", the reply
+    starts inside a think block (the template opened it) and is free until
+    ``think_end``; "optional", thinking was asked for, so the reply may open with
+    ``think_start`` and is then free until ``think_end`` (vLLM's rule: the grammar
+    applies to the answer, after the reasoning)."""
 
     grammar: str
-    after: tuple[int, ...] = ()
     bare_tool_call: bool = False
     json_mode: bool = False  # any JSON object: closed near max_tokens (``JsonCloser``)
+    reasoning: str = "none"
+    think_start: int | None = None
+    think_end: tuple[int, ...] = ()
 
 
 def _lark_string(text: str) -> str:
@@ -85,20 +92,18 @@ class Grammars:
 
     # ---- formats -------------------------------------------------------------
 
-    def json_schema(self, schema: dict | None, reasoning_open: bool = False) -> Constraint:
+    def json_schema(self, schema: dict | None) -> Constraint:
         """Any JSON object (JSON mode) when ``schema`` is None."""
-        c = self._constraint(self._json_rule(schema), reasoning_open)
+        c = self._constraint(self._json_rule(schema))
         return replace(c, json_mode=True) if schema is None else c
 
-    def regex(self, pattern: str, reasoning_open: bool = False) -> Constraint:
-        return self._constraint(f"start: /{_lark_regex(pattern)}/", reasoning_open)
+    def regex(self, pattern: str) -> Constraint:
+        return self._constraint(f"start: /{_lark_regex(pattern)}/")
 
-    def choice(self, options: list[str], reasoning_open: bool = False) -> Constraint:
-        alts = " | ".join(_lark_string(o) for o in options)
-        return self._constraint(f"start: {alts}", reasoning_open)
+    def choice(self, options: list[str]) -> Constraint:
+        return self._constraint("start: " + " | ".join(_lark_string(o) for o in options))
 
-    def tool_calls(self, tools: list[dict], name: str | None, parallel: bool,
-                   reasoning_open: bool = False) -> Constraint:
+    def tool_calls(self, tools: list[dict], name: str | None, parallel: bool) -> Constraint:
         """A call of the named tool, or of any of ``tools`` (several if ``parallel``),
         in the model's own format where it has a JSON one."""
         schemas = []
@@ -115,15 +120,32 @@ class Grammars:
             raise GrammarError(f"no tool named {name!r} in 'tools'")
         schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
         if not self._native_calls:
-            return self._constraint(self._json_rule(schema), reasoning_open,
-                                    bare_tool_call=True)
+            return replace(self._constraint(self._json_rule(schema)), bare_tool_call=True)
         start = self._marker(self._tok.tool_call_start)
         end = self._marker(self._tok.tool_call_end)
         repeat = f'("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
         lark = (f"start: call {repeat}\n"
                 f'call: {start} "\\n" body "\\n" {end}\n'
                 f"{self._json_rule(schema, 'body')}")
-        return self._constraint(lark, reasoning_open)
+        return self._constraint(lark)
+
+    def with_reasoning(self, c: Constraint, reasoning_open: bool, thinking: bool
+                       ) -> Constraint:
+        """``c`` meeting the reply's reasoning: ``reasoning_open``, the prompt ends inside
+        a think block; ``thinking``, the request asked the model to think (a bare call
+        can't follow a think block: its parser reads the whole reply as the call)."""
+        start = getattr(self._tok, "think_start", None)
+        end = getattr(self._tok, "think_end", None)
+        if not (start and end):
+            return c
+        end_ids = tuple(self._tok.encode(end, add_special_tokens=False))
+        if reasoning_open:
+            return replace(c, reasoning="open", think_end=end_ids)
+        start_ids = self._tok.encode(start, add_special_tokens=False)
+        if thinking and not c.bare_tool_call and len(start_ids) == 1:
+            return replace(c, reasoning="optional", think_start=start_ids[0],
+                           think_end=end_ids)
+        return c
 
     # ---- helpers ---------------------------------------------------------------
 
@@ -148,19 +170,14 @@ class Grammars:
             return f"<[{ids[0]}]>"
         return _lark_string(text)
 
-    def _constraint(self, lark: str, reasoning_open: bool,
-                    bare_tool_call: bool = False) -> Constraint:
+    def _constraint(self, lark: str) -> Constraint:
         grammar = llg.LLMatcher.grammar_from_lark(lark)
         is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.vocab)
         if is_error:
             raise GrammarError(_reason(messages[0]) if messages else "invalid grammar")
         for m in messages:
             log.warning("grammar: %s", m)
-        after: tuple[int, ...] = ()
-        think_end = getattr(self._tok, "think_end", None)
-        if reasoning_open and think_end:  # the reply opens in reasoning: free until it ends
-            after = tuple(self._tok.encode(think_end, add_special_tokens=False))
-        return Constraint(grammar, after, bare_tool_call)
+        return Constraint(grammar)
 
 
 class JsonCloser:

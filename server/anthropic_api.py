@@ -195,10 +195,11 @@ def _parse(body: dict, frontend: Frontend, count_only: bool = False) -> Generati
         {"max_tokens": body.get("max_tokens"), "temperature": body.get("temperature"),
          "top_p": body.get("top_p"), "top_k": body.get("top_k"),
          "stop": body.get("stop_sequences")}, 1)
-    rendered = render(frontend, msgs, tools, template_kwargs({}, _thinking(body)))
+    thinking = _thinking(body)
+    rendered = render(frontend, msgs, tools, template_kwargs({}, thinking))
     gen = Generation(rendered.tokens, sampling, rendered.checkpoints, boolean(body, "stream"),
                      tools=tools, parse_tools=choice.parse,
-                     reasoning_open=rendered.reasoning_open)
+                     reasoning_open=rendered.reasoning_open, thinking=thinking is True)
     return gen if count_only else constrain(frontend, gen, fmt)
 
 

@@ -52,7 +52,8 @@ class Frontend(Protocol):
                       reasoning_open: bool = False, structured: bool = True,
                       bare_tool_call: bool = False) -> OutputParser: ...
 
-    def constrain(self, kind: str, spec: Any, reasoning_open: bool = False) -> Any:
+    def constrain(self, kind: str, spec: Any, reasoning_open: bool = False,
+                  thinking: bool = False) -> Any:
         """A compiled format (``engine.structured.Constraint``); ValueError if it can't
         be enforced."""
 
@@ -74,6 +75,7 @@ class Generation:
     structured: bool = True  # split reasoning and tool calls out (chat); False: raw text
     n: int = 1  # choices, sharing the prompt's blocks
     bare_tool_call: bool = False  # a forced call on a model without a JSON call format
+    thinking: bool = False  # the request asked the model to think (before a format)
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def constrain(frontend: Frontend, gen: Generation, fmt: Format | None) -> Genera
     if fmt is None:
         return gen
     try:
-        c = frontend.constrain(fmt.kind, fmt.spec, gen.reasoning_open)
+        c = frontend.constrain(fmt.kind, fmt.spec, gen.reasoning_open, gen.thinking)
     except ValueError as e:
         raise invalid(f"'{fmt.param}' can't be enforced: {e}", param=fmt.param)
     gen.sampling = replace(gen.sampling, constraint=c)

@@ -242,11 +242,12 @@ def parse_chat(body: dict, frontend: Frontend, default_max_tokens: int) -> Gener
     stream, include_usage = _stream_flags(body)
     sampling = sampling_params(body, default_max_tokens, logprobs, top)
     continue_final = boolean(body, "continue_final_message")
-    rendered = render(frontend, msgs, tools, template_kwargs(body, _thinking(body)),
-                      continue_final)
+    kwargs = template_kwargs(body, _thinking(body))
+    rendered = render(frontend, msgs, tools, kwargs, continue_final)
     gen = Generation(rendered.tokens, sampling, rendered.checkpoints, stream, include_usage,
                      cache_salt(body), tools, choice.parse, rendered.reasoning_open,
-                     boolean(body, "include_reasoning", True), n=_n(body))
+                     boolean(body, "include_reasoning", True), n=_n(body),
+                     thinking=kwargs.get("enable_thinking") is True)
     return constrain(frontend, gen, fmt)
 
 

@@ -7,6 +7,7 @@ import json
 
 import anthropic
 import jsonschema
+import mlx.core as mx
 import openai
 import pytest
 from hypothesis import given, settings
@@ -292,25 +293,65 @@ async def test_free_requests_stay_exact_beside_constrained_ones(worker):
             jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
 
 
+def _allowed_after(proc, context, logits):
+    out = proc(mx.array(context), logits)
+    return {i for i, v in enumerate(out[0].tolist()) if v > float("-inf")}
+
+
 def test_the_mask_waits_for_the_end_of_reasoning():
-    """With ``after`` set, the logits pass untouched until those tokens were produced,
-    then only what the grammar allows survives."""
-    import mlx.core as mx
+    """A reply that opens in reasoning is free until the end-of-thinking tokens; with
+    thinking asked for, the first token may open a think block instead of the answer.
+    Either way the answer after it follows the grammar."""
     _, tok = load(resolve(MODEL)[1])
     grammars = Grammars(tok)
-    c = grammars.choice(["yes", "no"], reasoning_open=True)
-    assert c.after == tuple(tok.encode("</think>", add_special_tokens=False))
-    proc = GrammarProcessor(grammars.vocab, c, max_tokens=100)
+    think_start = tok.encode("<think>", add_special_tokens=False)
+    think_end = tok.encode("</think>", add_special_tokens=False)
+    answers = {tok.encode(w, add_special_tokens=False)[0] for w in ("yes", "no")}
     logits = mx.zeros((1, grammars.vocab.vocab_size))
-    context = list(tok.encode("hello", add_special_tokens=False))
+    prompt = tok.encode("hello", add_special_tokens=False)
+
+    opened = grammars.with_reasoning(grammars.choice(["yes", "no"]), True, False)
+    proc = GrammarProcessor(grammars.vocab, opened, max_tokens=100)
+    context = list(prompt)
     assert mx.array_equal(proc(mx.array(context), logits), logits)  # reasoning: free
-    for t in [*tok.encode(" thinking", add_special_tokens=False), *c.after]:
+    for t in [*tok.encode(" thinking", add_special_tokens=False), *think_end]:
         context.append(t)
-        out = proc(mx.array(context), logits)
-    allowed = {i for i, v in enumerate(out[0].tolist()) if v > float("-inf")}
-    starts = {ids[0] for w in ("yes", "no")
-              for ids in [tok.encode(w, add_special_tokens=False)]}
-    assert starts <= allowed and len(allowed) < 10
+        allowed = _allowed_after(proc, context, logits)
+    assert answers <= allowed and len(allowed) < 10
+
+    optional = grammars.with_reasoning(grammars.choice(["yes", "no"]), False, True)
+    proc = GrammarProcessor(grammars.vocab, optional, max_tokens=100)
+    context = list(prompt)
+    first = _allowed_after(proc, context, logits)
+    assert answers | set(think_start) <= first and len(first) < 10
+    for t in [*think_start, *tok.encode(" hmm", add_special_tokens=False)]:
+        context.append(t)
+        assert mx.array_equal(proc(mx.array(context), logits), logits)
+    context += think_end
+    after = _allowed_after(proc, context, logits)
+    assert answers <= after and not set(think_start) & after
+
+    plain = grammars.with_reasoning(grammars.choice(["yes", "no"]), False, False)
+    proc = GrammarProcessor(grammars.vocab, plain, max_tokens=100)
+    first = _allowed_after(proc, list(prompt), logits)
+    assert answers <= first and not set(think_start) & first
+
+
+async def test_a_model_asked_to_think_thinks_before_the_constrained_answer(worker):
+    """With thinking on, the reply may reason first (here steered into it with
+    logit_bias) and the answer after the reasoning still conforms."""
+    async with serve(worker) as srv:
+        start = srv.frontend.encode("<think>", add_special_tokens=False)[0]
+        end = srv.frontend.encode("</think>", add_special_tokens=False)[0]
+        r = await oa(srv.url).chat.completions.create(
+            model=MODEL, messages=user("A user."), temperature=0, max_tokens=200,
+            logit_bias={str(start): 50, str(end): 100}, logprobs=True,
+            response_format={"type": "json_schema", "json_schema": {"name": "p",
+                                                                   "schema": PERSON}},
+            extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+        tokens = [t.token for t in r.choices[0].logprobs.content]
+        assert tokens[:2] == ["<think>", "</think>"]  # it did think (briefly) first
+        jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
 
 
 async def test_a_real_model_without_a_call_format_gets_bare_calls():
