@@ -156,7 +156,9 @@ class Grammars:
         if not isinstance(schema, dict):
             raise GrammarError("a JSON schema must be an object")
         # llguidance reads its JSON options from the schema's "x-guidance".
-        schema = {**schema, "x-guidance": {**JSON_OPTIONS, **schema.get("x-guidance", {})}}
+        extra = schema.get("x-guidance")
+        schema = {**schema, "x-guidance": {**JSON_OPTIONS,
+                                           **(extra if isinstance(extra, dict) else {})}}
         try:
             return f"{rule}: %json {json.dumps(schema)}"
         except (TypeError, ValueError) as e:
