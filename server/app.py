@@ -195,6 +195,8 @@ class Run:
         self.parser = self.app[FRONTEND].output_parser(gen.tools, gen.parse_tools,
                                                        gen.reasoning_open, gen.structured,
                                                        gen.bare_tool_call)
+        if gen.format is not None:
+            self.app[METRICS].structured.labels(gen.format).inc()
         sampling = gen.sampling
         if index and sampling.seed is not None:  # each choice its own, reproducible stream
             sampling = replace(sampling, seed=sampling.seed + index)

@@ -76,6 +76,7 @@ class Generation:
     n: int = 1  # choices, sharing the prompt's blocks
     bare_tool_call: bool = False  # a forced call on a model without a JSON call format
     thinking: bool = False  # the request asked the model to think (before a format)
+    format: str | None = None  # the structured-output format's kind, if any
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ def constrain(frontend: Frontend, gen: Generation, fmt: Format | None) -> Genera
         raise invalid(f"'{fmt.param}' can't be enforced: {e}", param=fmt.param)
     gen.sampling = replace(gen.sampling, constraint=c)
     gen.bare_tool_call = c.bare_tool_call
+    gen.format = fmt.kind
     return gen
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import (
     CollectorRegistry,
+    Counter,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -71,6 +72,10 @@ class Metrics:
         self.e2e = Histogram("blockserve_e2e_request_latency_seconds",
                              "End-to-end request latency", buckets=_LATENCY_BUCKETS,
                              registry=self.registry)
+        self.structured = Counter("blockserve_structured_requests",
+                                  "Requests (choices) generated under a grammar, by format "
+                                  "(json, regex, choice, tools)", ["format"],
+                                  registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

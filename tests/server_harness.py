@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import aiohttp
 from aiohttp import web
 
 from blockserve.engine.frontend import TokenizerFrontend
@@ -37,3 +38,16 @@ async def serve(worker: EngineWorker, **config):
         yield Served(f"http://127.0.0.1:{port}", stack.scheduler, stack.frontend)
     finally:
         await runner.cleanup()
+
+
+async def metrics(url) -> dict[str, float]:
+    """The server's Prometheus metrics, as {series: value}."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url + "/metrics") as r:
+            text = await r.text()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out

@@ -14,7 +14,7 @@ from mlx_lm.utils import load
 from blockserve.engine.model import resolve
 from blockserve.engine.worker import EngineWorker
 from tests.engine_harness import reference_tokens
-from tests.server_harness import serve
+from tests.server_harness import metrics, serve
 
 MODEL = "demo:tiny"
 
@@ -37,18 +37,6 @@ def oa(url, key="unused"):
 
 CHAT = [{"role": "system", "content": "You are a careful coding agent. " * 4},
         {"role": "user", "content": "Open the file and print each value."}]
-
-
-async def metrics(url) -> dict[str, float]:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(url + "/metrics") as r:
-            text = await r.text()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 async def wait_idle(url):

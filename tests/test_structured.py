@@ -19,7 +19,7 @@ from blockserve.engine.sampling import GrammarProcessor
 from blockserve.engine.structured import Grammars, JsonCloser
 from blockserve.engine.worker import EngineWorker
 from tests.engine_harness import reference_tokens
-from tests.server_harness import serve
+from tests.server_harness import metrics, serve
 
 MODEL = "demo:tiny"
 
@@ -235,6 +235,8 @@ async def test_regex_and_choice_on_completions(worker):
 
 async def test_n_choices_each_conform(worker):
     async with serve(worker) as srv:
+        before = (await metrics(srv.url)).get(
+            'blockserve_structured_requests_total{format="json"}', 0)
         r = await oa(srv.url).chat.completions.create(
             model=MODEL, messages=user("A person."), n=4, temperature=1.0, seed=7,
             max_tokens=200, response_format={"type": "json_schema", "json_schema": {
@@ -242,6 +244,8 @@ async def test_n_choices_each_conform(worker):
         assert len(r.choices) == 4
         for c in r.choices:
             jsonschema.validate(json.loads(c.message.content), PERSON)
+        after = (await metrics(srv.url))['blockserve_structured_requests_total{format="json"}']
+        assert after - before == 4
 
 
 @pytest.mark.parametrize("body, param, reason", [
