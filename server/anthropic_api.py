@@ -150,6 +150,8 @@ def _tools(tools: Any) -> list[dict] | None:
 
 def _tool_choice(body: dict, tools: list[dict] | None) -> ToolChoice:
     choice = body.get("tool_choice")
+    if isinstance(choice, str):  # the API takes an object; a bare kind is clear enough
+        choice = {"type": choice}
     if choice is not None and not isinstance(choice, dict):
         raise invalid("'tool_choice' must be an object", param="tool_choice")
     choice = choice or {}

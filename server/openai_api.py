@@ -208,6 +208,9 @@ def _tool_choice(body: dict, tools: list[dict] | None) -> ToolChoice:
     choice = body.get("tool_choice", body.get("function_call"))
     parallel = boolean(body, "parallel_tool_calls", True)
     if isinstance(choice, dict):  # {"type": "function", "function": {"name": ...}}
+        if choice.get("type", "function") != "function":
+            raise invalid(f"'tool_choice' of type {choice.get('type')!r} is not supported",
+                          param="tool_choice")
         fn = choice.get("function", choice)  # legacy function_call: {"name": ...}
         return tool_choice("function", fn.get("name") if isinstance(fn, dict) else None,
                            tools, parallel)
