@@ -124,7 +124,8 @@ class GrammarProcessor:
         if self._closer is not None and not self._matcher.is_stopped():
             remaining = self._max_tokens - (self._calls - 1)
             text = None if self.closed else self._closer.closing()
-            if text is not None:
+            # Tokenize the closing only near the end: it is never more tokens than bytes.
+            if text is not None and remaining <= len(text.encode()) + self.CLOSE_SLACK:
                 plan = self._vocab.tokenize_str(text)
                 if remaining <= len(plan) + self.CLOSE_SLACK:
                     self._forced, self.closed = plan, True

@@ -187,7 +187,7 @@ class JsonCloser:
     that completes it (``closing``). JSON mode can't bound a reply (a model may write a
     string forever), so near the end of ``max_tokens`` the engine writes this text
     instead of cutting the reply off: it always parses, and still finishes as
-    ``length``. The separators are ``JSON_OPTIONS``'."""
+    ``length``. The separators are ``JSON_OPTIONS``'s."""
 
     _LITERALS = (b"true", b"false", b"null")
 
