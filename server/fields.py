@@ -296,11 +296,8 @@ def tool_choice(kind: str | None, name: Any, tools: list[dict] | None, parallel:
         raise invalid(f"'{param}' forces a tool call, but no 'tools' were given",
                       param=param)
     if kind in ("function", "tool"):
-        names = [(t["function"] if isinstance(t.get("function"), dict) else t).get("name")
-                 for t in tools]
-        if not isinstance(name, str) or name not in names:
-            raise invalid(f"'{param}' names a tool that is not in 'tools': {name!r}",
-                          param=param)
+        if not isinstance(name, str):  # whether it is in 'tools': the grammar checks
+            raise invalid(f"'{param}' must name a tool", param=param)
         return ToolChoice(True, Format("tools", (tools, name, False), param))
     return ToolChoice(True, Format("tools", (tools, None, parallel), param))
 
