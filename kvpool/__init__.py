@@ -4,8 +4,17 @@ Pure bookkeeping: no MLX, no asyncio. The KV payload of a block is opaque (anyth
 with ``nbytes``); the engine makes it and reads it back.
 """
 
-from blockserve.kvpool.hashing import BlockKey, Namespace, chain_keys, iter_chain_keys, token_bytes
+from blockserve.kvpool.disk import Codec, DiskStats, DiskTier
+from blockserve.kvpool.hashing import (
+    BlockKey,
+    Namespace,
+    chain_keys,
+    hittable_blocks,
+    iter_chain_keys,
+    token_bytes,
+)
 from blockserve.kvpool.pool import (
+    ALL,
     TIER_CONVERSATION,
     TIER_GENERATED,
     TIER_SYSTEM,
@@ -13,12 +22,24 @@ from blockserve.kvpool.pool import (
     Block,
     BlockPool,
     InsertResult,
+    LowerTier,
     Payload,
     PoolStats,
     PrefixHit,
+    Scope,
 )
+from blockserve.kvpool.prefix import Chain, PrefixCache
 
 __all__ = [
+    "ALL",
+    "Chain",
+    "Codec",
+    "DiskStats",
+    "DiskTier",
+    "LowerTier",
+    "PrefixCache",
+    "Scope",
+    "hittable_blocks",
     "TIER_CONVERSATION",
     "TIER_GENERATED",
     "TIER_SYSTEM",

@@ -43,6 +43,13 @@ class Namespace:
 Tokens = Sequence[int] | np.ndarray | bytes
 
 
+def hittable_blocks(n_tokens: int, block_size: int) -> int:
+    """How many leading blocks of an ``n_tokens`` prompt a cache hit may cover: at least
+    one prompt token is always computed (it yields the first logits), so a fully cached
+    prompt still recomputes its last token. The one place this rule is written."""
+    return max(n_tokens - 1, 0) // block_size
+
+
 def token_bytes(tokens: Tokens) -> bytes:
     """Tokens as little-endian int32, the form that is hashed and stored per block.
 

@@ -10,6 +10,10 @@ Eviction order (documented here because tests pin it down):
   2. Lowest tier first (0 generated tail, 1 conversation checkpoint, 2 system prompt).
   3. Within a tier, least recently used first. Lookups and inserts count as use.
 A parent becomes evictable once its last child is gone, keeping its own tier and age.
+
+Below the pool an optional ``LowerTier`` (the disk tier) is told of every evicted block
+(write-behind) and of every block stored or raised to a checkpoint tier (write-through).
+It must not block: the disk tier only queues the block for its writer thread.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from blockserve.kvpool.hashing import BlockKey, Namespace, Tokens, iter_chain_keys, token_bytes
+from blockserve.kvpool.hashing import (
+    BlockKey,
+    Namespace,
+    Tokens,
+    hittable_blocks,
+    iter_chain_keys,
+    token_bytes,
+)
 
 TIER_GENERATED = 0
 TIER_CONVERSATION = 1
@@ -36,6 +47,36 @@ class Payload(Protocol):
 
     @property
     def nbytes(self) -> int: ...
+
+
+class LowerTier(Protocol):
+    """A slower tier under the pool (the disk tier). Both calls must return at once."""
+
+    def evicted(self, block: Block) -> None:
+        """``block`` has left RAM; keep it if worth it (write-behind)."""
+
+    def checkpointed(self, block: Block) -> None:
+        """``block`` now has a checkpoint tier (>= 1); keep a copy now (write-through)."""
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which namespaces an admin operation covers: all of them (the default), one model,
+    and/or the cache salts that start with ``salt_prefix``. A tenant's salt prefix covers
+    the tenant and the request salts nested inside it (``server.app.cache_salt``)."""
+
+    model: str | None = None
+    salt_prefix: str | None = None
+
+    def covers(self, ns: Namespace) -> bool:
+        if self.model is not None and ns.model != self.model:
+            return False
+        if self.salt_prefix is not None:
+            return ns.cache_salt is not None and ns.cache_salt.startswith(self.salt_prefix)
+        return True
+
+
+ALL = Scope()
 
 
 def _resumable(payload: Payload) -> bool:
@@ -130,7 +171,9 @@ def _verifies(b: Block, parent: Block | None, ns: Namespace, chunk: bytes) -> bo
 
 
 class BlockPool:
-    def __init__(self, block_size: int, budget_bytes: int):
+    """Refcounted, deduplicated KV blocks under a byte budget (see the module doc)."""
+
+    def __init__(self, block_size: int, budget_bytes: int, lower: LowerTier | None = None):
         if block_size <= 0:
             raise ValueError("block_size must be positive")
         if budget_bytes < 0:
@@ -146,6 +189,9 @@ class BlockPool:
         self._pinned_blocks = 0
         self._pinned_bytes = 0
         self._counters = PoolStats(block_size, budget_bytes)
+        # Per-namespace query/hit counters, for scoped stats (a tenant sees its own).
+        self._ns_counters: dict[Namespace, list[int]] = {}
+        self.lower = lower
 
     # ---- queries -------------------------------------------------------------
 
@@ -162,27 +208,40 @@ class BlockPool:
     def blocks(self) -> list[Block]:
         return list(self._blocks.values())
 
-    def cached_prefix_blocks(self, namespace: Namespace, tokens: Tokens) -> int:
+    def cached_prefix_blocks(self, namespace: Namespace, tokens: Tokens,
+                             keys: Sequence[BlockKey] | None = None,
+                             max_blocks: int | None = None) -> int:
         """How many leading blocks are cached now (a hit may end earlier, on a
         resumable block), with no side effects."""
-        return len(self._match(namespace, token_bytes(tokens)))
+        return len(self._match(namespace, token_bytes(tokens), keys, max_blocks))
+
+    def get(self, key: BlockKey) -> Block | None:
+        """The stored block under ``key``, unverified (the caller checks its tokens)."""
+        return self._blocks.get(key)
 
     def lookup(self, namespace: Namespace, tokens: Tokens, pin: bool = True,
-               keys: Sequence[BlockKey] | None = None) -> PrefixHit:
-        """The longest verified chain of cached blocks that ends on a resumable block,
-        leaving >= 1 token to compute.
+               keys: Sequence[BlockKey] | None = None, max_blocks: int | None = None,
+               record: bool = True) -> PrefixHit:
+        """The longest verified chain of cached blocks, at most ``max_blocks`` long
+        (default: ``hittable_blocks``), that ends on a resumable block.
 
         With ``pin`` every returned block gets refcount +1; ``release`` undoes it.
         ``keys``, the prompt's block keys computed once by the caller (as vLLM passes
-        ``block_hashes``), spares hashing the prompt again.
+        ``block_hashes``), spares hashing the prompt again. ``record`` counts the
+        lookup in the stats (the prefix cache re-pins loaded blocks without it).
         """
         raw = token_bytes(tokens)
-        blocks = self._match(namespace, raw, keys)
+        blocks = self._match(namespace, raw, keys, max_blocks)
         while blocks and not blocks[-1].resumable:
             blocks.pop()
-        self._counters.lookups += 1
-        self._counters.queried_tokens += len(raw) // 4
-        self._counters.hit_tokens += len(blocks) * self.block_size
+        if record:
+            self._counters.lookups += 1
+            self._counters.queried_tokens += len(raw) // 4
+            self._counters.hit_tokens += len(blocks) * self.block_size
+            ns = self._ns_counters.setdefault(namespace, [0, 0, 0])
+            ns[0] += 1
+            ns[1] += len(raw) // 4
+            ns[2] += len(blocks) * self.block_size
         self._clock += 1
         for b in blocks:
             if pin:
@@ -193,12 +252,12 @@ class BlockPool:
         return PrefixHit(blocks, self.block_size)
 
     def _match(self, namespace: Namespace, raw: bytes,
-               keys: Sequence[BlockKey] | None = None) -> list[Block]:
+               keys: Sequence[BlockKey] | None = None,
+               max_blocks: int | None = None) -> list[Block]:
         step = 4 * self.block_size
-        # A fully cached prompt must still compute its last token, so at most
-        # (len - 1) // block_size blocks can hit.
-        usable = max(len(raw) // 4 - 1, 0) // self.block_size
-        raw = raw[: usable * step]
+        if max_blocks is None:
+            max_blocks = hittable_blocks(len(raw) // 4, self.block_size)
+        raw = raw[: max_blocks * step]
         chain: list[Block] = []
         parent: Block | None = None
         get = self._blocks.get
@@ -228,12 +287,6 @@ class BlockPool:
                                    parent_key=parent_key)
 
     # ---- pins ----------------------------------------------------------------
-
-    def pin(self, blocks: Sequence[Block]) -> None:
-        for b in blocks:
-            if self._blocks.get(b.key) is not b:
-                raise KeyError("cannot pin a block that is not in the pool")
-            self._incref(b)
 
     def release(self, blocks: Sequence[Block]) -> None:
         for b in blocks:
@@ -291,11 +344,13 @@ class BlockPool:
         self._clock += 1
         parent: Block | None = None
         skip = min(len(pinned_prefix), n_blocks)
+        raised: list[Block] = []  # blocks whose checkpoint tier is new: written through
         for b in pinned_prefix[:skip]:
             if b.refcount <= 0 or b.parent is not parent or b.namespace != namespace:
                 raise ValueError("pinned_prefix is not a pinned chain of this namespace")
             if tier > b.tier:
                 b.tier = tier
+                raised.append(b)
             b.last_used = self._clock
             parent = b
         result.deduplicated = skip
@@ -313,12 +368,14 @@ class BlockPool:
                     break
                 if tier > b.tier:
                     b.tier = tier
+                    raised.append(b)
                 b.last_used = self._clock
                 result.deduplicated += 1
                 if not b.resumable:
                     payload = get_payload(i)
-                    if payload is not None and _resumable(payload):
-                        self.replace_payload(b, payload)
+                    if payload is not None and _resumable(payload) \
+                            and self.replace_payload(b, payload) and b.tier:
+                        raised.append(b)
             else:
                 payload = get_payload(i)
                 b = None if payload is None else self._store(
@@ -327,7 +384,13 @@ class BlockPool:
                     result.refused += n_blocks - i
                     break
                 result.new_keys.append(key)
+                if tier:
+                    raised.append(b)
             parent = b
+        if self.lower is not None:
+            for b in raised:
+                if b.tier:
+                    self.lower.checkpointed(b)
         result.last = parent
         if parent is not None:
             self._push_if_evictable(parent)  # the chain's end is the only possible new leaf
@@ -405,6 +468,8 @@ class BlockPool:
         del self._blocks[b.key]
         self._bytes -= b.nbytes
         self._counters.evictions[b.tier] += 1
+        if self.lower is not None:
+            self.lower.evicted(b)  # before the parent link is cut: it names the parent
         parent = b.parent
         b.parent = None  # drop the reference chain so payloads can be freed
         if parent is not None:
@@ -440,26 +505,57 @@ class BlockPool:
                 self._evict_heap.append((b.tier, b.last_used, self._seq, b))
         heapq.heapify(self._evict_heap)
 
-    def reset(self) -> bool:
-        """Drop every block, like vLLM's ``reset_prefix_cache``. Refused (False) if any
-        block is pinned, so a flush is never half-done."""
-        if self._pinned_blocks:
+    def reset(self, scope: Scope = ALL) -> bool:
+        """Drop every block of the namespaces in ``scope`` (all by default), like
+        vLLM's ``reset_prefix_cache``. Refused (False) if any of them is pinned, so a
+        flush is never half-done. Namespaces never share blocks, so a scoped flush
+        leaves every other chain whole."""
+        if scope == ALL:
+            if self._pinned_blocks:
+                return False
+            self._blocks.clear()
+            self._evict_heap.clear()
+            self._bytes = 0  # counters stay: they are monotonic, as Prometheus expects
+            return True
+        doomed = [b for b in self._blocks.values() if scope.covers(b.namespace)]
+        if any(b.refcount for b in doomed):
             return False
-        self._blocks.clear()
-        self._evict_heap.clear()
-        self._bytes = 0  # counters stay: they are monotonic, as Prometheus expects
+        for b in doomed:
+            del self._blocks[b.key]  # stale heap entries are skipped when popped
+            self._bytes -= b.nbytes
+            b.parent = None
         return True
 
     # ---- statistics ----------------------------------------------------------
 
-    def stats(self) -> PoolStats:
-        """Counters since start, and the gauges as of now."""
-        return replace(
-            self._counters,
-            budget_bytes=self.budget_bytes,
-            evictions=dict(self._counters.evictions),
-            blocks_pinned=self._pinned_blocks,
-            blocks_cached=len(self._blocks) - self._pinned_blocks,
-            bytes_pinned=self._pinned_bytes,
-            bytes_cached=self._bytes - self._pinned_bytes,
-        )
+    def stats(self, scope: Scope = ALL) -> PoolStats:
+        """Counters since start, and the gauges as of now. With a ``scope``, only its
+        namespaces: lookups and hits, blocks and bytes (the other counters stay
+        pool-wide, as does the budget that all namespaces share)."""
+        if scope == ALL:
+            return replace(
+                self._counters,
+                budget_bytes=self.budget_bytes,
+                evictions=dict(self._counters.evictions),
+                blocks_pinned=self._pinned_blocks,
+                blocks_cached=len(self._blocks) - self._pinned_blocks,
+                bytes_pinned=self._pinned_bytes,
+                bytes_cached=self._bytes - self._pinned_bytes,
+            )
+        s = replace(self._counters, budget_bytes=self.budget_bytes,
+                    evictions=dict(self._counters.evictions), lookups=0, queried_tokens=0,
+                    hit_tokens=0)
+        for ns, (lookups, queried, hits) in self._ns_counters.items():
+            if scope.covers(ns):
+                s.lookups += lookups
+                s.queried_tokens += queried
+                s.hit_tokens += hits
+        for b in self._blocks.values():
+            if scope.covers(b.namespace):
+                if b.refcount:
+                    s.blocks_pinned += 1
+                    s.bytes_pinned += b.nbytes
+                else:
+                    s.blocks_cached += 1
+                    s.bytes_cached += b.nbytes
+        return s

@@ -1,8 +1,12 @@
 """The asyncio scheduler: waiting queue, admission under budgets, cache-aware order,
 in-flight prefix sharing, per-request output streams and aborts.
 
-It owns the block pool and runs entirely on one event loop; the generator's events
+It owns the prefix cache and runs entirely on one event loop; the generator's events
 arrive from its thread through ``loop.call_soon_threadsafe``.
+
+It speaks to the prefix cache (``kvpool.PrefixCache``) only in request-level verbs:
+``prompt``, ``cached``, ``acquire``, ``publish``, ``release``. In-flight sharing and the
+disk tier live under them.
 
 Pins: a running request keeps its prefix hit pinned until it ends. Its blocks are in
 use for its whole life, and the finish-time insert resumes the chain from them without
@@ -18,13 +22,13 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from blockserve.kvpool import (
+    ALL,
     TIER_GENERATED,
-    BlockKey,
     BlockPool,
+    Chain,
     Namespace,
-    PrefixHit,
-    chain_keys,
-    token_bytes,
+    PrefixCache,
+    Scope,
 )
 from blockserve.scheduler.protocol import (
     BlocksEvent,
@@ -118,16 +122,11 @@ class SchedulerStats:
 @dataclass(eq=False)
 class _State:
     req: Request
-    namespace: Namespace
-    raw: bytes  # the prompt as token_bytes, converted once
-    keys: list[BlockKey]  # keys of the prompt's hittable blocks, hashed once
+    chain: Chain  # the prompt as the prefix cache sees it, and what the request holds
     reserve_bytes: int
     arrival: int
     outputs: asyncio.Queue
     overtaken: int = 0
-    deferred: bool = False  # waited for another request's in-flight blocks
-    hit: PrefixHit | None = None
-    inflight_keys: list[BlockKey] = field(default_factory=list)
     usage: Usage | None = None
     done: bool = False
 
@@ -154,16 +153,19 @@ class RequestStream:
 
 
 class Scheduler:
-    def __init__(self, generator: Generator, pool: BlockPool, config: SchedulerConfig):
-        if pool.block_size != generator.block_size:
+    def __init__(self, generator: Generator, cache: PrefixCache | BlockPool,
+                 config: SchedulerConfig):
+        if isinstance(cache, BlockPool):
+            cache = PrefixCache(cache, share_inflight=config.share_inflight)
+        if cache.block_size != generator.block_size:
             raise ValueError("the pool and the generator must use one block size")
         self.generator = generator
-        self.pool = pool
+        self.prefix = cache
+        self.pool = cache.pool  # for stats
         self.config = config
         self.stats = SchedulerStats()
         self._waiting: dict[str, _State] = {}  # insertion order = arrival order
         self._running: dict[str, _State] = {}
-        self._inflight: dict[BlockKey, str] = {}  # key -> request that will publish it
         self._arrivals = itertools.count()
         self._reserved_bytes = 0
         self._closed = False
@@ -174,6 +176,7 @@ class Scheduler:
     def start(self) -> None:
         """Bind to the running loop and start the generator."""
         loop = asyncio.get_running_loop()
+        self.prefix.start(loop.call_soon_threadsafe, self._schedule)
         self.generator.start(lambda e: loop.call_soon_threadsafe(self._on_event, e))
 
     @property
@@ -220,11 +223,8 @@ class Scheduler:
             raise QueueFullError(
                 f"the queue is full ({self.config.max_queue} requests waiting); retry later"
             )
-        ns = self.namespace(req.cache_salt)
-        raw = token_bytes(req.prompt)
-        usable = (len(req.prompt) - 1) // self.pool.block_size
-        keys = chain_keys(ns, raw[: usable * 4 * self.pool.block_size], self.pool.block_size)
-        state = _State(req, ns, raw, keys, reserve, next(self._arrivals), asyncio.Queue())
+        chain = self.prefix.prompt(self.namespace(req.cache_salt), req.prompt)
+        state = _State(req, chain, reserve, next(self._arrivals), asyncio.Queue())
         self._waiting[req.request_id] = state
         self.stats.submitted += 1
         self._schedule()
@@ -242,9 +242,10 @@ class Scheduler:
                                        usage=state.usage))
         return True
 
-    def reset_cache(self) -> bool:
-        """Flush the pool; refused (False) while any block is pinned."""
-        return self.pool.reset()
+    def reset_cache(self, scope: Scope = ALL) -> bool:
+        """Flush ``scope`` (all by default; e.g. one tenant's salt prefix) from RAM and
+        disk; refused (False) while any of its blocks is pinned."""
+        return self.prefix.reset(scope)
 
     def drain(self) -> None:
         """Stop admitting new requests; the queued and running ones carry on."""
@@ -279,15 +280,9 @@ class Scheduler:
         ``aging_limit`` times goes next, so none waits forever."""
         eligible: list[tuple[_State, int]] = []
         for state in self._waiting.values():
-            n_hit = 0
-            for key in state.keys:
-                if key not in self.pool:
-                    break
-                n_hit += 1
-            if (self.config.share_inflight and n_hit < len(state.keys)
-                    and state.keys[n_hit] in self._inflight):
-                state.deferred = True  # its next blocks are being computed: wait for them
-                continue
+            n_hit = self.prefix.cached(state.chain)
+            if n_hit is None:
+                continue  # its next blocks are being loaded or computed: wait for them
             if state.overtaken >= self.config.aging_limit:
                 chosen = state  # the oldest aged request, in arrival order
                 break
@@ -304,35 +299,22 @@ class Scheduler:
     def _admit(self, state: _State) -> None:
         req = state.req
         del self._waiting[req.request_id]
-        gen = self.generator
-        hit = self.pool.lookup(state.namespace, state.raw, pin=True, keys=state.keys)
-        state.hit = hit
-        bs = self.pool.block_size
-        tiers: dict[int, int] = {}
         marks = list(req.checkpoints)
-        if gen.needs_snapshots or req.share_prompt:
+        if self.generator.needs_snapshots or req.share_prompt:
             # A checkpoint at the prompt's last full block lets the same prompt (a
             # sibling choice), or its next turn, resume there; for state layers also
             # because the finish can't snapshot an unaligned end.
-            marks.append(((len(req.prompt) - 1) // bs * bs, TIER_GENERATED))
-        for offset, tier in marks:
-            aligned = offset // bs * bs
-            if hit.num_tokens < aligned < len(req.prompt):
-                tiers[aligned] = max(tier, tiers.get(aligned, tier))
-        checkpoints = [Checkpoint(t, tier) for t, tier in sorted(tiers.items())]
-        if checkpoints:
-            last = checkpoints[-1].tokens // bs
-            for key in state.keys[len(hit.blocks) : last]:
-                if key not in self._inflight:
-                    self._inflight[key] = req.request_id
-                    state.inflight_keys.append(key)
+            marks.append((len(req.prompt) - 1, TIER_GENERATED))
+        checkpoints = [Checkpoint(t, tier)
+                       for t, tier in self.prefix.acquire(state.chain, marks)]
+        hit = state.chain.hit
         state.usage = Usage(len(req.prompt), hit.num_tokens, 0)
         self._running[req.request_id] = state
         self._reserved_bytes += state.reserve_bytes
         self.stats.prompt_tokens += len(req.prompt)
         self.stats.cached_tokens += hit.num_tokens
         self.stats.prefill_tokens += len(req.prompt) - hit.num_tokens
-        if state.deferred and hit.blocks:
+        if state.chain.shared:
             self.stats.inflight_shares += 1
         self.generator.insert(SequenceSpec(
             req.request_id, req.prompt, hit.num_tokens, hit.payloads, checkpoints,
@@ -353,7 +335,9 @@ class Scheduler:
                                                    usage=replace(state.usage),
                                                    logprobs=logprobs))
         elif isinstance(event, BlocksEvent):
-            self._publish(state, event)
+            if self.prefix.publish(state.chain, event.tokens, event.first_block,
+                                   event.payloads, event.tier):
+                self._schedule()  # requests deferred on these blocks can now hit
         elif isinstance(event, FinishEvent):
             state.usage.completion_tokens = event.completion_tokens
             self._end(state, RequestOutput(event.seq_id, event.text,
@@ -363,38 +347,12 @@ class Scheduler:
             self._end(state, RequestOutput(event.seq_id, finish_reason="error",
                                            usage=state.usage, error=event.message))
 
-    def _publish(self, state: _State, event: BlocksEvent) -> None:
-        first, payloads = event.first_block, event.payloads
-        self.pool.insert(
-            state.namespace, event.tokens,
-            lambda i: payloads[i - first] if i >= first else None,
-            event.tier, pinned_prefix=state.hit.blocks, keys=state.keys,
-        )
-        done = len(event.tokens) // self.pool.block_size
-        published = set(state.keys[:done])
-        if any(k in published for k in state.inflight_keys):
-            self._drop_inflight(state, published)
-            self._schedule()  # requests deferred on these blocks can now hit
-
-    def _drop_inflight(self, state: _State, keys: set[BlockKey] | None = None) -> None:
-        keep = []
-        for k in state.inflight_keys:
-            if keys is None or k in keys:
-                if self._inflight.get(k) == state.req.request_id:
-                    del self._inflight[k]
-            else:
-                keep.append(k)
-        state.inflight_keys = keep
-
     def _end(self, state: _State, final: RequestOutput) -> None:
         """Release everything a request holds and close its stream."""
         rid = state.req.request_id
         if self._running.pop(rid, None) is not None:
             self._reserved_bytes -= state.reserve_bytes
-        if state.hit is not None:
-            self.pool.release(state.hit.blocks)
-            state.hit = None
-        self._drop_inflight(state)
+        self.prefix.release(state.chain)
         state.done = True
         state.outputs.put_nowait(final)
         self.stats.finished[final.finish_reason] += 1

@@ -9,6 +9,7 @@ gets an error event, and tests fail.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 
 import xxhash
@@ -36,6 +37,24 @@ class FakePayload:
     @property
     def resumable(self) -> bool:  # read by the pool: a hit may end here
         return self.snapshot or not self.needs_snapshot
+
+
+class FakeCodec:
+    """``FakePayload`` <-> bytes for the disk tier: JSON, padded to ``nbytes`` so file
+    sizes look like real blocks."""
+
+    def encode(self, p: FakePayload) -> bytes:
+        meta = json.dumps({"tokens": list(p.tokens), "nbytes": p.nbytes,
+                           "snapshot": p.snapshot, "needs_snapshot": p.needs_snapshot})
+        return meta.encode().ljust(max(p.nbytes, len(meta) + 1), b"\0")
+
+    def decode(self, data: bytes) -> FakePayload:
+        try:
+            d = json.loads(data.rstrip(b"\0"))
+            return FakePayload(tuple(d["tokens"]), d["nbytes"], d["snapshot"],
+                               d["needs_snapshot"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"not a fake payload: {e}") from e
 
 
 def next_token(context: list[int]) -> int:
