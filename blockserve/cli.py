@@ -40,6 +40,12 @@ def _serve_args(sub) -> None:
     ram = total_ram()
     p.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=ram // 4,
                    help="byte budget of the prefix cache (default: 1/4 of RAM)")
+    p.add_argument("--disk-cache-dir", default=None, metavar="DIR",
+                   help="keep evicted and checkpoint KV blocks in DIR, so the prefix cache "
+                        "outlives RAM and restarts (default: off)")
+    p.add_argument("--disk-cache-bytes", type=parse_bytes, default=None, metavar="SIZE",
+                   help="byte budget of --disk-cache-dir (default: the smaller of 10%% of "
+                        "its free space and 32GiB)")
     p.add_argument("--active-kv-memory-bytes", type=parse_bytes, default=ram // 4,
                    help="KV budget of running requests, prompt + max_tokens "
                         "(default: 1/4 of RAM)")
@@ -96,7 +102,8 @@ def stack_config(args: argparse.Namespace) -> StackConfig:
         prefill_step_size=args.prefill_step_size, prompt_concurrency=args.prompt_concurrency,
         default_max_tokens=args.max_tokens, api_keys=api_keys(args),
         share_inflight=not args.no_inflight_sharing,
-        served_model_names=args.served_model_name or [])
+        served_model_names=args.served_model_name or [],
+        disk_cache_dir=args.disk_cache_dir, disk_cache_bytes=args.disk_cache_bytes)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -118,7 +125,9 @@ def serve(args: argparse.Namespace) -> int:
     app = stack.app()
 
     async def close_engine(app: web.Application) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, stack.worker.close)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, stack.close_cache)  # spills RAM blocks to disk
+        await loop.run_in_executor(None, stack.worker.close)
 
     app.on_cleanup.append(close_engine)
     loaded = stack.worker.loaded
@@ -130,6 +139,13 @@ def serve(args: argparse.Namespace) -> int:
         config.kv_cache_memory_bytes / 2**30, loaded.kv_bytes_per_token,
         config.kv_cache_memory_bytes // (loaded.kv_bytes_per_token * config.block_size),
         config.active_kv_memory_bytes / 2**30, stack.scheduler.max_prompt_tokens)
+    disk = stack.prefix.disk
+    if disk is not None:
+        ds = disk.stats()
+        logging.getLogger("blockserve").info(
+            "disk cache at %s: budget %.2f GiB, %d files (%.2f GiB) indexed in %.2f s",
+            disk.path, disk.budget_bytes / 2**30, ds.files, ds.bytes_used / 2**30,
+            disk.scan_seconds)
     asyncio.run(_run(app, stack.scheduler, args.host, args.port, args.drain_timeout))
     return 0
 

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from blockserve.engine.frontend import TokenizerFrontend
 from blockserve.engine.worker import EngineWorker
-from blockserve.kvpool import BlockPool
+from blockserve.kvpool import BlockPool, DiskTier, PrefixCache
 from blockserve.scheduler import Scheduler, SchedulerConfig
 from blockserve.server.app import ServerConfig, create_app
 
@@ -36,6 +36,8 @@ class StackConfig:
     api_keys: list[str] = field(default_factory=list)  # each one a tenant
     share_inflight: bool = True
     served_model_names: list[str] = field(default_factory=list)
+    disk_cache_dir: str | None = None  # None: no disk tier
+    disk_cache_bytes: int | None = None  # None: min(10% of the free space, 32 GiB)
 
 
 def start_worker(config: StackConfig) -> EngineWorker:
@@ -51,8 +53,14 @@ class Stack:
     config: StackConfig
     worker: EngineWorker
     pool: BlockPool
+    prefix: PrefixCache
     scheduler: Scheduler
     frontend: TokenizerFrontend
+
+    def close_cache(self) -> None:
+        """Stop the prefix cache's threads; with a disk tier, first write the RAM
+        blocks that are not on disk yet, so a restart finds the whole cache."""
+        self.prefix.close(spill=True)
 
     def app(self) -> web.Application:
         return create_app(self.scheduler, self.frontend,
@@ -71,7 +79,12 @@ def build_stack(config: StackConfig, worker: EngineWorker | None = None) -> Stac
         raise ValueError(f"the engine runs at most {worker.max_running} sequences, the "
                          f"config asks for {config.max_num_seqs}")
     pool = BlockPool(config.block_size, config.kv_cache_memory_bytes)
-    scheduler = Scheduler(worker, pool, SchedulerConfig(
+    disk = None
+    if config.disk_cache_dir is not None:
+        disk = DiskTier(config.disk_cache_dir, worker.block_codec(), config.block_size,
+                        config.disk_cache_bytes)
+    prefix = PrefixCache(pool, disk, share_inflight=config.share_inflight)
+    scheduler = Scheduler(worker, prefix, SchedulerConfig(
         max_running=config.max_num_seqs, max_queue=config.max_queue,
         max_prompt_tokens=config.max_model_len,
         active_kv_budget_bytes=config.active_kv_memory_bytes,
@@ -79,4 +92,4 @@ def build_stack(config: StackConfig, worker: EngineWorker | None = None) -> Stac
     names = config.served_model_names or [worker.loaded.model_id]
     frontend = TokenizerFrontend(names, worker.tokenizer, worker.loaded.model_path,
                                  worker.grammars)
-    return Stack(config, worker, pool, scheduler, frontend)
+    return Stack(config, worker, pool, prefix, scheduler, frontend)

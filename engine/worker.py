@@ -18,7 +18,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import make_prompt_cache
 
 from blockserve.engine import blas
-from blockserve.engine.kvblocks import blocks_from_cache, cache_from_blocks
+from blockserve.engine.kvblocks import KVBlockCodec, blocks_from_cache, cache_from_blocks
 from blockserve.engine.model import LoadedModel, load_model
 from blockserve.engine.sampling import (
     GrammarProcessor,
@@ -111,6 +111,10 @@ class EngineWorker:
 
     def abort(self, seq_id: str) -> None:
         self._commands.put(("abort", seq_id))
+
+    def block_codec(self) -> KVBlockCodec:
+        """Block payloads <-> bytes, for the disk tier (``kvpool.DiskTier``)."""
+        return KVBlockCodec(self.loaded.layout, self.block_size)
 
     def describe_backend(self) -> str:
         """The device and BLAS in use, for the start-up log."""

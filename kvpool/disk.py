@@ -147,7 +147,8 @@ class DiskTier:
         self._queue: queue.Queue = queue.Queue()  # bounded by the counters below
         self._queued_blocks = 0
         self._queued_bytes = 0
-        self._queued_keys: set[BlockKey] = set()
+        # Queued writes by key: a block evicted a moment ago is still served from here.
+        self._pending: dict[BlockKey, _Write] = {}
         t0 = time.perf_counter()
         self._scan()
         self.scan_seconds = time.perf_counter() - t0
@@ -201,7 +202,7 @@ class DiskTier:
             e = self._index.get(b.key)
             if e is not None and (e.resumable or not b.resumable):
                 return  # already on disk (as good a copy)
-            if b.key in self._queued_keys:
+            if b.key in self._pending:
                 return
             if (self._queued_blocks >= self.max_queue_blocks
                     or self._queued_bytes + b.nbytes > self.max_queue_bytes):
@@ -209,11 +210,11 @@ class DiskTier:
                 return
             self._queued_blocks += 1
             self._queued_bytes += b.nbytes
-            self._queued_keys.add(b.key)
-            epoch = self._epoch
-        parent = b.namespace.root_key() if b.parent is None else b.parent.key
-        self._queue.put(_Write(b.key, parent, b.namespace, b.token_bytes, b.payload, b.tier,
-                               b.resumable, b.nbytes, epoch))
+            parent = b.namespace.root_key() if b.parent is None else b.parent.key
+            w = _Write(b.key, parent, b.namespace, b.token_bytes, b.payload, b.tier,
+                       b.resumable, b.nbytes, self._epoch)
+            self._pending[b.key] = w
+        self._queue.put(w)
 
     # ---- the writer thread -----------------------------------------------------
 
@@ -234,7 +235,8 @@ class DiskTier:
                     with self._lock:
                         self._queued_blocks -= 1
                         self._queued_bytes -= item.nbytes
-                        self._queued_keys.discard(item.key)
+                        if self._pending.get(item.key) is item:
+                            del self._pending[item.key]
             finally:
                 self._queue.task_done()
 
@@ -285,7 +287,8 @@ class DiskTier:
     # ---- reads (a loader thread) ------------------------------------------------
 
     def __contains__(self, key: BlockKey) -> bool:
-        return key in self._index  # a dict read: atomic under the GIL
+        # dict reads: atomic under the GIL
+        return key in self._index or key in self._pending
 
     def load(self, namespace: Namespace, parent: BlockKey, keys: Sequence[BlockKey],
              chunks: Sequence[bytes]) -> list[tuple[Any, int]]:
@@ -299,6 +302,14 @@ class DiskTier:
         for key, chunk in zip(keys, chunks):
             with self._lock:
                 e = self._index.get(key)
+                w = self._pending.get(key)
+            if w is not None and (e is None or w.resumable and not e.resumable):
+                # Not written yet: the queued block itself, checked as a file would be.
+                if (w.namespace.root_key(), w.parent, w.token_bytes) != (root, parent, chunk):
+                    break
+                out.append((w.payload, w.tier))
+                parent = key
+                continue
             if e is None or e.root != root:
                 break
             path = self._file(e)
@@ -383,6 +394,9 @@ class DiskTier:
             doomed = [e for e in self._index.values() if self._covers(scope, e.root)]
             for e in doomed:
                 self._drop_entry(e)
+            for key, w in list(self._pending.items()):
+                if scope.covers(w.namespace):
+                    del self._pending[key]  # the writer skips it (flushed since)
         paths = [self._file(e) for e in doomed]
 
         def delete() -> None:
