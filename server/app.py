@@ -362,7 +362,14 @@ async def cache_stats(request: web.Request) -> web.Response:
                       "submitted": s.submitted, "prompt_tokens": s.prompt_tokens,
                       "cached_tokens": s.cached_tokens, "prefill_tokens": s.prefill_tokens,
                       "inflight_shares": s.inflight_shares, "finished": dict(s.finished)},
+        "disk": _disk_stats(sched),
     })
+
+
+def _disk_stats(sched: Scheduler) -> dict | None:
+    """The disk tier's counters and gauges, or None when it is off."""
+    d = sched.prefix.disk_stats()
+    return None if d is None else {**asdict(d), "hit_rate": d.hit_rate}
 
 
 async def cache_reset(request: web.Request) -> web.Response:

@@ -55,6 +55,33 @@ class _StateCollector:
              "Requests that waited for another request's blocks", None,
              {(): sched.stats.inflight_shares}),
         ]
+        disk = sched.prefix.disk_stats()
+        if disk is not None:
+            families += [
+                (CounterMetricFamily, "blockserve_disk_cache_tokens",
+                 "Prompt tokens looked up on the disk tier, by result (hit: loaded into "
+                 "RAM; miss: in neither RAM nor disk)", "result",
+                 {("hit",): disk.hit_tokens, ("miss",): disk.miss_tokens}),
+                (CounterMetricFamily, "blockserve_disk_cache_bytes_read",
+                 "Bytes of block files read", None, {(): disk.bytes_read}),
+                (CounterMetricFamily, "blockserve_disk_cache_bytes_written",
+                 "Bytes of block files written", None, {(): disk.bytes_written}),
+                (CounterMetricFamily, "blockserve_disk_cache_load_seconds",
+                 "Time spent loading blocks from disk (loader threads)", None,
+                 {(): disk.load_seconds}),
+                (CounterMetricFamily, "blockserve_disk_cache_dropped_writes",
+                 "Blocks not written because the writer was behind", None,
+                 {(): disk.dropped_writes}),
+                (CounterMetricFamily, "blockserve_disk_cache_damaged_files",
+                 "Block files that failed verification (deleted, served as misses)", None,
+                 {(): disk.damaged_files}),
+                (GaugeMetricFamily, "blockserve_disk_cache_files", "Block files on disk",
+                 None, {(): disk.files}),
+                (GaugeMetricFamily, "blockserve_disk_cache_used_bytes",
+                 "Bytes of block files on disk", None, {(): disk.bytes_used}),
+                (GaugeMetricFamily, "blockserve_disk_cache_budget_bytes",
+                 "Byte budget of the disk tier", None, {(): disk.budget_bytes}),
+            ]
         for family, name, doc, label, values in families:
             m = family(name, doc, labels=[label] if label else None)
             for labels, value in values.items():
