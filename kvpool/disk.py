@@ -44,7 +44,7 @@ from typing import Any, Protocol, Sequence
 import xxhash
 
 from blockserve.kvpool.hashing import BlockKey, Namespace, digest
-from blockserve.kvpool.pool import ALL, TIERS, Block, Scope
+from blockserve.kvpool.pool import ALL, MAX_COUNTED_NAMESPACES, TIERS, Block, Scope
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,8 @@ class DiskTier:
         self._roots: dict[BlockKey, Namespace | None] = {}  # None: namespace.json lost
         self._bytes = 0
         self._stats = DiskStats(self.budget_bytes)
-        self._ns_counts: dict[BlockKey, list[int]] = {}  # root -> [hit, miss] tokens
+        # root -> [hit, miss] tokens, bounded as the pool's per-namespace counters are
+        self._ns_counts: OrderedDict[BlockKey, list[int]] = OrderedDict()
         self._epoch = 0
         self._resets: list[tuple[int, Scope]] = []
         self._queue: queue.Queue = queue.Queue()  # bounded by the counters below
@@ -334,7 +335,7 @@ class DiskTier:
             self._stats.load_seconds += time.perf_counter() - t0
             self._stats.loads += 1
             self._stats.hit_tokens += len(out) * self.block_size
-            self._ns_counts.setdefault(root, [0, 0])[0] += len(out) * self.block_size
+            self._ns_count(root)[0] += len(out) * self.block_size
         now = time.time()
         for key in keys[: len(out)]:
             e = self._index.get(key)
@@ -381,7 +382,17 @@ class DiskTier:
         """Hittable tokens that neither RAM nor disk had (for the hit rate)."""
         with self._lock:
             self._stats.miss_tokens += tokens
-            self._ns_counts.setdefault(namespace.root_key(), [0, 0])[1] += tokens
+            self._ns_count(namespace.root_key())[1] += tokens
+
+    def _ns_count(self, root: BlockKey) -> list[int]:
+        c = self._ns_counts.get(root)
+        if c is None:
+            c = self._ns_counts[root] = [0, 0]
+            if len(self._ns_counts) > MAX_COUNTED_NAMESPACES:
+                self._ns_counts.popitem(last=False)
+        else:
+            self._ns_counts.move_to_end(root)
+        return c
 
     # ---- flush, stats, close ---------------------------------------------------
 

@@ -19,6 +19,7 @@ It must not block: the disk tier only queues the block for its writer thread.
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
@@ -37,6 +38,7 @@ TIER_GENERATED = 0
 TIER_CONVERSATION = 1
 TIER_SYSTEM = 2
 TIERS = (TIER_GENERATED, TIER_CONVERSATION, TIER_SYSTEM)
+MAX_COUNTED_NAMESPACES = 4096  # per-namespace lookup counters kept for scoped stats
 
 
 class Payload(Protocol):
@@ -190,7 +192,9 @@ class BlockPool:
         self._pinned_bytes = 0
         self._counters = PoolStats(block_size, budget_bytes)
         # Per-namespace query/hit counters, for scoped stats (a tenant sees its own).
-        self._ns_counters: dict[Namespace, list[int]] = {}
+        # Salts come from requests, so the table is bounded: least recently counted
+        # namespaces leave first (their scoped counters restart from zero).
+        self._ns_counters: OrderedDict[Namespace, list[int]] = OrderedDict()
         self.lower = lower
 
     # ---- queries -------------------------------------------------------------
@@ -238,7 +242,13 @@ class BlockPool:
             self._counters.lookups += 1
             self._counters.queried_tokens += len(raw) // 4
             self._counters.hit_tokens += len(blocks) * self.block_size
-            ns = self._ns_counters.setdefault(namespace, [0, 0, 0])
+            ns = self._ns_counters.get(namespace)
+            if ns is None:
+                ns = self._ns_counters[namespace] = [0, 0, 0]
+                if len(self._ns_counters) > MAX_COUNTED_NAMESPACES:
+                    self._ns_counters.popitem(last=False)
+            else:
+                self._ns_counters.move_to_end(namespace)
             ns[0] += 1
             ns[1] += len(raw) // 4
             ns[2] += len(blocks) * self.block_size

@@ -168,3 +168,19 @@ def test_a_scoped_reset_is_refused_only_by_pins_in_its_scope():
 def test_scope_covers(scope, covered):
     nss = [Namespace("m1"), Namespace("m1", "tenant:a\0salt:z"), Namespace("m2", "x")]
     assert [scope.covers(ns) for ns in nss] == covered
+
+
+def test_per_namespace_counters_are_bounded(monkeypatch):
+    """Salts come from requests: a flood of distinct salts can't grow the pool's tables."""
+    import blockserve.kvpool.pool as pool_module
+
+    monkeypatch.setattr(pool_module, "MAX_COUNTED_NAMESPACES", 8)
+    cache = make()
+    for i in range(50):
+        c = cache.prompt(Namespace("fake-model", f"salt-{i}"), list(range(9)))
+        cache.acquire(c)
+        cache.release(c)
+    assert len(cache.pool._ns_counters) == 8
+    assert cache.stats(Scope(salt_prefix="salt-49")).lookups == 1
+    assert cache.stats(Scope(salt_prefix="salt-0")).lookups == 0  # forgotten, not wrong
+    assert cache.stats().lookups == 50
