@@ -14,7 +14,6 @@ from blockserve.kvpool.hashing import (
     token_bytes,
 )
 from blockserve.kvpool.pool import (
-    ALL,
     TIER_CONVERSATION,
     TIER_GENERATED,
     TIER_SYSTEM,
@@ -27,11 +26,11 @@ from blockserve.kvpool.pool import (
     PoolStats,
     PrefixHit,
     Scope,
+    ScopeFn,
 )
 from blockserve.kvpool.prefix import Chain, PrefixCache
 
 __all__ = [
-    "ALL",
     "Chain",
     "Codec",
     "DiskStats",
@@ -39,6 +38,7 @@ __all__ = [
     "LowerTier",
     "PrefixCache",
     "Scope",
+    "ScopeFn",
     "hittable_blocks",
     "TIER_CONVERSATION",
     "TIER_GENERATED",

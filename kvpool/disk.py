@@ -44,7 +44,7 @@ from typing import Any, Protocol, Sequence
 import xxhash
 
 from blockserve.kvpool.hashing import BlockKey, Namespace, digest
-from blockserve.kvpool.pool import ALL, MAX_COUNTED_NAMESPACES, TIERS, Block, Scope
+from blockserve.kvpool.pool import MAX_COUNTED_NAMESPACES, TIERS, Block, ScopeFn
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class DiskTier:
         # root -> [hit, miss] tokens, bounded as the pool's per-namespace counters are
         self._ns_counts: OrderedDict[BlockKey, list[int]] = OrderedDict()
         self._epoch = 0
-        self._resets: list[tuple[int, Scope]] = []
+        self._resets: list[tuple[int, ScopeFn | None]] = []
         self._queue: queue.Queue = queue.Queue()  # bounded by the counters below
         self._queued_blocks = 0
         self._queued_bytes = 0
@@ -283,7 +283,7 @@ class DiskTier:
             self._evict_to_budget()
 
     def _flushed_since(self, epoch: int, ns: Namespace) -> bool:
-        return any(e > epoch and scope.covers(ns) for e, scope in self._resets)
+        return any(e > epoch and (scope is None or scope(ns)) for e, scope in self._resets)
 
     # ---- reads (a loader thread) ------------------------------------------------
 
@@ -396,7 +396,7 @@ class DiskTier:
 
     # ---- flush, stats, close ---------------------------------------------------
 
-    def reset(self, scope: Scope = ALL) -> None:
+    def reset(self, scope: ScopeFn | None = None) -> None:
         """Forget the files of ``scope`` now (later lookups miss) and delete them on the
         writer thread; queued writes for it are dropped."""
         with self._lock:
@@ -406,7 +406,7 @@ class DiskTier:
             for e in doomed:
                 self._drop_entry(e)
             for key, w in list(self._pending.items()):
-                if scope.covers(w.namespace):
+                if scope is None or scope(w.namespace):
                     del self._pending[key]  # the writer skips it (flushed since)
         paths = [self._file(e) for e in doomed]
 
@@ -416,19 +416,19 @@ class DiskTier:
 
         self._queue.put(delete)
 
-    def _covers(self, scope: Scope, root: BlockKey) -> bool:
-        if scope == ALL:
+    def _covers(self, scope: ScopeFn | None, root: BlockKey) -> bool:
+        if scope is None:
             return True
-        ns = self._roots.get(root)
-        return ns is not None and scope.covers(ns)
+        ns = self._roots.get(root)  # None if its namespace.json was lost: only "all" covers it
+        return ns is not None and scope(ns)
 
-    def stats(self, scope: Scope = ALL) -> DiskStats:
+    def stats(self, scope: ScopeFn | None = None) -> DiskStats:
         """Counters and gauges; with a ``scope``, hits, misses, files and bytes are its
         own (the rest stays tier-wide)."""
         with self._lock:
             s = DiskStats(**{k: getattr(self._stats, k) for k in DiskStats.__dataclass_fields__})
             s.budget_bytes = self.budget_bytes
-            if scope == ALL:
+            if scope is None:
                 s.files, s.bytes_used = len(self._index), self._bytes
                 return s
             s.hit_tokens = s.miss_tokens = s.files = s.bytes_used = 0

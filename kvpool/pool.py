@@ -61,24 +61,25 @@ class LowerTier(Protocol):
         """``block`` now has a checkpoint tier (>= 1); keep a copy now (write-through)."""
 
 
+# Which namespaces an admin operation (a scoped flush or stats) covers; None: all.
+ScopeFn = Callable[[Namespace], bool]
+
+
 @dataclass(frozen=True)
 class Scope:
-    """Which namespaces an admin operation covers: all of them (the default), one model,
-    and/or the cache salts that start with ``salt_prefix``. A tenant's salt prefix covers
-    the tenant and the request salts nested inside it (``server.app.cache_salt``)."""
+    """A ``ScopeFn`` as data: one model, and/or the cache salts that start with
+    ``salt_prefix`` (a tenant's salt and the request salts nested inside it, as
+    ``server.app.tenant_scope`` also builds). No fields: every namespace."""
 
     model: str | None = None
     salt_prefix: str | None = None
 
-    def covers(self, ns: Namespace) -> bool:
+    def __call__(self, ns: Namespace) -> bool:
         if self.model is not None and ns.model != self.model:
             return False
         if self.salt_prefix is not None:
             return ns.cache_salt is not None and ns.cache_salt.startswith(self.salt_prefix)
         return True
-
-
-ALL = Scope()
 
 
 def _resumable(payload: Payload) -> bool:
@@ -515,34 +516,40 @@ class BlockPool:
                 self._evict_heap.append((b.tier, b.last_used, self._seq, b))
         heapq.heapify(self._evict_heap)
 
-    def reset(self, scope: Scope = ALL) -> bool:
-        """Drop every block of the namespaces in ``scope`` (all by default), like
+    def reset(self, scope: ScopeFn | None = None) -> bool:
+        """Drop every block, or those whose namespace is in ``scope`` (one tenant's), like
         vLLM's ``reset_prefix_cache``. Refused (False) if any of them is pinned, so a
-        flush is never half-done. Namespaces never share blocks, so a scoped flush
-        leaves every other chain whole."""
-        if scope == ALL:
+        flush is never half-done. A chain never crosses namespaces, so a scoped flush
+        takes whole chains and leaves no orphan."""
+        if scope is None:
             if self._pinned_blocks:
                 return False
             self._blocks.clear()
             self._evict_heap.clear()
             self._bytes = 0  # counters stay: they are monotonic, as Prometheus expects
             return True
-        doomed = [b for b in self._blocks.values() if scope.covers(b.namespace)]
+        doomed = [b for b in self._blocks.values() if scope(b.namespace)]
         if any(b.refcount for b in doomed):
             return False
         for b in doomed:
-            del self._blocks[b.key]  # stale heap entries are skipped when popped
+            del self._blocks[b.key]
             self._bytes -= b.nbytes
             b.parent = None
+        self._rebuild_heap()
         return True
+
+    def usage(self, scope: ScopeFn) -> tuple[int, int]:
+        """(blocks, bytes) cached for the namespaces in ``scope``: one tenant's share."""
+        blocks = [b for b in self._blocks.values() if scope(b.namespace)]
+        return len(blocks), sum(b.nbytes for b in blocks)
 
     # ---- statistics ----------------------------------------------------------
 
-    def stats(self, scope: Scope = ALL) -> PoolStats:
+    def stats(self, scope: ScopeFn | None = None) -> PoolStats:
         """Counters since start, and the gauges as of now. With a ``scope``, only its
         namespaces: lookups and hits, blocks and bytes (the other counters stay
         pool-wide, as does the budget that all namespaces share)."""
-        if scope == ALL:
+        if scope is None:
             return replace(
                 self._counters,
                 budget_bytes=self.budget_bytes,
@@ -556,12 +563,12 @@ class BlockPool:
                     evictions=dict(self._counters.evictions), lookups=0, queried_tokens=0,
                     hit_tokens=0)
         for ns, (lookups, queried, hits) in self._ns_counters.items():
-            if scope.covers(ns):
+            if scope(ns):
                 s.lookups += lookups
                 s.queried_tokens += queried
                 s.hit_tokens += hits
         for b in self._blocks.values():
-            if scope.covers(b.namespace):
+            if scope(b.namespace):
                 if b.refcount:
                     s.blocks_pinned += 1
                     s.bytes_pinned += b.nbytes

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 from blockserve.kvpool.disk import DiskStats, DiskTier
 from blockserve.kvpool.hashing import BlockKey, Namespace, Tokens, chain_keys, hittable_blocks, \
     token_bytes
-from blockserve.kvpool.pool import ALL, Block, BlockPool, PoolStats, PrefixHit, Scope
+from blockserve.kvpool.pool import Block, BlockPool, PoolStats, PrefixHit, ScopeFn
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,9 @@ class PrefixCache:
 
     # ---- admin -------------------------------------------------------------------
 
-    def reset(self, scope: Scope = ALL) -> bool:
-        """Flush ``scope`` (everything by default) from RAM and disk. Refused (False)
+    def reset(self, scope: ScopeFn | None = None) -> bool:
+        """Flush ``scope`` (everything by default; e.g. ``Scope(salt_prefix=...)`` or
+        ``server.app.tenant_scope``) from RAM and disk. Refused (False)
         while any of its RAM blocks is pinned."""
         if not self.pool.reset(scope):
             return False
@@ -182,11 +183,15 @@ class PrefixCache:
             self.disk.reset(scope)
         return True
 
-    def stats(self, scope: Scope = ALL) -> PoolStats:
-        """The pool's stats for ``scope``."""
+    def stats(self, scope: ScopeFn | None = None) -> PoolStats:
+        """The pool's stats for ``scope`` (all namespaces by default)."""
         return self.pool.stats(scope)
 
-    def disk_stats(self, scope: Scope = ALL) -> DiskStats | None:
+    def usage(self, scope: ScopeFn) -> tuple[int, int]:
+        """(blocks, bytes) in RAM for ``scope``: one tenant's share."""
+        return self.pool.usage(scope)
+
+    def disk_stats(self, scope: ScopeFn | None = None) -> DiskStats | None:
         """The disk tier's stats for ``scope``, or None without a disk tier."""
         return None if self.disk is None else self.disk.stats(scope)
 

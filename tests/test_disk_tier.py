@@ -379,3 +379,22 @@ async def test_small_ram_and_a_disk_tier_keep_the_working_set(tmp_path):
     results, _, _ = await _serve(tmp_path, prompts * 2, budget=budget)
     second = [u.cached_tokens for _, u in results[6:]]
     assert second == [32] * 6  # every second pass hits in full, from disk
+
+
+def test_the_servers_tenant_scope_flushes_that_tenant_on_disk(tmp_path):
+    """``server.app.tenant_scope`` (what /v1/cache/reset passes for a tenant key) reaches
+    the disk tier: the tenant's files go, including its nested request salts."""
+    from blockserve.server.app import cache_salt, tenant_scope
+
+    mine = [Namespace("fake-model", cache_salt("t" * 32, s)) for s in (None, "x")]
+    other = Namespace("fake-model", cache_salt("u" * 32, None))
+    cache = PrefixCache(BlockPool(BS, 1 << 20), disk(tmp_path))
+    for ns in mine + [other]:
+        fill(cache, ns, list(range(1, 9)), TIER_SYSTEM)
+    cache.disk.flush()
+    assert cache.disk.stats(tenant_scope("t" * 32)).files == 4
+    assert cache.reset(tenant_scope("t" * 32))
+    cache.disk.flush()
+    assert cache.disk.stats().files == 2 == cache.disk.stats(tenant_scope("u" * 32)).files
+    assert len(files(tmp_path)) == 2
+    cache.close(spill=False)

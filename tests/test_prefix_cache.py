@@ -167,7 +167,7 @@ def test_a_scoped_reset_is_refused_only_by_pins_in_its_scope():
 ])
 def test_scope_covers(scope, covered):
     nss = [Namespace("m1"), Namespace("m1", "tenant:a\0salt:z"), Namespace("m2", "x")]
-    assert [scope.covers(ns) for ns in nss] == covered
+    assert [scope(ns) for ns in nss] == covered
 
 
 def test_per_namespace_counters_are_bounded(monkeypatch):
