@@ -63,7 +63,7 @@ class PrefixCache:
     """Request-level verbs over a ``BlockPool`` and an optional ``DiskTier``."""
 
     def __init__(self, pool: BlockPool, disk: DiskTier | None = None,
-                 share_inflight: bool = True, load_threads: int = 2):
+                 share_inflight: bool = True, load_threads: int = 2, max_holding: int = 4):
         if disk is not None and disk.block_size != pool.block_size:
             raise ValueError("the pool and the disk tier must use one block size")
         self.pool = pool
@@ -78,6 +78,11 @@ class PrefixCache:
         self._post: Callable[[Callable[[], None]], None] | None = None
         self._on_ready: Callable[[], None] = lambda: None
         self._epoch = 0  # a flush discards loads that started before it
+        # Chains loading from disk or holding loaded blocks until admitted. Bounded: the
+        # queue may be long, and pins taken for requests far back in it would crowd the
+        # running requests' blocks out of the RAM budget.
+        self._holding: set[Chain] = set()
+        self.max_holding = max_holding
 
     def start(self, post: Callable[[Callable[[], None]], None],
               on_ready: Callable[[], None]) -> None:
@@ -110,6 +115,8 @@ class PrefixCache:
             return n
         if (self.disk is not None and self._post is not None and n != chain.disk_from
                 and chain.keys[n] in self.disk):
+            if len(self._holding) >= self.max_holding:
+                return None  # its blocks are on disk: wait for a loader, cheaper than prefill
             self._load(chain, n)  # once per RAM hit length: a refused insert can't loop
             return None
         owner = self._inflight.get(chain.keys[n])
@@ -128,6 +135,7 @@ class PrefixCache:
                                max_blocks=len(chain.keys))
         chain.hit = hit
         self._drop_held(chain)  # the hit holds its own pins now
+        self._holding.discard(chain)
         if self.disk is not None:
             self.disk.count_miss(chain.namespace,
                                  (len(chain.keys) - len(hit.blocks)) * self.block_size)
@@ -168,6 +176,7 @@ class PrefixCache:
             self.pool.release(chain.hit.blocks)
             chain.hit = None
         self._drop_held(chain)
+        self._holding.discard(chain)
         self._drop_promises(chain)
 
     # ---- admin -------------------------------------------------------------------
@@ -213,6 +222,7 @@ class PrefixCache:
         """Load ``chain``'s blocks from ``n_ram`` on from disk, off this thread."""
         chain.loading = True
         chain.disk_from = n_ram
+        self._holding.add(chain)
         step = 4 * self.block_size
         keys = chain.keys[n_ram:]
         chunks = [chain.raw[i * step : (i + 1) * step] for i in range(n_ram, len(chain.keys))]
@@ -232,6 +242,7 @@ class PrefixCache:
             self._loader.submit(job)
         except RuntimeError:  # shut down
             chain.loading = False
+            self._holding.discard(chain)
 
     def _loaded(self, chain: Chain, n_ram: int, found: list[tuple[Any, int]],
                 epoch: int) -> None:
@@ -258,6 +269,8 @@ class PrefixCache:
                 chain.held = self.pool.lookup(chain.namespace, chain.raw, pin=True,
                                               keys=chain.keys, max_blocks=len(chain.keys),
                                               record=False).blocks
+        if not chain.held:
+            self._holding.discard(chain)
         self._on_ready()
 
     def _drop_held(self, chain: Chain) -> None:

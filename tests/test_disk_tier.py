@@ -398,3 +398,38 @@ def test_the_servers_tenant_scope_flushes_that_tenant_on_disk(tmp_path):
     assert cache.disk.stats().files == 2 == cache.disk.stats(tenant_scope("u" * 32)).files
     assert len(files(tmp_path)) == 2
     cache.close(spill=False)
+
+
+async def test_disk_loads_for_a_long_queue_are_bounded(tmp_path):
+    """Only ``max_holding`` chains load or hold disk blocks at once; the others wait
+    (None) and load as the first are admitted."""
+    cache = PrefixCache(BlockPool(BS, 1 << 20), disk(tmp_path), max_holding=2)
+    prompts = [[i * 100 + j for j in range(8)] for i in range(5)]
+    for p in prompts:
+        fill(cache, NS, p, TIER_SYSTEM)
+    cache.close(spill=False)
+    cache = PrefixCache(BlockPool(BS, 1 << 20), disk(tmp_path), max_holding=2)
+    ready = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    cache.start(loop.call_soon_threadsafe, ready.set)
+    chains = [cache.prompt(NS, p + [0]) for p in prompts]
+    assert [cache.cached(c) for c in chains] == [None] * 5
+    assert sum(c.loading for c in chains) == 2
+    while any(c.loading for c in chains):
+        await asyncio.wait_for(ready.wait(), 10)
+        ready.clear()
+    assert cache.stats().blocks_pinned == 4  # two chains of two blocks, held for them
+    assert [cache.cached(c) for c in chains[:2]] == [2, 2]
+    assert cache.cached(chains[2]) is None  # still at the cap
+    for c in chains[:2]:
+        cache.acquire(c)
+        cache.release(c)
+    for c in chains[2:]:
+        while cache.cached(c) is None:
+            await asyncio.wait_for(ready.wait(), 10)
+            ready.clear()
+        cache.acquire(c)
+        assert c.hit_tokens == 8
+        cache.release(c)
+    assert cache.stats().blocks_pinned == 0
+    cache.close(spill=False)
