@@ -247,11 +247,12 @@ class KVBlockCodec:
         meta = json.dumps(head, separators=(",", ":")).encode()
         return b"".join([struct.pack("<I", len(meta)), meta, *bufs])
 
-    def decode(self, data: bytes) -> KVBlock:
-        """Loader thread: numpy only. Raises ValueError on anything foreign."""
+    def decode(self, data: bytes | memoryview) -> KVBlock:
+        """Loader thread: numpy only, arrays are views of ``data`` (no copy). Raises
+        ValueError on anything foreign."""
         try:
             (n,) = struct.unpack_from("<I", data)
-            head = json.loads(data[4 : 4 + n])
+            head = json.loads(bytes(data[4 : 4 + n]))
             if head["v"] != _CODEC_VERSION:
                 raise ValueError(f"codec version {head['v']}")
             if head["layers"] != [len(self.layout.kv_layers), len(self.layout.state_layers)] \
@@ -288,7 +289,8 @@ class KVBlockCodec:
                     raise ValueError("a snapshot of another model")
                 snap = [(_STATE_CLASSES[name], untree(st)) for name, st in head["snapshot"]]
             return KVBlock(kv, snap, bool(head["needs_snapshot"]))
-        except (KeyError, TypeError, IndexError, struct.error, json.JSONDecodeError) as e:
+        except (KeyError, TypeError, IndexError, AttributeError, struct.error,
+                json.JSONDecodeError) as e:
             raise ValueError(f"not a block of this model: {e!r}") from e
 
 

@@ -63,8 +63,9 @@ class Codec(Protocol):
     def encode(self, payload: Any) -> bytes:
         """The payload's bytes (called on the writer thread)."""
 
-    def decode(self, data: bytes) -> Any:
-        """A payload from ``encode``'s bytes; raises ``ValueError`` on foreign data."""
+    def decode(self, data: memoryview) -> Any:
+        """A payload from ``encode``'s bytes (a view into the file's buffer, which the
+        payload may keep); raises ``ValueError`` on foreign data."""
 
 
 def default_budget(path: str) -> int:
@@ -348,6 +349,9 @@ class DiskTier:
 
     def _verify(self, data: bytes, e: _Entry, root: BlockKey, parent: BlockKey,
                 key: BlockKey, chunk: bytes) -> Any:
+        # Slices of a memoryview copy nothing: the payload is most of the file, and the
+        # checksum and the codec read it where it lies (the load runs at disk speed).
+        view = memoryview(data)
         if len(data) < _HEADER.size + _CHECKSUM:
             raise ValueError("truncated")
         magic, version, tier, flags, n, f_root, f_parent, f_key, plen = \
@@ -358,14 +362,14 @@ class DiskTier:
             raise ValueError(f"format version {version}, expected {VERSION}")
         if len(data) != _HEADER.size + 4 * n + plen + _CHECKSUM:
             raise ValueError("truncated or padded")
-        if xxhash.xxh3_128_digest(data[:-_CHECKSUM]) != data[-_CHECKSUM:]:
+        if xxhash.xxh3_128_digest(view[:-_CHECKSUM]) != data[-_CHECKSUM:]:
             raise ValueError("checksum mismatch")
         toks = data[_HEADER.size : _HEADER.size + 4 * n]
         if (f_root, f_parent, f_key) != (root, parent, key) or toks != chunk:
             raise ValueError("another block's file")
         if digest(parent + toks) != key:
             raise ValueError("key does not hash from parent and tokens")
-        payload = self.codec.decode(data[_HEADER.size + 4 * n : -_CHECKSUM])
+        payload = self.codec.decode(view[_HEADER.size + 4 * n : -_CHECKSUM])
         if bool(getattr(payload, "resumable", True)) != bool(flags & _FLAG_RESUMABLE):
             raise ValueError("payload disagrees with its header")
         return payload

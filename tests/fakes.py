@@ -50,7 +50,7 @@ class FakeCodec:
 
     def decode(self, data: bytes) -> FakePayload:
         try:
-            d = json.loads(data.rstrip(b"\0"))
+            d = json.loads(bytes(data).rstrip(b"\0"))
             return FakePayload(tuple(d["tokens"]), d["nbytes"], d["snapshot"],
                                d["needs_snapshot"])
         except (ValueError, KeyError, TypeError) as e:
