@@ -301,6 +301,7 @@ class DiskTier:
         root = namespace.root_key()
         out: list[tuple[Any, int]] = []
         read = 0
+        self._prefetch(keys)
         for key, chunk in zip(keys, chunks):
             with self._lock:
                 e = self._index.get(key)
@@ -346,6 +347,27 @@ class DiskTier:
                 except OSError:
                     pass
         return out
+
+    def _prefetch(self, keys: Sequence[BlockKey]) -> None:
+        """Ask the kernel to read the chain's files now (``POSIX_FADV_WILLNEED``), all at
+        once: the reads queue in parallel while the first files are verified, instead of
+        one file's read at a time."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for key in keys:
+            e = self._index.get(key)
+            if e is None:
+                break
+            try:
+                fd = os.open(self._file(e), os.O_RDONLY)
+            except OSError:
+                break
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def _verify(self, data: bytes, e: _Entry, root: BlockKey, parent: BlockKey,
                 key: BlockKey, chunk: bytes) -> Any:
