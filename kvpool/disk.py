@@ -239,6 +239,8 @@ class DiskTier:
                         self._queued_bytes -= item.nbytes
                         if self._pending.get(item.key) is item:
                             del self._pending[item.key]
+                        if not self._queued_blocks:
+                            self._resets.clear()  # no write left that predates them
             finally:
                 self._queue.task_done()
 
@@ -427,7 +429,8 @@ class DiskTier:
         writer thread; queued writes for it are dropped."""
         with self._lock:
             self._epoch += 1
-            self._resets.append((self._epoch, scope))
+            if self._queued_blocks:  # only queued writes are checked against flushes
+                self._resets.append((self._epoch, scope))
             doomed = [e for e in self._index.values() if self._covers(scope, e.root)]
             for e in doomed:
                 self._drop_entry(e)

@@ -433,3 +433,18 @@ async def test_disk_loads_for_a_long_queue_are_bounded(tmp_path):
         cache.release(c)
     assert cache.stats().blocks_pinned == 0
     cache.close(spill=False)
+
+
+def test_a_flush_drops_writes_still_queued_for_its_scope(tmp_path):
+    t1, t2 = Namespace("fake-model", "tenant:a"), Namespace("fake-model", "tenant:b")
+    d = DiskTier(str(tmp_path), SlowCodec(), BS, 1 << 30)
+    cache = PrefixCache(BlockPool(BS, 1 << 20), d)
+    fill(cache, t1, list(range(1, 9)), TIER_SYSTEM)  # queued behind a slow codec
+    fill(cache, t2, list(range(1, 9)), TIER_SYSTEM)
+    assert cache.reset(Scope(salt_prefix="tenant:a"))
+    d.flush()
+    assert d.stats().files == 2 == d.stats(Scope(salt_prefix="tenant:b")).files
+    assert {os.path.basename(os.path.dirname(f)) for f in files(tmp_path)} == \
+        {t2.root_key().hex()}
+    assert d._resets == []  # nothing left queued: the flush record is gone too
+    cache.close(spill=False)
