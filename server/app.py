@@ -53,7 +53,7 @@ _OPEN_PATHS = {"/health", "/metrics"}
 
 
 def create_app(scheduler: Scheduler, frontend: Frontend, config: ServerConfig) -> web.Application:
-    from blockserve.server import anthropic_api, openai_api
+    from blockserve.server import anthropic_api, openai_api, responses_api
 
     app = web.Application(middlewares=[_errors, _auth], client_max_size=64 << 20)
     app[SCHEDULER] = scheduler
@@ -66,6 +66,7 @@ def create_app(scheduler: Scheduler, frontend: Frontend, config: ServerConfig) -
     app.router.add_post("/v1/completions/render", openai_api.render_completion)
     app.router.add_post("/v1/messages", anthropic_api.messages)
     app.router.add_post("/v1/messages/count_tokens", anthropic_api.count_tokens)
+    responses_api.install(app)  # /v1/responses, and its store of recent responses
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
