@@ -11,16 +11,11 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from blockserve.engine.frontend import TokenizerFrontend
 from blockserve.engine.model import resolve
-from blockserve.kvpool import BlockPool
-from blockserve.scheduler import Scheduler, SchedulerConfig
 from blockserve.server import responses_api
-from blockserve.server.app import ServerConfig, create_app
-from tests.fakes import ScriptedGenerator
+from tests.server_harness import serve_scripted
 
 MODEL = "demo:tiny"
 THINK = "<think>\nThe user wants a.py.\n</think>\n\n"
@@ -48,21 +43,9 @@ def tokenizer():
 
 
 @contextlib.asynccontextmanager
-async def scripted(tokenizer, *scripts, token_delay=0.0, **config):
-    gen = ScriptedGenerator(block_size=16, tokenizer=tokenizer, scripts=list(scripts),
-                            token_delay=token_delay)
-    sched = Scheduler(gen, BlockPool(16, 64 << 20), SchedulerConfig(**config))
-    frontend = TokenizerFrontend([MODEL], tokenizer, resolve(MODEL)[1])
-    runner = web.AppRunner(create_app(sched, frontend, ServerConfig(64)),
-                           handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", gen
-    finally:
-        await runner.cleanup()
-    assert sched.pool.stats().blocks_pinned == 0 and gen.active == 0
+async def scripted(tokenizer, *scripts, **kw):
+    async with serve_scripted(tokenizer, MODEL, list(scripts), **kw) as (url, gen, _, _):
+        yield url, gen
 
 
 def oa(url):
