@@ -9,6 +9,10 @@ from typing import AsyncIterator, TypeVar
 
 T = TypeVar("T")
 
+# Seconds of silence before a stream sends a keepalive (Responses: response.in_progress,
+# Anthropic: a ping event, OpenAI chat: an SSE comment). Read at each request.
+INTERVAL_S = 10.0
+
 
 async def with_idle_ticks(source: AsyncIterator[T], interval: float
                           ) -> AsyncIterator[T | None]:

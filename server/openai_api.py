@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from blockserve.scheduler import Usage
+from blockserve.server import keepalive
 from blockserve.server.app import (
     CONFIG,
     FRONTEND,
@@ -389,7 +390,11 @@ async def _stream(request: web.Request, frontend: Frontend, gen: Generation, run
     if chat:
         for run in runs:
             await emit(run.index, {"delta": {"role": "assistant", "content": ""}})
-    async for run, step in merged_steps(runs):
+    async for item in keepalive.with_idle_ticks(merged_steps(runs), keepalive.INTERVAL_S):
+        if item is None:  # a long prefill: a comment keeps clients and proxies waiting
+            await resp.write(b": keepalive\n\n")
+            continue
+        run, step = item
         i, out = run.index, step.out
         if out.finish_reason == "error":
             await send(resp, ApiError(500, out.error or "generation failed").openai_body())

@@ -6,10 +6,11 @@ The request side is ``responses_input``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 
@@ -19,13 +20,14 @@ from blockserve.server.app import (
     FRONTEND,
     TENANT,
     Run,
+    Step,
     check_model,
     read_json,
     send,
     sse,
 )
 from blockserve.server.errors import ApiError, invalid
-from blockserve.server.keepalive import with_idle_ticks
+from blockserve.server import keepalive
 from blockserve.server.responses_input import (
     ResponsesRequest,
     Tools,
@@ -35,7 +37,6 @@ from blockserve.server.responses_input import (
 from blockserve.server.responses_store import ResponseStore
 
 STORE = web.AppKey("responses_store", ResponseStore)
-KEEPALIVE_S = 10.0  # a response.in_progress this often while nothing else is sent
 
 
 def install(app: web.Application) -> None:
@@ -278,7 +279,17 @@ async def _stream(request: web.Request, req: ResponsesRequest, model: str,
     events = Events(await sse(request))
     for kind in ("response.created", "response.in_progress"):
         await events.send({"type": kind, "response": reply.object("in_progress")})
-    async for step in with_idle_ticks(run.steps(), KEEPALIVE_S):
+    async with contextlib.aclosing(keepalive.with_idle_ticks(
+            run.steps(), keepalive.INTERVAL_S)) as steps:
+        await _relay(request, reply, events, steps)
+    await events.resp.write_eof()
+    return events.resp
+
+
+async def _relay(request: web.Request, reply: Reply, events: Events,
+                 steps: AsyncIterator[Step | None]) -> None:
+    """The run's steps as events, to the closing one."""
+    async for step in steps:
         if step is None:  # a long prefill: tell the client we are still here
             await events.send({"type": "response.in_progress",
                                "response": reply.object("in_progress")})
@@ -302,8 +313,6 @@ async def _stream(request: web.Request, req: ResponsesRequest, model: str,
             kind, response = reply.final(out.finish_reason, out.usage)
             reply.keep(request, response)
             await events.send({"type": kind, "response": response})
-    await events.resp.write_eof()
-    return events.resp
 
 
 def _stored(request: web.Request) -> tuple[str, Any]:

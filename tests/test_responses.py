@@ -14,7 +14,7 @@ import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from blockserve.engine.model import resolve
-from blockserve.server import responses_api
+from blockserve.server import keepalive
 from tests.server_harness import serve_scripted
 
 MODEL = "demo:tiny"
@@ -204,7 +204,7 @@ async def test_a_prompt_over_the_context_is_a_failed_event(tokenizer):
 
 
 async def test_keepalive_while_nothing_is_produced(tokenizer, monkeypatch):
-    monkeypatch.setattr(responses_api, "KEEPALIVE_S", 0.02)
+    monkeypatch.setattr(keepalive, "INTERVAL_S", 0.02)
     async with scripted(tokenizer, ANSWER, token_delay=0.1) as (url, _):
         async with oa(url).responses.stream(model=MODEL, input="hi") as stream:
             kinds = [e.type async for e in stream]
