@@ -27,6 +27,7 @@ from blockserve.server.app import (
     sse,
 )
 from blockserve.server.errors import ApiError, invalid
+from blockserve.server.fields import log
 from blockserve.server import keepalive
 from blockserve.server.responses_input import (
     ResponsesRequest,
@@ -204,6 +205,10 @@ class Reply:
     def final(self, finish: str | None, usage: Usage) -> tuple[str, dict]:
         """The closing event's type and response: completed, or incomplete at the limit."""
         if finish == "length":
+            if self.req.echo["max_output_tokens"] is None:  # Codex sends none
+                log.warning("response %s stopped at the server's default max tokens (%d); "
+                            "agents that send no max_output_tokens need a larger "
+                            "--max-tokens", self.id, self.req.gen.sampling.max_tokens)
             return "response.incomplete", self.object("incomplete", usage,
                                                       incomplete="max_output_tokens")
         return "response.completed", self.object("completed", usage)

@@ -55,7 +55,8 @@ async def metrics(url) -> dict[str, float]:
 
 @contextlib.asynccontextmanager
 async def serve_scripted(tokenizer, model: str, scripts: list[str], *, max_context: int = 4096,
-                         token_delay: float = 0.0, default_max_tokens: int = 64, **config):
+                         token_delay: float = 0.0, default_max_tokens: int = 64,
+                         api_keys: tuple[str, ...] = (), **config):
     """The real app on a scripted generator (``tests.fakes.ScriptedGenerator``): replies
     are ``scripts`` in turn, tokenized by ``tokenizer``; ``config``: ``SchedulerConfig``
     fields. Yields (url, generator, scheduler, frontend); checks nothing stays pinned."""
@@ -69,8 +70,8 @@ async def serve_scripted(tokenizer, model: str, scripts: list[str], *, max_conte
                             token_delay=token_delay, max_context=max_context)
     sched = Scheduler(gen, BlockPool(16, 256 << 20), SchedulerConfig(**config))
     frontend = TokenizerFrontend([model], tokenizer, resolve(model)[1])
-    runner = web.AppRunner(create_app(sched, frontend, ServerConfig(default_max_tokens)),
-                           handler_cancellation=True)
+    app = create_app(sched, frontend, ServerConfig(default_max_tokens, list(api_keys)))
+    runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

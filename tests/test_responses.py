@@ -15,7 +15,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from blockserve.engine.model import resolve
 from blockserve.server import keepalive
-from tests.server_harness import serve_scripted
+from tests.server_harness import serve, serve_scripted
 
 MODEL = "demo:tiny"
 THINK = "<think>\nThe user wants a.py.\n</think>\n\n"
@@ -180,6 +180,28 @@ async def test_store_previous_response_id_get_and_delete(tokenizer):
             await client.responses.retrieve(r3.id)
 
 
+async def test_stored_responses_are_per_tenant(tokenizer):
+    async with scripted(tokenizer, ANSWER, api_keys=("ka", "kb")) as (url, _):
+        a = openai.AsyncOpenAI(base_url=url + "/v1", api_key="ka", max_retries=0)
+        b = openai.AsyncOpenAI(base_url=url + "/v1", api_key="kb", max_retries=0)
+        r = await a.responses.create(model=MODEL, input="hi")
+        assert (await a.responses.retrieve(r.id)).id == r.id
+        with pytest.raises(openai.NotFoundError):
+            await b.responses.retrieve(r.id)
+        with pytest.raises(openai.NotFoundError):
+            await b.responses.create(model=MODEL, input="x", previous_response_id=r.id)
+
+
+async def test_reasoning_effort_is_the_thinking_switch(tokenizer):
+    async with scripted(tokenizer, ANSWER) as (url, gen):
+        client = oa(url)
+        await client.responses.create(model=MODEL, input="hi", reasoning={"effort": "none"})
+        off = tokenizer.decode(gen.inserted[-1].prompt)
+        await client.responses.create(model=MODEL, input="hi", reasoning={"effort": "high"})
+        on = tokenizer.decode(gen.inserted[-1].prompt)
+        assert off.endswith("<think>\n\n</think>\n\n") and not on.endswith("</think>\n\n")
+
+
 async def test_max_output_tokens_is_incomplete(tokenizer):
     async with scripted(tokenizer, THINK + ANSWER * 4) as (url, _):
         r = await oa(url).responses.create(model=MODEL, input="hi", max_output_tokens=20)
@@ -256,3 +278,64 @@ async def test_malformed_fields_are_400s_that_name_them(tokenizer):
             assert json.loads(text)["error"]["param"] == param, (extra, text)
         status, text = await post(url, {"model": MODEL, "input": "hi"})
         assert status == 200, text
+
+
+# ---- on a real (random-weight) demo model: the engine, the grammars, the cache -------
+
+
+@pytest.fixture(scope="module")
+def worker():
+    from blockserve.engine.worker import EngineWorker
+
+    w = EngineWorker(MODEL, block_size=16, max_running=4)
+    yield w
+    w.close()
+
+
+async def test_demo_model_create_then_stream_hits_the_cache(worker):
+    async with serve(worker) as srv:
+        client = oa(srv.url)
+        r1 = await client.responses.create(model=MODEL, instructions=SYSTEM, input="Hi.",
+                                           max_output_tokens=8, temperature=0)
+        assert r1.status in ("completed", "incomplete") and r1.usage.output_tokens > 0
+        assert r1.usage.input_tokens_details.cached_tokens == 0
+        async with client.responses.stream(model=MODEL, instructions=SYSTEM, input="Hi.",
+                                           max_output_tokens=8, temperature=0) as stream:
+            events = [e async for e in stream]
+        # a random model rarely stops: the SDK's final response is the last event's
+        assert events[-1].type == f"response.{r1.status}"
+        r2 = events[-1].response
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert text == r2.output_text == r1.output_text  # greedy: the same reply
+        assert r2.usage.input_tokens_details.cached_tokens >= r1.usage.input_tokens // 16 * 16
+
+
+async def test_demo_model_forced_call_and_json_schema_through_the_grammar(worker):
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population: int
+
+    async with serve(worker) as srv:
+        client = oa(srv.url)
+        tools = [{**TOOLS[0], "parameters": {  # bounded, so a random model finishes
+            "type": "object", "properties": {"path": {"type": "string", "maxLength": 8}},
+            "required": ["path"], "additionalProperties": False}}]
+        r = await client.responses.create(model=MODEL, input="Open a.py", tools=tools,
+                                          tool_choice="required", parallel_tool_calls=False,
+                                          max_output_tokens=128, temperature=0)
+        calls = [o for o in r.output if o.type == "function_call"]
+        assert calls and all(c.name == "read" for c in calls), r.output
+        assert all(isinstance(json.loads(c.arguments)["path"], str) for c in calls)
+        schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                                   "population": {"type": "integer",
+                                                                  "maximum": 99}},
+                  "required": ["name", "population"], "additionalProperties": False}
+        parsed = await client.responses.parse(
+            model=MODEL, input="A city?", text_format=City, max_output_tokens=64,
+            temperature=0,
+            extra_body={"text": {"format": {"type": "json_schema", "name": "City",
+                                            "schema": schema, "strict": True}}})
+        city = parsed.output_parsed
+        assert isinstance(city, City) and len(city.name) <= 8 and city.population <= 99
