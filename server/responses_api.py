@@ -29,13 +29,9 @@ from blockserve.server.app import (
 from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import log
 from blockserve.server import keepalive
-from blockserve.server.responses_input import (
-    ResponsesRequest,
-    Tools,
-    encode_reasoning,
-    parse_request,
-)
+from blockserve.server.responses_input import ResponsesRequest, encode_reasoning, parse_request
 from blockserve.server.responses_store import ResponseStore
+from blockserve.server.responses_tools import Tools
 
 STORE = web.AppKey("responses_store", ResponseStore)
 

@@ -1,5 +1,5 @@
-"""Reading an OpenAI Responses request (``POST /v1/responses``): input items, tools and
-options, checked field by field, into the chat messages the template renders and the
+"""Reading an OpenAI Responses request (``POST /v1/responses``): input items and
+options, checked field by field (tools: ``responses_tools``), into the chat messages the template renders and the
 ``Generation`` every API becomes. The reply side is ``responses_api``.
 
 Input items become template messages as the model produced them: reasoning, assistant
@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from blockserve.server.errors import invalid
@@ -20,7 +20,6 @@ from blockserve.server.fields import (
     Format,
     Frontend,
     Generation,
-    ToolChoice,
     boolean,
     constrain,
     content_text,
@@ -33,14 +32,11 @@ from blockserve.server.fields import (
     sampling_params,
     schema_object,
     template_kwargs,
-    tool_choice,
 )
+from blockserve.server.responses_tools import Tools, name_of, parse_tool_choice, parse_tools
 
 MAX_ITEMS = 16384  # input items (with the stored history of previous_response_id)
-MAX_TOOLS = 512  # function tools after namespaces are flattened
-MAX_NAME = 128
 MAX_METADATA = 16  # pairs, as OpenAI: keys up to 64 characters, values up to 512
-NAMESPACE_SEP = "__"  # a namespace's function "fn" of "ns" reaches the model as "ns__fn"
 ENCRYPTED_PREFIX = "bs1."  # our reasoning round trip: the exact text, base64url
 
 _KNOWN = {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls",
@@ -50,9 +46,6 @@ _KNOWN = {"model", "input", "instructions", "tools", "tool_choice", "parallel_to
           # hints and bookkeeping: prompt caching is automatic here
           "prompt_cache_key", "prompt_cache_retention", "safety_identifier", "service_tier",
           "client_metadata", "max_tool_calls", "context_management"}
-_HOSTED = {"web_search", "web_search_preview", "web_search_2025_08_26", "file_search",
-           "code_interpreter", "image_generation", "computer_use_preview", "computer",
-           "mcp", "local_shell", "shell", "apply_patch", "tool_search"}
 _TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
 _MEDIA = {"input_image": "image", "input_file": "file", "input_audio": "audio"}
 _SKIPPED_ITEMS = {"web_search_call", "file_search_call", "image_generation_call",
@@ -60,40 +53,6 @@ _SKIPPED_ITEMS = {"web_search_call", "file_search_call", "image_generation_call"
                   "local_shell_call_output", "mcp_call", "mcp_list_tools", "compaction",
                   "tool_search_call", "tool_search_output", "additional_tools"}
 _EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
-
-
-@dataclass(frozen=True)
-class ToolRef:
-    """What the model's flat tool name stands for in the client's tool list."""
-
-    kind: str  # "function" or "custom"
-    name: str
-    namespace: str | None = None
-
-
-@dataclass
-class Tools:
-    """The request's client tools in the template's shape, and their names' meaning."""
-
-    template: list[dict] = field(default_factory=list)
-    refs: dict[str, ToolRef] = field(default_factory=dict)
-
-    def flat(self, name: str, namespace: str | None) -> str:
-        """The flat name the model knows a (namespace, name) tool by."""
-        return f"{namespace}{NAMESPACE_SEP}{name}" if namespace else name
-
-    def ref(self, flat: str) -> ToolRef:
-        return self.refs.get(flat) or ToolRef("function", flat)
-
-    def add(self, ref: ToolRef, description: Any, parameters: Any) -> None:
-        flat = self.flat(ref.name, ref.namespace)
-        if flat in self.refs:
-            raise invalid(f"'tools': the name {flat!r} is given twice", param="tools")
-        if len(self.refs) >= MAX_TOOLS:
-            raise invalid(f"'tools': at most {MAX_TOOLS} tools", param="tools")
-        self.refs[flat] = ref
-        self.template.append({"type": "function", "function": {
-            "name": flat, "description": description, "parameters": parameters}})
 
 
 @dataclass
@@ -121,100 +80,6 @@ def decode_reasoning(blob: str) -> str | None:
         return base64.urlsafe_b64decode(blob[len(ENCRYPTED_PREFIX):]).decode()
     except (binascii.Error, ValueError):
         return None
-
-
-def _name(v: Any, where: str, param: str) -> str:
-    if not isinstance(v, str) or not v or len(v) > MAX_NAME:
-        raise invalid(f"{where}: 'name' must be a string of 1 to {MAX_NAME} characters",
-                      param=param)
-    return v
-
-
-def _function_tool(t: dict, where: str) -> tuple[str, Any, Any]:
-    name = _name(t.get("name"), where, "tools")
-    desc = t.get("description")
-    if desc is not None and not isinstance(desc, str):
-        raise invalid(f"{where}: 'description' must be a string", param="tools")
-    params = t.get("parameters")
-    if params is None:
-        params = {"type": "object", "properties": {}}
-    if not isinstance(params, dict):
-        raise invalid(f"{where}: 'parameters' must be a JSON schema object", param="tools")
-    return name, desc or "", params
-
-
-def _custom_description(t: dict, where: str) -> str:
-    """A freeform tool's description, with its grammar (the model writes to it)."""
-    desc = t.get("description") or ""
-    fmt = t.get("format")
-    if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        return desc
-    if not isinstance(fmt, dict) or fmt.get("type") != "grammar" or not isinstance(
-            fmt.get("definition"), str) or not isinstance(desc, str):
-        raise invalid(f"{where}: 'format' must be text or a grammar with a definition",
-                      param="tools")
-    syntax = fmt.get("syntax") if isinstance(fmt.get("syntax"), str) else "lark"
-    return f"{desc}\n\nThe input must follow this {syntax} grammar:\n{fmt['definition']}"
-
-
-def parse_tools(tools: Any) -> Tools:
-    """Function tools as they are, namespaces flattened into their functions, custom
-    tools as a function of one string ``input``; hosted tools are not ours to run."""
-    out = Tools()
-    if tools is None:
-        return out
-    if not isinstance(tools, list):
-        raise invalid("'tools' must be a list", param="tools")
-    hosted = []
-    for i, t in enumerate(tools):
-        where = f"tools[{i}]"
-        kind = t.get("type") if isinstance(t, dict) else None
-        if not isinstance(kind, str):
-            raise invalid(f"{where}: each tool must be an object with a 'type'", param="tools")
-        if kind == "function":
-            name, desc, params = _function_tool(t, where)
-            out.add(ToolRef("function", name), desc, params)
-        elif kind == "namespace":
-            ns = _name(t.get("name"), where, "tools")
-            inner = t.get("tools")
-            if not isinstance(inner, list):
-                raise invalid(f"{where}: a namespace needs a list of 'tools'", param="tools")
-            for j, f in enumerate(inner):
-                if not isinstance(f, dict) or f.get("type") != "function":
-                    raise invalid(f"{where}.tools[{j}]: a namespace holds function tools",
-                                  param="tools")
-                name, desc, params = _function_tool(f, f"{where}.tools[{j}]")
-                out.add(ToolRef("function", name, ns), desc, params)
-        elif kind == "custom":
-            name = _name(t.get("name"), where, "tools")
-            out.add(ToolRef("custom", name), _custom_description(t, where), {
-                "type": "object", "properties": {"input": {"type": "string"}},
-                "required": ["input"]})
-        else:
-            hosted.append(kind if kind in _HOSTED else f"{kind} (unknown)")
-    if hosted:
-        log.warning("responses: ignoring hosted tool(s) %s: only client tools run here",
-                    ", ".join(hosted))
-    return out
-
-
-def _tool_choice(body: dict, tools: Tools) -> ToolChoice:
-    choice = body.get("tool_choice")
-    parallel = boolean(body, "parallel_tool_calls", True)
-    if isinstance(choice, dict):
-        kind = choice.get("type")
-        if kind not in ("function", "custom"):
-            raise invalid(f"'tool_choice' of type {kind!r} is not supported here (auto, "
-                          "none, required, or a function or custom tool by name)",
-                          param="tool_choice")
-        name = choice.get("name")
-        ns = choice.get("namespace")
-        if isinstance(name, str) and isinstance(ns, str):
-            name = tools.flat(name, ns)
-        return tool_choice("function", name, tools.template or None, parallel)
-    if choice is not None and not isinstance(choice, str):
-        raise invalid("'tool_choice' must be a string or an object", param="tool_choice")
-    return tool_choice(choice, None, tools.template or None, parallel)
 
 
 def _text_format(body: dict) -> Format | None:
@@ -314,7 +179,7 @@ def parse_request(body: dict, frontend: Frontend, default_max_tokens: int,
     if instructions is not None and not isinstance(instructions, str):
         raise invalid("'instructions' must be a string", param="instructions")
     tools = parse_tools(body.get("tools"))
-    choice = _tool_choice(body, tools)
+    choice = parse_tool_choice(body, tools)
     fmt = one_format(_text_format(body), choice.forced)
     max_out = integer(body, "max_output_tokens", 1, default_max_tokens)
     sampling = sampling_params({"max_tokens": max_out, "temperature": body.get("temperature"),
@@ -429,7 +294,7 @@ class Conversation:
             turn["reasoning_content"] = turn.get("reasoning_content", "") + text
 
     def _call(self, item: dict, kind: str, where: str) -> None:
-        name = _name(item.get("name"), where, "input")
+        name = name_of(item.get("name"), where, "input")
         call_id = item.get("call_id")
         if not isinstance(call_id, str):
             raise invalid(f"{where}: 'call_id' must be a string", param="input")
