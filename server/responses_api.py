@@ -238,7 +238,10 @@ async def create(request: web.Request) -> web.StreamResponse:
     model = body.get("model") or frontend.model_id
     if req.gen.stream:
         return await _stream(request, req, model, previous)
-    run = Run(request, req.gen)
+    try:
+        run = Run(request, req.gen)
+    except PromptTooLongError as e:  # the field is 'input' here
+        raise ApiError(400, str(e), param="input", code="context_length_exceeded")
     reply = Reply(request, req, model, previous, run.id)
     collected = await run.collect()
     for d in collected.deltas:

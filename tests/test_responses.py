@@ -222,7 +222,9 @@ async def test_a_prompt_over_the_context_is_a_failed_event(tokenizer):
                                                                  "response.failed"]
         assert events[-1]["response"]["error"]["code"] == "context_length_exceeded"
         status, text = await post(url, {"model": MODEL, "input": SYSTEM * 4})
-        assert status == 400 and "context_length_exceeded" in text
+        error = json.loads(text)["error"]
+        assert status == 400 and (error["code"], error["param"]) == (
+            "context_length_exceeded", "input")
 
 
 async def test_keepalive_while_nothing_is_produced(tokenizer, monkeypatch):
@@ -339,3 +341,30 @@ async def test_demo_model_forced_call_and_json_schema_through_the_grammar(worker
                                             "schema": schema, "strict": True}}})
         city = parsed.output_parsed
         assert isinstance(city, City) and len(city.name) <= 8 and city.population <= 99
+
+
+JUNK = [None, 0, -1, 1e308, "x", "", True, [], {}, [1], [{}], {"type": 1}, {"type": "x"},
+        [{"type": "function"}], [{"type": "message", "role": "user", "content": [{}]}]]
+FIELDS = ["input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "stream",
+          "max_output_tokens", "temperature", "top_p", "text", "reasoning", "include",
+          "store", "previous_response_id", "metadata", "user", "background", "truncation",
+          "top_logprobs", "stream_options", "prompt_cache_key", "model"]
+ITEMS = [{"type": t, **extra} for t in ("message", "function_call", "function_call_output",
+                                         "reasoning", "custom_tool_call",
+                                         "custom_tool_call_output", "web_search_call", 7)
+         for extra in ({}, {"role": 1, "content": 1, "name": 1, "call_id": 1, "output": 1,
+                            "arguments": 1, "input": 1, "encrypted_content": 1},
+                       {"role": "user", "content": [1, {"type": 1}], "name": "f",
+                        "call_id": "c", "output": [{"type": "input_text"}], "arguments": "{",
+                        "input": "i", "encrypted_content": "bs1.%%%", "summary": 1})]
+
+
+async def test_no_junk_in_any_field_is_a_5xx(tokenizer):
+    async with scripted(tokenizer, ANSWER) as (url, _):
+        for name in FIELDS:
+            for value in JUNK:
+                status, text = await post(url, {"model": MODEL, "input": "hi", name: value})
+                assert status < 500, (name, value, text)
+        for item in ITEMS:
+            status, text = await post(url, {"model": MODEL, "input": [item]})
+            assert status < 500, (item, text)
