@@ -1,5 +1,5 @@
 """OpenAI's Responses API: ``POST /v1/responses`` streamed or not, ``GET`` and ``DELETE``
-``/v1/responses/{id}``. A third API on the same scheduler, output parser and grammars:
+``/v1/responses/{id}``, ``POST /v1/responses/input_tokens``. A third API on the same scheduler, output parser and grammars:
 the parser's deltas become output items (reasoning, message, function_call,
 custom_tool_call), and the stream carries the events Codex and the OpenAI SDK parse.
 The request side is ``responses_input``."""
@@ -40,6 +40,7 @@ def install(app: web.Application) -> None:
     """The routes, and the store of recent responses."""
     app[STORE] = ResponseStore()
     app.router.add_post("/v1/responses", create)
+    app.router.add_post("/v1/responses/input_tokens", input_tokens)
     app.router.add_get("/v1/responses/{response_id}", retrieve)
     app.router.add_delete("/v1/responses/{response_id}", delete)
 
@@ -52,9 +53,12 @@ class ItemWriter:
     """Output items from the parser's deltas, with the stream events that build them:
     one item per run of reasoning or text, one per tool call."""
 
-    def __init__(self, tools: Tools, encrypted: bool):
+    def __init__(self, tools: Tools, encrypted: bool, summary: bool = False):
         self.tools = tools
         self.encrypted = encrypted  # reasoning items carry encrypted_content
+        # A summary was asked for: there is none, so the reasoning is its own summary
+        # too (clients such as Codex show summaries, and raw reasoning only if told to).
+        self.summary = summary
         self.items: list[dict] = []
         self._open: str | None = None  # "reasoning" or "content": the last item grows
 
@@ -71,9 +75,14 @@ class ItemWriter:
         part["text"] += d.text
         kind = "reasoning_text" if d.kind == "reasoning" else "output_text"
         extra = {} if d.kind == "reasoning" else {"logprobs": []}
-        return events + [{"type": f"response.{kind}.delta", "item_id": item["id"],
-                          "output_index": index, "content_index": 0, "delta": d.text,
-                          **extra}]
+        events.append({"type": f"response.{kind}.delta", "item_id": item["id"],
+                       "output_index": index, "content_index": 0, "delta": d.text, **extra})
+        if d.kind == "reasoning" and self.summary:
+            item["summary"][0]["text"] += d.text
+            events.append({"type": "response.reasoning_summary_text.delta",
+                           "item_id": item["id"], "output_index": index,
+                           "summary_index": 0, "delta": d.text})
+        return events
 
     def close(self, status: str = "completed") -> list[dict]:
         """Close the open item (if any): its done events."""
@@ -87,11 +96,19 @@ class ItemWriter:
             item["encrypted_content"] = encode_reasoning(part["text"])
         item["status"] = status
         self._open = None
-        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
-        return [{"type": f"response.{kind}.done", **where, "text": part["text"], **extra},
-                {"type": "response.content_part.done", **where, "part": dict(part)},
-                {"type": "response.output_item.done", "output_index": index,
-                 "item": _copy(item)}]
+        where = {"item_id": item["id"], "output_index": index}
+        events = [{"type": f"response.{kind}.done", **where, "content_index": 0,
+                   "text": part["text"], **extra},
+                  {"type": "response.content_part.done", **where, "content_index": 0,
+                   "part": dict(part)}]
+        if item.get("summary"):
+            summary = dict(item["summary"][0])
+            events += [{"type": "response.reasoning_summary_text.done", **where,
+                        "summary_index": 0, "text": summary["text"]},
+                       {"type": "response.reasoning_summary_part.done", **where,
+                        "summary_index": 0, "part": summary}]
+        return events + [{"type": "response.output_item.done", "output_index": index,
+                          "item": _copy(item)}]
 
     def _start(self, kind: str) -> list[dict]:
         if kind == "reasoning":
@@ -106,10 +123,18 @@ class ItemWriter:
         self.items.append(item)
         self._open = kind
         index = len(self.items) - 1
-        shown = {**item, "content": []}
-        return [{"type": "response.output_item.added", "output_index": index, "item": shown},
-                {"type": "response.content_part.added", "item_id": item["id"],
-                 "output_index": index, "content_index": 0, "part": dict(item["content"][0])}]
+        shown = {**item, "content": [], **({"summary": []} if kind == "reasoning" else {})}
+        events = [{"type": "response.output_item.added", "output_index": index,
+                   "item": shown},
+                  {"type": "response.content_part.added", "item_id": item["id"],
+                   "output_index": index, "content_index": 0,
+                   "part": dict(item["content"][0])}]
+        if kind == "reasoning" and self.summary:
+            item["summary"] = [{"type": "summary_text", "text": ""}]
+            events.append({"type": "response.reasoning_summary_part.added",
+                           "item_id": item["id"], "output_index": index,
+                           "summary_index": 0, "part": dict(item["summary"][0])})
+        return events
 
     def _call(self, d: Any) -> list[dict]:
         ref = self.tools.ref(d.name)
@@ -172,7 +197,7 @@ class Reply:
         self.previous = previous
         self.id = "resp_" + (run_id or uuid.uuid4().hex)
         self.created = int(time.time())
-        self.writer = ItemWriter(req.tools, req.encrypted_reasoning)
+        self.writer = ItemWriter(req.tools, req.encrypted_reasoning, req.summary)
         self.frontend = request.app[FRONTEND]
 
     def object(self, status: str, usage: Usage | None = None, error: dict | None = None,
@@ -327,6 +352,17 @@ def _stored(request: web.Request) -> tuple[str, Any]:
                             "server's memory, or was made with store=false",
                        code="not_found")
     return rid, stored
+
+
+async def input_tokens(request: web.Request) -> web.Response:
+    """The prompt's token count, rendered as ``POST /v1/responses`` would."""
+    body = await read_json(request)
+    frontend = request.app[FRONTEND]
+    check_model(body, frontend)
+    _, history = _history(request, body)
+    req = parse_request(body, frontend, request.app[CONFIG].default_max_tokens, history)
+    return web.json_response({"object": "response.input_tokens",
+                              "input_tokens": len(req.gen.prompt)})
 
 
 async def retrieve(request: web.Request) -> web.Response:

@@ -65,6 +65,7 @@ class ResponsesRequest:
     echo: dict  # request fields the response object repeats
     encrypted_reasoning: bool = False  # include: reasoning.encrypted_content
     store: bool = True
+    summary: bool = False  # reasoning.summary asked for
 
 
 def encode_reasoning(text: str) -> str:
@@ -119,6 +120,15 @@ def _thinking(body: dict) -> bool | None:
         raise invalid(f"'reasoning.effort' must be one of {', '.join(_EFFORTS)}",
                       param="reasoning.effort")
     return effort not in ("none", "minimal")
+
+
+def _summary(body: dict) -> bool:
+    """Whether ``reasoning.summary`` asks for one (checked with ``reasoning``)."""
+    summary = (body.get("reasoning") or {}).get("summary")
+    if summary not in (None, "auto", "concise", "detailed"):
+        raise invalid("'reasoning.summary' must be auto, concise or detailed",
+                      param="reasoning.summary")
+    return summary is not None
 
 
 def _metadata(body: dict) -> dict | None:
@@ -203,7 +213,7 @@ def parse_request(body: dict, frontend: Frontend, default_max_tokens: int,
             "truncation": "disabled", "store": boolean(body, "store", True)}
     return ResponsesRequest(constrain(frontend, gen, fmt), tools, items, echo,
                             "reasoning.encrypted_content" in _include(body),
-                            echo["store"])
+                            echo["store"], _summary(body))
 
 
 class Conversation:

@@ -110,6 +110,27 @@ async def test_stream_events_as_the_sdk_accumulates_them(tokenizer):
         assert final.usage.output_tokens > 0
 
 
+async def test_a_summary_asked_for_is_the_reasoning_itself(tokenizer):
+    async with scripted(tokenizer, THINK + ANSWER) as (url, _):
+        client = oa(url)
+        async with client.responses.stream(model=MODEL, input=INPUT,
+                                           reasoning={"summary": "auto"}) as stream:
+            events = [e async for e in stream]
+            final = await stream.get_final_response()
+        kinds = [e.type for e in events]
+        summary = "".join(e.delta for e in events
+                          if e.type == "response.reasoning_summary_text.delta")
+        assert summary == "The user wants a.py." and kinds.index(
+            "response.reasoning_summary_part.added") < kinds.index(
+            "response.reasoning_summary_part.done")
+        rs = final.output[0]
+        assert rs.summary[0].text == rs.content[0].text == summary
+        r = await client.responses.create(model=MODEL, input=INPUT)  # none asked: none
+        assert r.output[0].summary == [] and r.output[0].content[0].text == summary
+        count = await client.responses.input_tokens.count(model=MODEL, input=INPUT)
+        assert count.input_tokens == r.usage.input_tokens
+
+
 async def test_the_round_trip_is_served_from_cache_through_reasoning(tokenizer):
     """Turn 2 sends turn 1's output back (reasoning as encrypted_content) with the
     call's output: its prompt hits the blocks of turn 1's prompt and reply."""
@@ -265,6 +286,7 @@ BAD = [({"input": 3}, "input"), ({"input": []}, "input"), ({"input": [1]}, "inpu
        ({"text": {"format": {"type": "xml"}}}, "text.format"),
        ({"text": {"format": {"type": "json_schema", "schema": 1}}}, "text.format.schema"),
        ({"reasoning": {"effort": "max"}}, "reasoning.effort"),
+       ({"reasoning": {"summary": "long"}}, "reasoning.summary"),
        ({"metadata": {"k": 1}}, "metadata"), ({"include": "x"}, "include"),
        ({"instructions": ["x"]}, "instructions"), ({"background": True}, "background"),
        ({"previous_response_id": 1}, "previous_response_id"), ({"stream": "yes"}, "stream"),
