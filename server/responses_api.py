@@ -63,6 +63,7 @@ class ItemWriter:
         self._open: str | None = None  # "reasoning" or "content": the last item grows
 
     def feed(self, d: Any) -> list[dict]:
+        """One parser delta: the events it makes (an item opened, grown or closed)."""
         events = []
         if self._open is not None and (d.kind != self._open or d.kind == "tool_call"):
             events += self.close()
@@ -111,6 +112,7 @@ class ItemWriter:
                           "item": _copy(item)}]
 
     def _start(self, kind: str) -> list[dict]:
+        """Open a reasoning or message item: its added events."""
         if kind == "reasoning":
             item = {"id": _id("rs"), "type": "reasoning", "summary": [],
                     "content": [{"type": "reasoning_text", "text": ""}],
@@ -137,6 +139,8 @@ class ItemWriter:
         return events
 
     def _call(self, d: Any) -> list[dict]:
+        """A whole tool call: a function_call (its namespace mapped back) or a
+        custom_tool_call, added, its arguments in one delta, and done."""
         ref = self.tools.ref(d.name)
         index = len(self.items)
         if ref.kind == "custom":
@@ -212,6 +216,7 @@ class Reply:
                 "usage": self.usage(usage) if usage else None, **self.req.echo}
 
     def usage(self, u: Usage) -> dict:
+        """Responses' usage; reasoning tokens are its text re-tokenized (markers aside)."""
         reasoning = "".join(i["content"][0]["text"] for i in self.writer.items
                             if i["type"] == "reasoning")
         r_tokens = len(self.frontend.encode(reasoning, add_special_tokens=False)) \
@@ -235,12 +240,14 @@ class Reply:
         return "response.completed", self.object("completed", usage)
 
     def keep(self, request: web.Request, response: dict) -> None:
+        """Store a finished response (unless store=false) for GET and continuations."""
         if self.req.store and response["status"] in ("completed", "incomplete"):
             request.app[STORE].put(request.get(TENANT), response,
                                    self.req.items + self.writer.stored_items())
 
 
 def _history(request: web.Request, body: dict) -> tuple[str | None, list[dict] | None]:
+    """``previous_response_id`` and its stored items (the tenant's own, or a 404)."""
     previous = body.get("previous_response_id")
     if previous is None:
         return None, None
@@ -255,6 +262,7 @@ def _history(request: web.Request, body: dict) -> tuple[str | None, list[dict] |
 
 
 async def create(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/responses``."""
     body = await read_json(request)
     frontend = request.app[FRONTEND]
     check_model(body, frontend)
@@ -366,11 +374,13 @@ async def input_tokens(request: web.Request) -> web.Response:
 
 
 async def retrieve(request: web.Request) -> web.Response:
+    """``GET /v1/responses/{id}``."""
     _, stored = _stored(request)
     return web.json_response(stored.response)
 
 
 async def delete(request: web.Request) -> web.Response:
+    """``DELETE /v1/responses/{id}``."""
     rid, _ = _stored(request)
     request.app[STORE].delete(request.get(TENANT), rid)
     return web.json_response({"id": rid, "object": "response.deleted", "deleted": True})

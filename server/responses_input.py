@@ -162,6 +162,7 @@ def _refusals(body: dict) -> None:
 
 
 def _items(body: dict, history: list[dict] | None) -> list[dict]:
+    """``input`` as a bounded list of item objects, after the stored history."""
     given = body.get("input")
     if isinstance(given, str):
         given = [{"type": "message", "role": "user", "content": given}]
@@ -228,6 +229,7 @@ class Conversation:
         self.turn: dict | None = None  # the assistant message being gathered
 
     def build(self, items: list[dict], instructions: str | None) -> list[dict]:
+        """The template's messages for ``items`` (after ``instructions``)."""
         if instructions:
             self.system.append(instructions)
         last_assistant = max((i for i, it in enumerate(items) if self._is_assistant(it)),
@@ -269,6 +271,7 @@ class Conversation:
                           param="input")
 
     def _message(self, item: dict, where: str, answering: bool) -> None:
+        """A message: system parts gathered, assistant text into the open turn."""
         role = item.get("role")
         if role not in ("user", "assistant", "system", "developer"):
             raise invalid(f"{where}: 'role' must be user, assistant, system or developer",
@@ -291,6 +294,7 @@ class Conversation:
         self._append({"role": "user", "content": text})
 
     def _reasoning(self, item: dict) -> None:
+        """Reasoning re-rendered exactly: our encrypted_content, else its text."""
         text = None
         if isinstance(item.get("encrypted_content"), str):
             text = decode_reasoning(item["encrypted_content"])
@@ -304,6 +308,7 @@ class Conversation:
             turn["reasoning_content"] = turn.get("reasoning_content", "") + text
 
     def _call(self, item: dict, kind: str, where: str) -> None:
+        """A function or custom tool call, into the open assistant turn."""
         name = name_of(item.get("name"), where, "input")
         call_id = item.get("call_id")
         if not isinstance(call_id, str):
@@ -324,7 +329,7 @@ class Conversation:
         turn = self._open_turn()
         turn.setdefault("tool_calls", []).append({
             "id": call_id, "type": "function",
-            "function": {"name": self.tools.flat(name, ns), "arguments": args}})
+            "function": {"name": self.tools.called(name, ns), "arguments": args}})
 
     def _open_turn(self, new: bool = False) -> dict:
         if new:

@@ -39,6 +39,12 @@ class Tools:
         """The flat name the model knows a (namespace, name) tool by."""
         return f"{namespace}{NAMESPACE_SEP}{name}" if namespace else name
 
+    def called(self, name: str, namespace: str | None) -> str:
+        """The flat name of a call sent back: namespaced if that tool is, else as named
+        (a client may label plain tools with a namespace of its own)."""
+        flat = self.flat(name, namespace)
+        return flat if flat in self.refs else name
+
     def ref(self, flat: str) -> ToolRef:
         """What a name the model called stands for (an unknown one: itself)."""
         return self.refs.get(flat) or ToolRef("function", flat)
@@ -144,7 +150,7 @@ def parse_tool_choice(body: dict, tools: Tools) -> ToolChoice:
         name = choice.get("name")
         ns = choice.get("namespace")
         if isinstance(name, str) and isinstance(ns, str):
-            name = tools.flat(name, ns)
+            name = tools.called(name, ns)
         return tool_choice("function", name, tools.template or None, parallel)
     if choice is not None and not isinstance(choice, str):
         raise invalid("'tool_choice' must be a string or an object", param="tool_choice")

@@ -168,7 +168,9 @@ async def test_namespace_and_custom_tools_map_back(tokenizer):
         fc, ctc = r1.output
         assert (fc.type, fc.name, fc.namespace) == ("function_call", "spawn", "agents")
         assert (ctc.type, ctc.name, ctc.input) == ("custom_tool_call", "apply_patch", patch)
-        history = INPUT + [o.model_dump(exclude_none=True) for o in r1.output] + [
+        history = INPUT + [o.model_dump(exclude_none=True) for o in r1.output]
+        history[-1]["namespace"] = "functions"  # a client's own label on a plain tool
+        history += [
             {"type": "function_call_output", "call_id": fc.call_id, "output": "ok"},
             {"type": "custom_tool_call_output", "call_id": ctc.call_id, "output": "done"}]
         r2 = await client.responses.create(model=MODEL, input=history, tools=tools)
