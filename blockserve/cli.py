@@ -9,6 +9,8 @@ import os
 import re
 import sys
 
+from blockserve.server.limits import Limits
+
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
           "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
 
@@ -62,6 +64,23 @@ def _serve_args(sub) -> None:
                         "(default: $BLOCKSERVE_API_KEY, if set)")
     p.add_argument("--api-key-file", default=None, metavar="PATH",
                    help="more keys, one per line (# starts a comment)")
+    p.add_argument("--admin-key", default=None, metavar="KEY",
+                   help="the key that may flush and see the whole prefix cache "
+                        "(/v1/cache/reset, /v1/cache/stats); a tenant key flushes and sees "
+                        "only its own (default: $BLOCKSERVE_ADMIN_KEY; with tenant keys and "
+                        "no admin key, nobody flushes another's cache)")
+    p.add_argument("--max-body-bytes", type=parse_bytes, default=Limits.max_body_bytes,
+                   help="largest request body, after decompression (default: 32MiB)")
+    p.add_argument("--body-timeout", type=float, default=Limits.body_timeout,
+                   metavar="SECONDS", help="time a client has to send a whole body")
+    p.add_argument("--max-messages", type=int, default=Limits.max_messages,
+                   help="most messages in one request")
+    p.add_argument("--idle-timeout", type=float, default=75.0, metavar="SECONDS",
+                   help="close a connection that sends no complete request for this long "
+                        "(idle keep-alive, or headers that never end)")
+    p.add_argument("--stalled-stream-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="abort a stream whose client reads nothing for this long, and free "
+                        "its blocks")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, stop admitting and let running requests finish "
                         "for this long before aborting the rest (a second signal aborts "
@@ -86,6 +105,8 @@ def api_keys(args: argparse.Namespace) -> list[str]:
 
 
 def stack_config(args: argparse.Namespace) -> StackConfig:
+    from dataclasses import replace
+
     from blockserve.stack import StackConfig
 
     return StackConfig(
@@ -95,8 +116,12 @@ def stack_config(args: argparse.Namespace) -> StackConfig:
         max_queue=args.max_queue, max_model_len=args.max_model_len,
         prefill_step_size=args.prefill_step_size, prompt_concurrency=args.prompt_concurrency,
         default_max_tokens=args.max_tokens, api_keys=api_keys(args),
+        admin_key=args.admin_key or os.environ.get("BLOCKSERVE_ADMIN_KEY") or None,
         share_inflight=not args.no_inflight_sharing,
-        served_model_names=args.served_model_name or [])
+        served_model_names=args.served_model_name or [],
+        limits=replace(Limits(), max_body_bytes=args.max_body_bytes,
+                       body_timeout=args.body_timeout, max_messages=args.max_messages),
+        stalled_stream_timeout=args.stalled_stream_timeout)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -130,28 +155,39 @@ def serve(args: argparse.Namespace) -> int:
         config.kv_cache_memory_bytes / 2**30, loaded.kv_bytes_per_token,
         config.kv_cache_memory_bytes // (loaded.kv_bytes_per_token * config.block_size),
         config.active_kv_memory_bytes / 2**30, stack.scheduler.max_prompt_tokens)
-    asyncio.run(_run(app, stack.scheduler, args.host, args.port, args.drain_timeout))
-    return 0
+    return asyncio.run(_run(app, stack.scheduler, args.host, args.port, args.drain_timeout,
+                            args.idle_timeout))
 
 
-async def _run(app, scheduler, host: str, port: int, drain_timeout: float) -> None:
+async def _run(app, scheduler, host: str, port: int, drain_timeout: float,
+               idle_timeout: float) -> int:
     """Serve until SIGTERM or SIGINT, then drain: health says so and new requests get a
     503, running ones finish within ``drain_timeout``, and only then is the rest aborted
-    (their streams end with finish reason "abort"). A second signal skips the wait."""
+    (their streams end with finish reason "abort"). A second signal skips the wait.
+    If the engine dies, every request has failed already: exit 1 at once, so that a
+    supervisor restarts the process (it never hangs)."""
     import asyncio
     import signal
 
     from aiohttp import web
 
     log = logging.getLogger("blockserve")
-    runner = web.AppRunner(app, handler_cancellation=True)
+    runner = web.AppRunner(app, handler_cancellation=True, keepalive_timeout=idle_timeout)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     loop = asyncio.get_running_loop()
     signals = asyncio.Queue()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signals.put_nowait, sig)
-    sig = await signals.get()
+    got_signal = asyncio.create_task(signals.get())
+    engine_died = asyncio.create_task(scheduler.stopped.wait())
+    await asyncio.wait([got_signal, engine_died], return_when=asyncio.FIRST_COMPLETED)
+    if engine_died.done():
+        log.error("exiting: the engine stopped (%s)", scheduler.failed)
+        await runner.cleanup()
+        return 1
+    engine_died.cancel()
+    sig = got_signal.result()
     scheduler.drain()
     log.info("%s: draining %d running and %d waiting requests (up to %.0f s)",
              signal.Signals(sig).name, scheduler.num_running, scheduler.num_waiting,
@@ -163,6 +199,7 @@ async def _run(app, scheduler, host: str, port: int, drain_timeout: float) -> No
         log.info("aborting %d requests still running", scheduler.num_running
                  + scheduler.num_waiting)
     await runner.cleanup()  # aborts what is left, closes connections and the engine
+    return 0
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from blockserve.engine.worker import EngineWorker
 from blockserve.kvpool import BlockPool
 from blockserve.scheduler import Scheduler, SchedulerConfig
 from blockserve.server.app import ServerConfig, create_app
+from blockserve.server.limits import Limits
 
 
 @dataclass
@@ -34,8 +35,11 @@ class StackConfig:
     prompt_concurrency: int | None = None  # None: by device (engine.worker)
     default_max_tokens: int = 512
     api_keys: list[str] = field(default_factory=list)  # each one a tenant
+    admin_key: str | None = None  # flushes and sees the whole cache
     share_inflight: bool = True
     served_model_names: list[str] = field(default_factory=list)
+    limits: Limits = field(default_factory=Limits)
+    stalled_stream_timeout: float = 60.0
 
 
 def start_worker(config: StackConfig) -> EngineWorker:
@@ -55,8 +59,10 @@ class Stack:
     frontend: TokenizerFrontend
 
     def app(self) -> web.Application:
-        return create_app(self.scheduler, self.frontend,
-                          ServerConfig(self.config.default_max_tokens, self.config.api_keys))
+        c = self.config
+        return create_app(self.scheduler, self.frontend, ServerConfig(
+            c.default_max_tokens, c.api_keys, c.admin_key, c.limits,
+            c.stalled_stream_timeout))
 
 
 def build_stack(config: StackConfig, worker: EngineWorker | None = None) -> Stack:
@@ -75,8 +81,10 @@ def build_stack(config: StackConfig, worker: EngineWorker | None = None) -> Stac
         max_running=config.max_num_seqs, max_queue=config.max_queue,
         max_prompt_tokens=config.max_model_len,
         active_kv_budget_bytes=config.active_kv_memory_bytes,
-        share_inflight=config.share_inflight))
+        share_inflight=config.share_inflight,
+        # Several tenants: one slot no tenant can take, so another's request starts at once.
+        tenant_headroom=1 if len(config.api_keys) > 1 else 0))
     names = config.served_model_names or [worker.loaded.model_id]
     frontend = TokenizerFrontend(names, worker.tokenizer, worker.loaded.model_path,
-                                 worker.grammars)
+                                 worker.grammars, worker.vocab_size)
     return Stack(config, worker, pool, scheduler, frontend)

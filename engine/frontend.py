@@ -16,9 +16,11 @@ from blockserve.engine.structured import Constraint, Grammars
 
 class TokenizerFrontend:
     def __init__(self, model_names: list[str], tokenizer, model_path: str,
-                 grammars: Grammars | None = None):
+                 grammars: Grammars | None = None, vocab_size: int | None = None):
         if not model_names:
             raise ValueError("a served model needs at least one name")
+        # Token ids a client may send: the model's vocabulary (its logits' width).
+        self.vocab_size = vocab_size or len(tokenizer.vocab)
         self.model_names = list(model_names)  # what clients may call it; the first is shown
         self.model_path = model_path  # where its weights and tokenizer live
         self._tok = tokenizer

@@ -38,6 +38,7 @@ class LoadedModel:
     kv_bytes_per_token: int  # attention layers only; state layers are a per-request constant
     max_context: int
     eos_token_ids: frozenset[int]
+    vocab_size: int  # rows of the embedding: valid token ids are [0, vocab_size)
 
 
 def resolve(model: str | None) -> tuple[str, str]:
@@ -78,8 +79,9 @@ def load_model(model: str | None = None, revision: str | None = None) -> LoadedM
     except TypeError as e:
         raise UnsupportedModelError(f"{model_id}: {e}; supported are KVCache, ArraysCache "
                                     "and RotatingKVCache layers") from e
-    # One token through the model gives the K/V shapes without parsing configs.
-    net(mx.array([[0]]), cache=caches)
+    # One token through the model gives the K/V shapes and the vocabulary without
+    # parsing configs.
+    vocab_size = int(net(mx.array([[0]]), cache=caches).shape[-1])
     kv = [caches[i] for i in layout.kv_layers]
     per_token = sum(
         (c.keys.shape[1] * c.keys.shape[3] + c.values.shape[1] * c.values.shape[3])
@@ -109,5 +111,6 @@ def load_model(model: str | None = None, revision: str | None = None) -> LoadedM
         kv_bytes_per_token=per_token,
         max_context=max_context,
         eos_token_ids=frozenset(tokenizer.eos_token_ids),
+        vocab_size=vocab_size,
     )
 

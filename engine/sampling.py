@@ -33,7 +33,7 @@ def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
     inv_temp = 1.0 / params.temperature
 
     def sample(logprobs: mx.array) -> mx.array:
-        if params.top_k > 0:
+        if 0 < params.top_k < logprobs.shape[-1]:  # top_k >= the vocabulary: all tokens
             logprobs = apply_top_k(logprobs, params.top_k)
         if 0.0 < params.top_p < 1.0:
             logprobs = apply_top_p(logprobs, params.top_p)
@@ -58,16 +58,58 @@ def logits_processors(params: SamplingParams) -> list[Callable]:
     )
 
 
+# The log probability reported for a token that can't be sampled (masked by a grammar or
+# a bias): finite, as vLLM writes it, since strict JSON has no -Infinity.
+MIN_LOGPROB = -9999.0
+
+
+def _finite(lp: float) -> float:
+    return lp if lp > MIN_LOGPROB else MIN_LOGPROB  # NaN compares false: the floor too
+
+
 def token_logprobs(logprobs: mx.array, token: int, top: int
                    ) -> tuple[float, list[tuple[int, float]] | None]:
     """The sampled token's log probability, and the ``top`` most likely tokens."""
-    chosen = logprobs[token].item()
+    chosen = _finite(logprobs[token].item())
     if top <= 0:
         return chosen, None
+    top = min(top, logprobs.shape[-1])
     ids = mx.argpartition(-logprobs, top - 1)[:top]
     values = logprobs[ids]
     order = mx.argsort(-values)
-    return chosen, list(zip(ids[order].tolist(), values[order].tolist()))
+    return chosen, [(i, _finite(v)) for i, v in zip(ids[order].tolist(),
+                                                   values[order].tolist())]
+
+
+class Guard:
+    """Charges an exception in a sequence's sampler or logits processors to that
+    sequence: the call falls back to a harmless result for this step, and the engine
+    fails the sequence after it, so its batch neighbours never see its error."""
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+
+    def sampler(self, fn: Callable[[mx.array], mx.array]) -> Callable[[mx.array], mx.array]:
+        def guarded(logprobs: mx.array) -> mx.array:
+            if self.error is None:
+                try:
+                    return fn(logprobs)
+                except Exception as e:
+                    self.error = str(e) or type(e).__name__
+            return greedy(logprobs)
+
+        return guarded
+
+    def processor(self, fn: Callable) -> Callable:
+        def guarded(tokens: mx.array, logits: mx.array) -> mx.array:
+            if self.error is None:
+                try:
+                    return fn(tokens, logits)
+                except Exception as e:
+                    self.error = str(e) or type(e).__name__
+            return logits
+
+        return guarded
 
 
 class GrammarProcessor:

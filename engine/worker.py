@@ -3,6 +3,12 @@
 MLX streams and ``BatchGenerator`` are not thread-safe, so the scheduler never calls
 them directly: it queues commands (insert, abort), and this thread reports tokens,
 computed blocks, finishes and errors through the ``emit`` callback.
+
+Fault isolation: a failure caused by one sequence fails that sequence alone. Its sampler
+and logits processors run under a guard that charges an exception to it; a batch step
+that still raises fails the sequences that could have caused it (those inserted since
+the last good step, or still prefilling), with their own error, and rebuilds the batch
+for the others from their prompt and the tokens they generated, so their streams go on.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import mlx.core as mx
@@ -22,6 +28,8 @@ from blockserve.engine.kvblocks import blocks_from_cache, cache_from_blocks
 from blockserve.engine.model import LoadedModel, load_model
 from blockserve.engine.sampling import (
     GrammarProcessor,
+    Guard,
+    greedy,
     logits_processors,
     make_sampler,
     token_logprobs,
@@ -32,6 +40,7 @@ from blockserve.kvpool import TIER_GENERATED, Namespace
 from blockserve.scheduler.protocol import (
     BlocksEvent,
     EngineEvent,
+    EngineFailedEvent,
     ErrorEvent,
     FinishEvent,
     SequenceSpec,
@@ -48,8 +57,13 @@ class _Sequence:
     stops: StopStringFilter
     checkpoints: dict[int, int]  # prompt offset -> tier, still to publish
     published_blocks: int  # blocks [0, published_blocks) are in the pool or cached
+    sampler: Callable
+    processors: list[Callable]
+    stop_ids: frozenset[int]
+    guard: Guard
     grammar: GrammarProcessor | None = None
-    generated: int = 0
+    generated: int = 0  # every generated token, a stop token included
+    tokens: list[int] = field(default_factory=list)  # generated tokens fed to the model
 
 
 def default_prompt_concurrency() -> int:
@@ -96,6 +110,7 @@ class EngineWorker:
         self.namespace = Namespace(m.identity)
         self.kv_bytes_per_token = m.kv_bytes_per_token
         self.max_context = m.max_context
+        self.vocab_size = m.vocab_size
         self.tokenizer = m.tokenizer
         self.grammars = Grammars(m.tokenizer)  # shared with the frontend, which checks
         self.grammars.warm()
@@ -124,6 +139,8 @@ class EngineWorker:
 
     def run_sync(self, fn: Callable[[LoadedModel], object]) -> object:
         """Run ``fn(loaded_model)`` on the engine thread and wait (tests, tools)."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine thread has stopped")
         done: queue.Queue = queue.Queue()
         self._commands.put(("call", (fn, done)))
         ok, value = done.get()
@@ -140,6 +157,9 @@ class EngineWorker:
     def _run(self) -> None:
         try:
             self._serve()
+        except BaseException as e:  # the scheduler fails everything; the process exits
+            log.exception("the engine thread died")
+            self._send(EngineFailedEvent(f"{type(e).__name__}: {e}"))
         finally:
             mx.clear_streams()  # MLX needs this at the end of every thread that used it
 
@@ -154,6 +174,7 @@ class EngineWorker:
         stream = mx.default_stream(mx.default_device())
         self._seqs: dict[int, _Sequence] = {}
         self._uids: dict[str, int] = {}
+        self._fresh: set[int] = set()  # inserted since the last good step
         self._bg = self._new_batch_generator(stream)
         running = True
         while running:
@@ -170,14 +191,12 @@ class EngineWorker:
                 self._handle(cmd, arg, stream)
             if running and self._seqs:
                 try:
-                    self._step()
-                except Exception as e:  # a broken batch fails its sequences, not the server
+                    with mx.stream(stream):
+                        self._step()
+                except Exception as e:
                     log.exception("batch step failed")
-                    for seq in list(self._seqs.values()):
-                        self._send(ErrorEvent(seq.spec.seq_id, f"generation failed: {e}"))
-                    self._seqs.clear()
-                    self._uids.clear()
-                    self._bg = self._new_batch_generator(stream)
+                    with mx.stream(stream):
+                        self._recover(e, stream)
         self._bg.close()
         self._seqs.clear()
         del self._bg
@@ -208,7 +227,11 @@ class EngineWorker:
             uid = self._uids.pop(arg, None)
             if uid is not None:
                 self._seqs.pop(uid, None)
-                self._bg.remove([uid])
+                self._fresh.discard(uid)
+                try:
+                    self._bg.remove([uid])
+                except Exception:  # a broken batch: the next failed step rebuilds it
+                    log.exception("could not remove an aborted sequence")
         elif cmd == "call":
             fn, done = arg
             try:
@@ -224,46 +247,104 @@ class EngineWorker:
             raise ValueError("a sequence must leave at least one prompt token to compute")
         if spec.cached_tokens != len(spec.cached_payloads) * bs:
             raise ValueError("cached_tokens must equal the cached blocks' tokens")
-        cache = cache_from_blocks(spec.cached_payloads, make_prompt_cache(self.loaded.model),
-                                  self.loaded.layout)
-        checkpoints = {
-            c.tokens: c.tier
-            for c in spec.checkpoints
-            if spec.cached_tokens < c.tokens < n_prompt and c.tokens % bs == 0
-        }
-        cuts = [spec.cached_tokens, *sorted(checkpoints), n_prompt]
-        segments = [spec.prompt[a:b] for a, b in zip(cuts, cuts[1:])]
         p = spec.sampling
         stop_ids = set(p.stop_token_ids)
         if not p.ignore_eos:
             stop_ids |= self.loaded.eos_token_ids
+        guard = Guard()
         processors = logits_processors(p)
         grammar = None
         if p.constraint is not None:  # last: the penalties never revive a masked token
             grammar = GrammarProcessor(self.grammars.vocab, p.constraint, p.max_tokens)
             processors.append(grammar)
-        (uid,) = self._bg.insert_segments(
-            [segments],
-            max_tokens=[p.max_tokens],
-            caches=[cache],
-            all_tokens=[list(spec.prompt[: spec.cached_tokens])],
-            samplers=[make_sampler(p)],
-            logits_processors=[processors],
-            stop_sequences=[StopSequences([[t] for t in sorted(stop_ids)] or None)],
-        )
-        self._uids[spec.seq_id] = uid
-        self._seqs[uid] = _Sequence(
+        sampler = make_sampler(p)
+        seq = _Sequence(
             spec=spec,
             detok=IncrementalDetokenizer(self.loaded.tokenizer,
                                          skip_special_tokens=p.skip_special_tokens),
             stops=StopStringFilter(p.stop),
-            checkpoints=checkpoints,
+            checkpoints={c.tokens: c.tier for c in spec.checkpoints
+                         if spec.cached_tokens < c.tokens < n_prompt and c.tokens % bs == 0},
             published_blocks=spec.cached_tokens // bs,
+            # Greedy is one shared function, so mlx-lm batches it; it can't fail.
+            sampler=sampler if sampler is greedy else guard.sampler(sampler),
+            processors=[guard.processor(f) for f in processors],
+            stop_ids=frozenset(stop_ids),
+            guard=guard,
             grammar=grammar,
         )
+        self._start(seq)
+
+    def _start(self, seq: _Sequence) -> None:
+        """Put a sequence into the batch: its cached blocks, then the rest of its prompt
+        and the tokens it already generated (when a failed batch is rebuilt), cut at the
+        checkpoints still to publish."""
+        spec = seq.spec
+        tokens = list(spec.prompt) + seq.tokens
+        cache = cache_from_blocks(spec.cached_payloads, make_prompt_cache(self.loaded.model),
+                                  self.loaded.layout)
+        cuts = [spec.cached_tokens, *sorted(seq.checkpoints), len(tokens)]
+        segments = [tokens[a:b] for a, b in zip(cuts, cuts[1:])]
+        (uid,) = self._bg.insert_segments(
+            [segments],
+            max_tokens=[spec.sampling.max_tokens - len(seq.tokens)],
+            caches=[cache],
+            all_tokens=[list(spec.prompt[: spec.cached_tokens])],
+            samplers=[seq.sampler],
+            logits_processors=[seq.processors],
+            stop_sequences=[StopSequences([[t] for t in sorted(seq.stop_ids)] or None)],
+        )
+        self._uids[spec.seq_id] = uid
+        self._seqs[uid] = seq
+        self._fresh.add(uid)
+
+    def _fail(self, uid: int, message: str) -> None:
+        """End one sequence with its own error; the rest of the batch goes on."""
+        seq = self._seqs.pop(uid)
+        self._uids.pop(seq.spec.seq_id, None)
+        self._fresh.discard(uid)
+        try:
+            self._bg.remove([uid])
+        except Exception:  # a broken batch: the next failed step rebuilds it
+            log.exception("could not remove a failed sequence")
+        self._send(ErrorEvent(seq.spec.seq_id, message))
+
+    def _recover(self, error: Exception, stream) -> None:
+        """A step raised: fail the sequences that may have caused it, with its error, and
+        rebuild the batch for the others (they resume where they were)."""
+        suspects = {uid for uid, seq in self._seqs.items()
+                    if uid in self._fresh or (not seq.tokens and not seq.generated)}
+        if not suspects:  # nobody new: nothing tells the culprit apart
+            suspects = set(self._seqs)
+        own = f"generation failed: {error}"
+        # Several suspects: the error may be another's, so it isn't shown to them.
+        message = own if len(suspects) == 1 else (
+            "generation failed in a batch step together with other new requests; retry")
+        survivors = [seq for uid, seq in self._seqs.items() if uid not in suspects]
+        for uid in suspects:
+            seq = self._seqs[uid]
+            self._send(ErrorEvent(seq.spec.seq_id, message))
+        self._seqs.clear()
+        self._uids.clear()
+        self._fresh.clear()
+        try:
+            self._bg.close()
+        except Exception:
+            log.exception("closing the failed batch")
+        self._bg = self._new_batch_generator(stream)
+        for seq in survivors:
+            try:
+                self._start(seq)
+            except Exception as e:
+                log.exception("could not resume a sequence after a failed step")
+                self._send(ErrorEvent(seq.spec.seq_id, f"generation failed: {e}"))
+        if survivors:
+            log.info("batch rebuilt: %d sequences resumed, %d failed", len(survivors),
+                     len(suspects))
 
     def _step(self) -> None:
         prompt_responses, gen_responses = self._bg.next()
+        self._fresh.clear()  # the step went through: the new sequences are in
         for r in prompt_responses:
             seq = self._seqs.get(r.uid)
             if seq is None or not r.end_of_segment or r.end_of_prompt:
@@ -278,27 +359,40 @@ class EngineWorker:
             seq = self._seqs.get(r.uid)
             if seq is None:
                 continue
-            seq_id = seq.spec.seq_id
-            seq.generated += 1
-            if r.finish_reason == "stop":  # a stop token: its text is not part of the reply
-                self._finish(seq, r.uid, r.prompt_cache, r.all_tokens, "stop")
+            if seq.guard.error is not None:  # its sampler or a processor raised
+                self._fail(r.uid, f"generation failed: {seq.guard.error}")
                 continue
-            text = seq.stops.push(seq.detok.add(r.token))
-            event = TokenEvent(seq_id, r.token, text)
-            p = seq.spec.sampling
-            if p.logprobs:
-                event.logprob, event.top_logprobs = token_logprobs(r.logprobs, r.token,
-                                                                   p.top_logprobs)
-            self._send(event)
-            if seq.stops.stopped:
-                finished_by_string.append(r.uid)
-            elif r.finish_reason == "length":
-                self._finish(seq, r.uid, r.prompt_cache, r.all_tokens, "length")
+            try:
+                if self._token(seq, r):
+                    finished_by_string.append(r.uid)
+            except Exception as e:  # this sequence's text or finish: it fails alone
+                log.exception("sequence %s failed", seq.spec.seq_id)
+                self._fail(r.uid, f"generation failed: {e}")
         if finished_by_string:
             caches = self._bg.remove(finished_by_string, return_prompt_caches=True)
             for uid in finished_by_string:
                 cache, tokens = caches[uid]
                 self._finish(self._seqs[uid], uid, cache, tokens, "stop")
+
+    def _token(self, seq: _Sequence, r) -> bool:
+        """Report one generated token; True if a stop string ended the sequence."""
+        seq.generated += 1
+        if r.finish_reason == "stop":  # a stop token: its text is not part of the reply
+            self._finish(seq, r.uid, r.prompt_cache, r.all_tokens, "stop")
+            return False
+        seq.tokens.append(r.token)
+        text = seq.stops.push(seq.detok.add(r.token))
+        event = TokenEvent(seq.spec.seq_id, r.token, text)
+        p = seq.spec.sampling
+        if p.logprobs:
+            event.logprob, event.top_logprobs = token_logprobs(r.logprobs, r.token,
+                                                               p.top_logprobs)
+        self._send(event)
+        if seq.stops.stopped:
+            return True
+        if r.finish_reason == "length":
+            self._finish(seq, r.uid, r.prompt_cache, r.all_tokens, "length")
+        return False
 
     def _finish(self, seq: _Sequence, uid: int, cache, tokens, reason: str) -> None:
         """Publish the sequence's remaining full blocks, then report the finish with
@@ -311,6 +405,7 @@ class EngineWorker:
         self._publish(seq, cache, list(tokens), TIER_GENERATED, snapshot=aligned)
         del self._seqs[uid]
         self._uids.pop(seq.spec.seq_id, None)
+        self._fresh.discard(uid)
         self._send(FinishEvent(seq.spec.seq_id, reason, seq.generated, tail,
                                seq.stops.matched))
 

@@ -440,15 +440,32 @@ class BlockPool:
                 self._evict_heap.append((b.tier, b.last_used, self._seq, b))
         heapq.heapify(self._evict_heap)
 
-    def reset(self) -> bool:
-        """Drop every block, like vLLM's ``reset_prefix_cache``. Refused (False) if any
-        block is pinned, so a flush is never half-done."""
-        if self._pinned_blocks:
+    def reset(self, scope: Callable[[Namespace], bool] | None = None) -> bool:
+        """Drop every block, or those whose namespace is in ``scope`` (one tenant's), like
+        vLLM's ``reset_prefix_cache``. Refused (False) if any of them is pinned, so a
+        flush is never half-done. A chain never crosses namespaces, so a scoped flush
+        takes whole chains and leaves no orphan."""
+        if scope is None:
+            if self._pinned_blocks:
+                return False
+            self._blocks.clear()
+            self._evict_heap.clear()
+            self._bytes = 0  # counters stay: they are monotonic, as Prometheus expects
+            return True
+        doomed = [b for b in self._blocks.values() if scope(b.namespace)]
+        if any(b.refcount for b in doomed):
             return False
-        self._blocks.clear()
-        self._evict_heap.clear()
-        self._bytes = 0  # counters stay: they are monotonic, as Prometheus expects
+        for b in doomed:
+            del self._blocks[b.key]
+            self._bytes -= b.nbytes
+            b.parent = None
+        self._rebuild_heap()
         return True
+
+    def usage(self, scope: Callable[[Namespace], bool]) -> tuple[int, int]:
+        """(blocks, bytes) cached for the namespaces in ``scope``: one tenant's share."""
+        blocks = [b for b in self._blocks.values() if scope(b.namespace)]
+        return len(blocks), sum(b.nbytes for b in blocks)
 
     # ---- statistics ----------------------------------------------------------
 

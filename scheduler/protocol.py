@@ -94,7 +94,16 @@ class ErrorEvent:
     message: str
 
 
-EngineEvent = Union[TokenEvent, BlocksEvent, FinishEvent, ErrorEvent]
+@dataclass
+class EngineFailedEvent:
+    """The generator can't go on (its thread died): every request ends, and the process
+    should exit so that a supervisor restarts it."""
+
+    message: str
+    seq_id: str = ""
+
+
+EngineEvent = Union[TokenEvent, BlocksEvent, FinishEvent, ErrorEvent, EngineFailedEvent]
 
 
 class Generator(Protocol):

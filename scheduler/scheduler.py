@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 from blockserve.kvpool import (
     TIER_GENERATED,
@@ -28,6 +30,7 @@ from blockserve.kvpool import (
 )
 from blockserve.scheduler.protocol import (
     BlocksEvent,
+    EngineFailedEvent,
     Checkpoint,
     EngineEvent,
     ErrorEvent,
@@ -59,6 +62,16 @@ class SchedulerClosedError(SchedulerError):
     """The server is shutting down (HTTP 503)."""
 
 
+class TenantShareError(QueueFullError):
+    """One tenant holds its share of the queue while others wait (HTTP 429)."""
+
+
+log = logging.getLogger(__name__)
+
+# What a request hears when the engine stopped under it: never another request's error.
+ENGINE_STOPPED = "the engine stopped; the server is restarting, retry shortly"
+
+
 @dataclass
 class Request:
     prompt: list[int]
@@ -70,6 +83,8 @@ class Request:
     # Siblings with the same prompt follow (n > 1): publish the prompt's last full block
     # as soon as it is computed, so they wait for it and prefill only the tail.
     share_prompt: bool = False
+    # Who sent it (a digest of the API key), for fair shares; None: an open server.
+    tenant: str | None = None
 
 
 @dataclass
@@ -103,6 +118,9 @@ class SchedulerConfig:
     active_kv_budget_bytes: int = 8 << 30  # KV of running requests, prompt + max_tokens
     aging_limit: int = 8  # a waiting request is overtaken at most this many times
     share_inflight: bool = True
+    # Several tenants: running slots no single tenant may take, so that another
+    # tenant's request starts within a step even while one tenant fills the rest.
+    tenant_headroom: int = 0
 
 
 @dataclass
@@ -168,6 +186,8 @@ class Scheduler:
         self._reserved_bytes = 0
         self._closed = False
         self.draining = False  # refuse new requests, let running ones finish
+        self.failed: str | None = None  # the engine died: everything is refused
+        self.stopped = asyncio.Event()  # set when the engine died (the CLI exits non-zero)
 
     # ---- public API (event loop) --------------------------------------------
 
@@ -188,11 +208,19 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def num_running_of(self, tenant: str | None) -> int:
+        return sum(s.req.tenant == tenant for s in self._running.values())
+
+    def num_waiting_of(self, tenant: str | None) -> int:
+        return sum(s.req.tenant == tenant for s in self._waiting.values())
+
     def namespace(self, cache_salt: str | None) -> Namespace:
         return Namespace(self.generator.namespace.model, cache_salt)
 
     def submit(self, req: Request) -> RequestStream:
         """Queue a request; raises a ``SchedulerError`` if it can't be accepted."""
+        if self.failed is not None:
+            raise SchedulerClosedError(ENGINE_STOPPED)
         if self._closed or self.draining:
             raise SchedulerClosedError("the server is shutting down: retry on another "
                                        "replica, or here after a restart")
@@ -216,10 +244,7 @@ class Scheduler:
                 f"{reserve} bytes of KV; the active budget is "
                 f"{self.config.active_kv_budget_bytes} bytes"
             )
-        if len(self._waiting) >= self.config.max_queue:
-            raise QueueFullError(
-                f"the queue is full ({self.config.max_queue} requests waiting); retry later"
-            )
+        self._check_queue_share(req.tenant)
         ns = self.namespace(req.cache_salt)
         raw = token_bytes(req.prompt)
         usable = (len(req.prompt) - 1) // self.pool.block_size
@@ -242,9 +267,10 @@ class Scheduler:
                                        usage=state.usage))
         return True
 
-    def reset_cache(self) -> bool:
-        """Flush the pool; refused (False) while any block is pinned."""
-        return self.pool.reset()
+    def reset_cache(self, scope: Callable[[Namespace], bool] | None = None) -> bool:
+        """Flush the pool, or the namespaces in ``scope`` (a tenant's); refused (False)
+        while any of those blocks is pinned."""
+        return self.pool.reset(scope)
 
     def drain(self) -> None:
         """Stop admitting new requests; the queued and running ones carry on."""
@@ -263,7 +289,29 @@ class Scheduler:
 
     # ---- admission ------------------------------------------------------------
 
+    def _check_queue_share(self, tenant: str | None) -> None:
+        """The queue is shared fairly: a tenant may fill it alone, but once others have
+        work, it may hold only its share (``max_queue`` over the active tenants), and a
+        tenant under its share is queued even when the queue is full."""
+        waiting = Counter(s.req.tenant for s in self._waiting.values())
+        active = {s.req.tenant for s in self._waiting.values()}
+        active |= {s.req.tenant for s in self._running.values()}
+        active.add(tenant)
+        share = max(1, self.config.max_queue // len(active))
+        if waiting[tenant] < share and (len(active) > 1 or
+                                        len(self._waiting) < self.config.max_queue):
+            return
+        if len(active) > 1:
+            raise TenantShareError(
+                f"this key holds its share of the queue ({waiting[tenant]} of "
+                f"{self.config.max_queue} requests waiting, shared by {len(active)} "
+                "active keys); retry later")
+        raise QueueFullError(
+            f"the queue is full ({self.config.max_queue} requests waiting); retry later")
+
     def _schedule(self) -> None:
+        if self.failed is not None:
+            return
         while self._waiting and len(self._running) < self.config.max_running:
             state = self._pick()
             if state is None:
@@ -275,10 +323,19 @@ class Scheduler:
             self._admit(state)
 
     def _pick(self) -> _State | None:
-        """Longest cached prefix first (SGLang's LPM), but a request overtaken
-        ``aging_limit`` times goes next, so none waits forever."""
+        """Fair across tenants, then longest cached prefix first (SGLang's LPM).
+
+        Among the tenants with a request ready, the one with the fewest running goes
+        first (a round robin as slots free), and no tenant takes the last
+        ``tenant_headroom`` slots. Within a tenant, longest prefix first, but a request
+        overtaken ``aging_limit`` times (by its own tenant's) goes next, so none waits
+        forever."""
+        running = Counter(s.req.tenant for s in self._running.values())
+        cap = self.config.max_running - self.config.tenant_headroom
         eligible: list[tuple[_State, int]] = []
         for state in self._waiting.values():
+            if running[state.req.tenant] >= cap:
+                continue  # its tenant has all it may hold
             n_hit = 0
             for key in state.keys:
                 if key not in self.pool:
@@ -288,16 +345,18 @@ class Scheduler:
                     and state.keys[n_hit] in self._inflight):
                 state.deferred = True  # its next blocks are being computed: wait for them
                 continue
-            if state.overtaken >= self.config.aging_limit:
-                chosen = state  # the oldest aged request, in arrival order
-                break
             eligible.append((state, n_hit))
+        if not eligible:
+            return None
+        fewest = min(running[s.req.tenant] for s, _ in eligible)
+        eligible = [(s, n) for s, n in eligible if running[s.req.tenant] == fewest]
+        aged = [s for s, _ in eligible if s.overtaken >= self.config.aging_limit]
+        if aged:
+            chosen = aged[0]  # the oldest aged request, in arrival order
         else:
-            if not eligible:
-                return None
             chosen = max(eligible, key=lambda e: (e[1], -e[0].arrival))[0]
         for state, _ in eligible:
-            if state.arrival < chosen.arrival:
+            if state.arrival < chosen.arrival and state.req.tenant == chosen.req.tenant:
                 state.overtaken += 1
         return chosen
 
@@ -342,6 +401,9 @@ class Scheduler:
     # ---- generator events ----------------------------------------------------
 
     def _on_event(self, event: EngineEvent) -> None:
+        if isinstance(event, EngineFailedEvent):
+            self._engine_failed(event.message)
+            return
         state = self._running.get(event.seq_id)
         if state is None:
             return  # an aborted request: its late events (and KV) are dropped
@@ -362,6 +424,18 @@ class Scheduler:
         elif isinstance(event, ErrorEvent):
             self._end(state, RequestOutput(event.seq_id, finish_reason="error",
                                            usage=state.usage, error=event.message))
+
+    def _engine_failed(self, message: str) -> None:
+        """The engine thread died: every request ends with an error that names no other
+        request, and nothing more is accepted (health says 503; the CLI exits)."""
+        log.error("the engine stopped: %s", message)
+        self.failed = message
+        self._closed = True
+        for rid in list(self._waiting) + list(self._running):
+            state = self._waiting.pop(rid, None) or self._running[rid]
+            self._end(state, RequestOutput(rid, finish_reason="error", usage=state.usage,
+                                           error=ENGINE_STOPPED))
+        self.stopped.set()
 
     def _publish(self, state: _State, event: BlocksEvent) -> None:
         first, payloads = event.first_block, event.payloads

@@ -12,14 +12,17 @@ from aiohttp import web
 
 from blockserve.scheduler import RequestOutput, Usage
 from blockserve.server import keepalive
-from blockserve.server.app import FRONTEND, Run, check_model, read_json, send, sse
+from blockserve.server.app import BOUNDS, FRONTEND, Run, check_model, read_json, send, sse
 from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import (
+    Bounds,
     Format,
     Frontend,
     Generation,
     ToolChoice,
     boolean,
+    check_messages,
+    check_tools,
     constrain,
     content_text,
     ignore_unknown,
@@ -31,6 +34,7 @@ from blockserve.server.fields import (
     template_kwargs,
     tool_choice,
 )
+from blockserve.server.limits import offload
 
 ANTHROPIC_BILLING_PREFIX = "x-anthropic-billing-header"
 
@@ -70,10 +74,17 @@ def _assistant(content: Any, where: str) -> dict:
         if kind == "text":
             text.append(_text_of([block], where, False))
         elif kind == "thinking":
-            reasoning.append(block.get("thinking") or "")
+            thought = block.get("thinking") or ""
+            if not isinstance(thought, str):
+                raise invalid(f"{where}: a thinking block's 'thinking' must be a string",
+                              param="messages")
+            reasoning.append(thought)
         elif kind == "tool_use":
             if not isinstance(block.get("name"), str):
                 raise invalid(f"{where}: a tool_use block needs a name", param="messages")
+            if not isinstance(block.get("input") or {}, dict):
+                raise invalid(f"{where}: a tool_use block's 'input' must be an object",
+                              param="messages")
             calls.append({"id": block.get("id"), "type": "function",
                           "function": {"name": block["name"],
                                        "arguments": block.get("input") or {}}})
@@ -96,8 +107,10 @@ def _user(content: Any, where: str, answering: bool) -> list[dict]:
     for block in content:
         if isinstance(block, dict) and block.get("type") == "tool_result":
             text = _text_of(block.get("content"), f"{where} tool_result", False)
-            tools.append({"role": "tool", "content": text,
-                          "tool_call_id": block.get("tool_use_id")})
+            call_id = block.get("tool_use_id")
+            if call_id is not None and not isinstance(call_id, str):
+                raise invalid(f"{where}: 'tool_use_id' must be a string", param="messages")
+            tools.append({"role": "tool", "content": text, "tool_call_id": call_id})
         else:
             rest.append(block)
     if rest or not tools:
@@ -105,10 +118,8 @@ def _user(content: Any, where: str, answering: bool) -> list[dict]:
     return tools
 
 
-def _messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("'messages' must be a non-empty list", param="messages")
+def _messages(body: dict, bounds: Bounds) -> list[dict]:
+    messages = check_messages(body.get("messages"), bounds.limits)
     msgs: list[dict] = []
     system = _system(body.get("system"))
     if system:
@@ -129,16 +140,20 @@ def _messages(body: dict) -> list[dict]:
     return msgs
 
 
-def _tools(tools: Any) -> list[dict] | None:
+def _tools(tools: Any, bounds: Bounds) -> list[dict] | None:
     """Client tools in the template's (OpenAI) shape; server tools are not ours to run."""
-    if tools is None:
+    if check_tools(tools, bounds.limits) is None:
         return None
-    if not isinstance(tools, list):
-        raise invalid("'tools' must be a list", param="tools")
     out = []
     for t in tools:
-        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+        if not isinstance(t.get("name"), str):
             raise invalid("each tool needs a name", param="tools")
+        if not isinstance(t.get("description", ""), str):
+            raise invalid(f"tool {t['name']!r}: 'description' must be a string",
+                          param="tools")
+        if "input_schema" in t and not isinstance(t["input_schema"], dict):
+            raise invalid(f"tool {t['name']!r}: 'input_schema' must be an object",
+                          param="tools")
         if "input_schema" not in t:
             log.warning("ignoring tool %r of type %r: only client tools (with an "
                         "input_schema) run here", t["name"], t.get("type"))
@@ -186,24 +201,25 @@ def _thinking(body: dict) -> bool | None:
     return kind != "disabled"
 
 
-def _parse(body: dict, frontend: Frontend, count_only: bool = False) -> Generation:
+def _parse(body: dict, frontend: Frontend, bounds: Bounds,
+           count_only: bool = False) -> Generation:
     ignore_unknown(body, _KNOWN, "messages")
     if not count_only and body.get("max_tokens") is None:
         raise invalid("'max_tokens' is required", param="max_tokens")
-    msgs = _messages(body)
-    tools = _tools(body.get("tools"))
+    msgs = _messages(body, bounds)
+    tools = _tools(body.get("tools"), bounds)
     choice = _tool_choice(body, tools)
     fmt = one_format(_output_format(body), choice.forced)
     sampling = sampling_params(
         {"max_tokens": body.get("max_tokens"), "temperature": body.get("temperature"),
          "top_p": body.get("top_p"), "top_k": body.get("top_k"),
-         "stop": body.get("stop_sequences")}, 1)
+         "stop": body.get("stop_sequences")}, bounds)
     thinking = _thinking(body)
-    rendered = render(frontend, msgs, tools, template_kwargs({}, thinking))
+    rendered = render(frontend, msgs, tools, template_kwargs({}, thinking, bounds.limits))
     gen = Generation(rendered.tokens, sampling, rendered.checkpoints, boolean(body, "stream"),
                      tools=tools, parse_tools=choice.parse,
                      reasoning_open=rendered.reasoning_open, thinking=thinking is True)
-    return gen if count_only else constrain(frontend, gen, fmt)
+    return gen if count_only else constrain(frontend, gen, fmt, bounds.limits)
 
 
 # ---- responses -----------------------------------------------------------------------
@@ -252,14 +268,15 @@ async def count_tokens(request: web.Request) -> web.Response:
     body = await read_json(request)
     frontend = request.app[FRONTEND]
     check_model(body, frontend)
-    return web.json_response({"input_tokens": len(_parse(body, frontend, True).prompt)})
+    gen = await offload(request, _parse, body, frontend, request.app[BOUNDS], True)
+    return web.json_response({"input_tokens": len(gen.prompt)})
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     frontend = request.app[FRONTEND]
     check_model(body, frontend)
-    gen = _parse(body, frontend)
+    gen = await offload(request, _parse, body, frontend, request.app[BOUNDS])
     run = Run(request, gen)
     message = {"id": "msg_" + run.id, "type": "message", "role": "assistant",
                "model": body.get("model") or frontend.model_id}
@@ -315,9 +332,13 @@ async def messages(request: web.Request) -> web.StreamResponse:
                 **message, "content": [], "stop_reason": None, "stop_sequence": None,
                 "usage": {**usage, "output_tokens": 0}}}, "message_start")
             started = True
-        if out.finish_reason == "error":
-            await send(resp, ApiError(500, out.error or "generation failed").anthropic_body(),
-                       "error")
+        if out.finish_reason in ("error", "abort"):  # a cut reply never looks complete
+            if open_kind is not None:
+                await stop_block()
+            err = (ApiError(500, out.error or "generation failed") if out.finish_reason
+                   == "error" else ApiError(503, "the server is shutting down; this reply "
+                                                 "is incomplete: retry"))
+            await send(resp, err.anthropic_body(), "error")
             break
         for d in step.deltas:
             if open_kind is not None and (d.kind != open_kind or d.kind == "tool_call"):

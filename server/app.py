@@ -11,14 +11,17 @@ import hmac
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from aiohttp import web
 
+from blockserve.kvpool import Namespace
 from blockserve.scheduler import Request, RequestOutput, Scheduler, SchedulerError
 from blockserve.server.errors import ApiError, from_scheduler, invalid
-from blockserve.server.fields import Frontend, Generation
+from blockserve.server.fields import Bounds, Frontend, Generation
+from blockserve.server.limits import WORKERS, Limits, decode_json, offload, read_body
 from blockserve.server.metrics import Metrics
 
 log = logging.getLogger("blockserve.server")
@@ -30,6 +33,13 @@ class ServerConfig:
     # Each key is a tenant: its requests' prefix cache is salted by it, so tenants never
     # share (or time) each other's blocks. No keys: an open server, one tenant.
     api_keys: list[str] = field(default_factory=list)
+    # The admin key flushes and sees the whole cache; a tenant key only its own. With
+    # tenant keys and no admin key, nobody can flush another's cache.
+    admin_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    # A stream whose client reads nothing for this long is aborted and its blocks freed.
+    stalled_stream_timeout: float = 60.0
+    parse_workers: int = 4  # threads for templates, tokenizing and grammar compiles
 
 
 def tenant_of(key: str) -> str:
@@ -48,6 +58,7 @@ SCHEDULER = web.AppKey("scheduler", Scheduler)
 FRONTEND = web.AppKey("frontend", Frontend)
 CONFIG = web.AppKey("config", ServerConfig)
 METRICS = web.AppKey("metrics", Metrics)
+BOUNDS = web.AppKey("bounds", Bounds)
 
 _OPEN_PATHS = {"/health", "/metrics"}
 
@@ -55,11 +66,15 @@ _OPEN_PATHS = {"/health", "/metrics"}
 def create_app(scheduler: Scheduler, frontend: Frontend, config: ServerConfig) -> web.Application:
     from blockserve.server import anthropic_api, openai_api, responses_api
 
-    app = web.Application(middlewares=[_errors, _auth], client_max_size=64 << 20)
+    app = web.Application(middlewares=[_errors, _auth],
+                          client_max_size=config.limits.max_body_bytes)
     app[SCHEDULER] = scheduler
     app[FRONTEND] = frontend
     app[CONFIG] = config
     app[METRICS] = Metrics(scheduler)
+    app[BOUNDS] = Bounds(frontend.vocab_size, config.limits, config.default_max_tokens)
+    app[WORKERS] = ThreadPoolExecutor(config.parse_workers,
+                                      thread_name_prefix="blockserve-parse")
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_post("/v1/completions", openai_api.completions)
     app.router.add_post("/v1/chat/completions/render", openai_api.render_chat)
@@ -87,8 +102,12 @@ def create_app(scheduler: Scheduler, frontend: Frontend, config: ServerConfig) -
     async def stop(app: web.Application) -> None:
         app[SCHEDULER].shutdown()  # in-flight streams end with finish_reason "abort"
 
+    async def cleanup(app: web.Application) -> None:
+        app[WORKERS].shutdown(wait=False, cancel_futures=True)
+
     app.on_startup.append(start)
     app.on_shutdown.append(stop)
+    app.on_cleanup.append(cleanup)
     return app
 
 
@@ -96,10 +115,23 @@ def _is_anthropic(request: web.Request) -> bool:
     return request.path.startswith("/v1/messages")
 
 
+class ClientStalled(Exception):
+    """A streaming client read nothing for ``stalled_stream_timeout``."""
+
+    def __init__(self, resp: web.StreamResponse):
+        super().__init__("the client stopped reading its stream")
+        self.resp = resp
+
+
 @web.middleware
 async def _errors(request: web.Request, handler):
     try:
         return await handler(request)
+    except ClientStalled as e:  # the request was aborted on the way out; drop the socket
+        log.warning("%s %s: %s; aborted", request.method, request.path, e)
+        if request.transport is not None:
+            request.transport.abort()
+        return e.resp
     except SchedulerError as e:
         err = from_scheduler(e)
     except web.HTTPException as e:
@@ -117,34 +149,42 @@ async def _errors(request: web.Request, handler):
 
 
 TENANT = web.RequestKey("tenant", str)  # the request's tenant, set by _auth
+ADMIN = web.RequestKey("admin", bool)  # the request holds the admin key
 
 
 @web.middleware
 async def _auth(request: web.Request, handler):
-    keys = request.app[CONFIG].api_keys
-    if keys and request.path not in _OPEN_PATHS:
+    config = request.app[CONFIG]
+    keys, admin = config.api_keys, config.admin_key
+    if (keys or admin) and request.path not in _OPEN_PATHS:
         bearer = request.headers.get("Authorization", "")
         given = bearer[7:] if bearer.startswith("Bearer ") else request.headers.get("x-api-key")
-        given_bytes = (given or "").encode()
+        given_bytes = (given or "").encode("utf-8", "replace")
         match = None
         for key in keys:  # every key is compared, in constant time: no early exit
             if hmac.compare_digest(given_bytes, key.encode()):
                 match = key
-        if match is None:
+        is_admin = admin is not None and hmac.compare_digest(given_bytes, admin.encode())
+        if match is None and not is_admin and keys:
             raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY "
                                 "or x-api-key: KEY)", code="invalid_api_key")
-        request[TENANT] = tenant_of(match)
+        request[ADMIN] = is_admin
+        if match is not None or (is_admin and keys):
+            request[TENANT] = tenant_of(match or admin)
     return await handler(request)
 
 
+def is_admin(request: web.Request) -> bool:
+    """The admin key, or an open server with no admin key (one tenant: its operator)."""
+    config = request.app[CONFIG]
+    return request.get(ADMIN, False) or (not config.api_keys and config.admin_key is None)
+
+
 async def read_json(request: web.Request) -> dict:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise invalid(f"the body is not valid JSON: {e}")
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    return body
+    """The body as a JSON object, read within the body limits and parsed off the loop."""
+    limits = request.app[CONFIG].limits
+    raw = await read_body(request, limits)
+    return await offload(request, decode_json, raw, request.charset, limits)
 
 
 def check_model(body: dict, frontend: Frontend) -> None:
@@ -203,7 +243,7 @@ class Run:
             sampling = replace(sampling, seed=sampling.seed + index)
         req = Request(gen.prompt, sampling, gen.checkpoints,
                       cache_salt(request.get(TENANT), gen.cache_salt),
-                      share_prompt=gen.n > 1)
+                      share_prompt=gen.n > 1, tenant=request.get(TENANT))
         self.stream = self.app[SCHEDULER].submit(req)  # SchedulerError -> HTTP error
         self.id = self.stream.request_id
         self.created = int(time.time())
@@ -289,17 +329,37 @@ async def merged_steps(runs: list[Run]) -> AsyncIterator[tuple[Run, Step]]:
             task.cancel()  # a client gone, or an error: every choice is aborted
 
 
-async def sse(request: web.Request) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-cache"})
+class EventStream(web.StreamResponse):
+    """An SSE response whose writes give up on a client that stopped reading: each
+    write waits for the socket's buffer to drain at most ``stall_timeout`` seconds."""
+
+    stall_timeout: float = 60.0
+
+
+async def sse(request: web.Request) -> EventStream:
+    resp = EventStream(headers={"Content-Type": "text/event-stream",
+                                "Cache-Control": "no-cache"})
+    resp.stall_timeout = request.app[CONFIG].stalled_stream_timeout
     await resp.prepare(request)
     return resp
 
 
-async def send(resp: web.StreamResponse, data: dict | str, event: str | None = None) -> None:
+async def send(resp: EventStream, data: dict | str, event: str | None = None) -> None:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     head = f"event: {event}\n" if event else ""
-    await resp.write(f"{head}data: {payload}\n\n".encode())
+    await _write(resp, f"{head}data: {payload}\n\n")
+
+
+async def send_comment(resp: EventStream, text: str) -> None:
+    """An SSE comment, which clients skip: it keeps a silent stream alive."""
+    await _write(resp, f": {text}\n\n")
+
+
+async def _write(resp: EventStream, text: str) -> None:
+    try:
+        await asyncio.wait_for(resp.write(text.encode()), resp.stall_timeout)
+    except asyncio.TimeoutError:
+        raise ClientStalled(resp) from None
 
 
 # ---- tokenizer and server facts (vLLM's and SGLang's shapes, for routers and tools) -----
@@ -340,7 +400,10 @@ async def models(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     """200 while serving; 503 while draining, so that load balancers move away."""
-    if request.app[SCHEDULER].draining:
+    sched = request.app[SCHEDULER]
+    if sched.failed is not None:
+        return web.json_response({"status": "failed", "error": sched.failed}, status=503)
+    if sched.draining:
         return web.json_response({"status": "draining"}, status=503,
                                  headers={"Retry-After": "5"})
     return web.json_response({"status": "ok"})
@@ -351,8 +414,33 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
+def tenant_scope(tenant: str) -> Callable[[Namespace], bool]:
+    """The namespaces of one tenant: its salt, and the salts nested inside it."""
+    own = f"tenant:{tenant}"
+    return lambda ns: ns.cache_salt == own or (ns.cache_salt or "").startswith(own + "\0")
+
+
+def _scope(request: web.Request) -> Callable[[Namespace], bool] | None:
+    """Whose cache a request may see and flush: all (None) for the admin, its own for a
+    tenant; a key that is neither is refused."""
+    if is_admin(request):
+        return None
+    tenant = request.get(TENANT)
+    if tenant is None:
+        raise ApiError(403, "the cache's administration needs the admin key "
+                            "(--admin-key)", code="forbidden")
+    return tenant_scope(tenant)
+
+
 async def cache_stats(request: web.Request) -> web.Response:
     sched = request.app[SCHEDULER]
+    scope = _scope(request)
+    if scope is not None:  # a tenant sees its own blocks and requests, nobody else's
+        blocks, nbytes = sched.pool.usage(scope)
+        tenant = request[TENANT]
+        return web.json_response({"pool": {"blocks_stored": blocks, "bytes_stored": nbytes},
+                                  "scheduler": {"running": sched.num_running_of(tenant),
+                                                "waiting": sched.num_waiting_of(tenant)}})
     pool = sched.pool.stats()
     s = sched.stats
     return web.json_response({
@@ -367,8 +455,9 @@ async def cache_stats(request: web.Request) -> web.Response:
 
 
 async def cache_reset(request: web.Request) -> web.Response:
-    if not request.app[SCHEDULER].reset_cache():
-        pinned = request.app[SCHEDULER].pool.stats().blocks_pinned
-        raise ApiError(409, f"the cache was not flushed: {pinned} blocks are in use by "
+    """Flush the cache: all of it with the admin key, a tenant's own with its key."""
+    scope = _scope(request)
+    if not request.app[SCHEDULER].reset_cache(scope):
+        raise ApiError(409, "the cache was not flushed: some of its blocks are in use by "
                             "running requests; retry when they finish", code="cache_in_use")
-    return web.json_response({"reset": True})
+    return web.json_response({"reset": True, "scope": "all" if scope is None else "tenant"})

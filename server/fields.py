@@ -3,7 +3,10 @@ prompt, and the internal shape every request becomes (``Generation``).
 
 The policy, as vLLM's: a field we don't know is ignored, with a warning in the log that
 names it; a field we know but can't honour in a way that would silently change the
-result is refused (400, naming it); a malformed value of a known field is a 400.
+result is refused (400, naming it); a malformed value of a known field is a 400. Every
+value is checked against the model (token ids within its vocabulary) and bounded
+(``limits.Limits``) before anything is queued: nothing a client sends reaches MLX
+unchecked.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, Protocol
 
 from blockserve.scheduler import SamplingParams
 from blockserve.server.errors import invalid
+from blockserve.server.limits import Limits, bounded, json_size, over
 
 log = logging.getLogger("blockserve.server")
 
@@ -39,6 +43,7 @@ class Frontend(Protocol):
     model_id: str
     model_names: list[str]
     model_path: str
+    vocab_size: int  # token ids are in [0, vocab_size)
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
                     template_kwargs: dict | None = None,
@@ -56,6 +61,16 @@ class Frontend(Protocol):
                   thinking: bool = False) -> Any:
         """A compiled format (``engine.structured.Constraint``); ValueError if it can't
         be enforced."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What a request is checked against: the model's vocabulary, the server's limits,
+    and the max_tokens it gets when it names none."""
+
+    vocab_size: int
+    limits: Limits = field(default_factory=Limits)
+    default_max_tokens: int = 512
 
 
 @dataclass
@@ -89,10 +104,18 @@ class Format:
     param: str
 
 
-def constrain(frontend: Frontend, gen: Generation, fmt: Format | None) -> Generation:
-    """``gen`` with its format's grammar; a format that can't be enforced is a 400."""
+def constrain(frontend: Frontend, gen: Generation, fmt: Format | None,
+              limits: Limits) -> Generation:
+    """``gen`` with its format's grammar; a format that can't be enforced, or whose
+    source is over the size limit, is a 400."""
     if fmt is None:
         return gen
+    source = fmt.spec[0] if fmt.kind == "tools" else fmt.spec
+    if fmt.kind == "choice":
+        bounded(source, limits.max_choice_options, f"'{fmt.param}' options", fmt.param)
+    size = json_size(source)
+    if size > limits.max_grammar_bytes:
+        raise over(f"'{fmt.param}' size in bytes", size, limits.max_grammar_bytes, fmt.param)
     try:
         c = frontend.constrain(fmt.kind, fmt.spec, gen.reasoning_open, gen.thinking)
     except ValueError as e:
@@ -177,16 +200,20 @@ def number(body: dict, name: str, lo: float, hi: float, default: float) -> float
     return float(v)
 
 
-def integer(body: dict, name: str, lo: int, default: int | None, hi: int | None = None
+MAX_INT = 2**31 - 1  # the sane size of a count a client sends (max_tokens, top_k)
+
+
+def integer(body: dict, name: str, lo: int, default: int | None, hi: int = MAX_INT
             ) -> int | None:
     v = body.get(name)
     if v is None:
         return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)  # 16.0: JSON doesn't tell integers from floats
     if isinstance(v, bool) or not isinstance(v, int):
         raise invalid(f"'{name}' must be an integer", param=name)
-    if v < lo or (hi is not None and v > hi):
-        bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise invalid(f"'{name}' must be {bound}, got {v}", param=name)
+    if not lo <= v <= hi:
+        raise invalid(f"'{name}' must be between {lo} and {hi}", param=name)
     return v
 
 
@@ -199,27 +226,53 @@ def boolean(body: dict, name: str, default: bool = False) -> bool:
     return v
 
 
-def _stops(v: Any, name: str) -> tuple[str, ...]:
+def _stops(v: Any, name: str, limits: Limits) -> tuple[str, ...]:
     if v is None:
         return ()
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
         raise invalid(f"'{name}' must be a string or a list of strings", param=name)
+    bounded(v, limits.max_stop, f"'{name}' entries", name)
+    longest = max((len(s) for s in v), default=0)
+    if longest > limits.max_stop_chars:
+        raise over(f"'{name}' characters in one entry", longest, limits.max_stop_chars, name)
     return tuple(s for s in v if s)
 
 
-def _logit_bias(v: Any) -> tuple[tuple[int, float], ...]:
+def token_id(v: Any, vocab_size: int, param: str) -> int:
+    """One token id of this model's vocabulary, or a 400 naming ``param``."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise invalid(f"'{param}' must hold integer token ids", param=param)
+    if not 0 <= v < vocab_size:
+        raise invalid(f"'{param}' has token id {v}, outside this model's vocabulary "
+                      f"[0, {vocab_size})", param=param)
+    return v
+
+
+def token_ids(v: Any, vocab_size: int, param: str, limit: int | None = None) -> list[int]:
+    """A list of this model's token ids (at most ``limit``), or a 400 naming ``param``."""
+    if not isinstance(v, list):
+        raise invalid(f"'{param}' must be a list of token ids", param=param)
+    if limit is not None:
+        bounded(v, limit, f"'{param}' entries", param)
+    return [token_id(t, vocab_size, param) for t in v]
+
+
+def _logit_bias(v: Any, bounds: Bounds) -> tuple[tuple[int, float], ...]:
     if not v:
         return ()
     if not isinstance(v, dict):
         raise invalid("'logit_bias' must map token ids to numbers", param="logit_bias")
+    bounded(v, bounds.limits.max_logit_bias, "'logit_bias' entries", "logit_bias")
     out = []
     for k, b in v.items():
         try:
             tok = int(k)
-        except (TypeError, ValueError):
-            raise invalid(f"'logit_bias' key {k!r} is not a token id", param="logit_bias")
+        except ValueError:
+            raise invalid(f"'logit_bias' key {k[:32]!r} is not a token id",
+                          param="logit_bias")
+        token_id(tok, bounds.vocab_size, "logit_bias")
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
             raise invalid("'logit_bias' values must be numbers between -100 and 100",
                           param="logit_bias")
@@ -234,19 +287,18 @@ SAMPLING_FIELDS = {
     "frequency_penalty", "repetition_penalty", "logit_bias", "skip_special_tokens"}
 
 
-def sampling_params(body: dict, default_max_tokens: int, logprobs: bool = False,
+def sampling_params(body: dict, bounds: Bounds, logprobs: bool = False,
                     top_logprobs: int = 0) -> SamplingParams:
+    limits = bounds.limits
     max_tokens = integer(body, "max_completion_tokens", 1, None)
     if max_tokens is None:
-        max_tokens = integer(body, "max_tokens", 1, default_max_tokens)
+        max_tokens = integer(body, "max_tokens", 1, bounds.default_max_tokens)
     top_k = integer(body, "top_k", -1, 0)
-    stop_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
-        raise invalid("'stop_token_ids' must be a list of integers", param="stop_token_ids")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise invalid("'seed' must be an integer", param="seed")
+    if top_k >= bounds.vocab_size:
+        top_k = 0  # every token is in the top k: the same as off
+    stop_ids = token_ids(body.get("stop_token_ids") or [], bounds.vocab_size,
+                         "stop_token_ids", limits.max_stop_token_ids)
+    seed = integer(body, "seed", 0, None, hi=2**64 - 1)  # a PRNG key takes 64 bits
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=number(body, "temperature", 0.0, 2.0, 1.0),
@@ -254,23 +306,28 @@ def sampling_params(body: dict, default_max_tokens: int, logprobs: bool = False,
         top_k=max(top_k, 0),
         min_p=number(body, "min_p", 0.0, 1.0, 0.0),
         seed=seed,
-        stop=_stops(body.get("stop"), "stop"),
+        stop=_stops(body.get("stop"), "stop", limits),
         stop_token_ids=tuple(stop_ids),
         ignore_eos=boolean(body, "ignore_eos"),
         presence_penalty=number(body, "presence_penalty", -2.0, 2.0, 0.0),
         frequency_penalty=number(body, "frequency_penalty", -2.0, 2.0, 0.0),
         repetition_penalty=number(body, "repetition_penalty", 1e-3, 10.0, 1.0),
-        logit_bias=_logit_bias(body.get("logit_bias")),
+        logit_bias=_logit_bias(body.get("logit_bias"), bounds),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         skip_special_tokens=boolean(body, "skip_special_tokens", True),
     )
 
 
+MAX_SALT_CHARS = 1024
+
+
 def cache_salt(body: dict) -> str | None:
     salt = body.get("cache_salt")
     if salt is not None and not isinstance(salt, str):
         raise invalid("'cache_salt' must be a string", param="cache_salt")
+    if salt is not None and len(salt) > MAX_SALT_CHARS:
+        raise over("'cache_salt' characters", len(salt), MAX_SALT_CHARS, "cache_salt")
     return salt
 
 
@@ -302,15 +359,78 @@ def tool_choice(kind: str | None, name: Any, tools: list[dict] | None, parallel:
     return ToolChoice(True, Format("tools", (tools, None, parallel), param))
 
 
-def template_kwargs(body: dict, enable_thinking: bool | None) -> dict:
-    """``chat_template_kwargs``, with the API's thinking switch unless it sets its own."""
+# Arguments of the tokenizer's ``apply_chat_template`` and of tokenizing: they would
+# replace the template (code) or change the prompt's tokens, so they are not variables.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template",
+    "add_generation_prompt", "continue_final_message", "tokenize", "sanitize_control_tokens",
+    "padding", "truncation", "max_length", "pad_to_multiple_of", "padding_side",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+    "add_special_tokens", "processor_kwargs", "stride", "verbose", "split_special_tokens"})
+
+
+def _plain_tree(v: Any, limits: Limits) -> None:
+    """Template variables are plain JSON values, in a small tree."""
+    stack, nodes, chars = [v], 0, 0
+    while stack:
+        item = stack.pop()
+        nodes += 1
+        if isinstance(item, str):
+            chars += len(item)
+        elif isinstance(item, dict):
+            chars += sum(len(k) for k in item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        if nodes > limits.max_template_kwargs_nodes or chars > limits.max_template_kwargs_chars:
+            raise invalid("'chat_template_kwargs' is too large for template variables (at "
+                          f"most {limits.max_template_kwargs_nodes} values and "
+                          f"{limits.max_template_kwargs_chars} characters)",
+                          param="chat_template_kwargs")
+
+
+def template_kwargs(body: dict, enable_thinking: bool | None,
+                    limits: Limits = Limits()) -> dict:
+    """``chat_template_kwargs``, with the API's thinking switch unless it sets its own.
+    They reach the template as plain variables only: never a template of the client's
+    (a template is code) nor the tokenizer's arguments."""
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise invalid("'chat_template_kwargs' must be an object", param="chat_template_kwargs")
+    reserved = sorted(k for k in kwargs or {} if k in RESERVED_TEMPLATE_KWARGS
+                      or k.startswith("return_"))
+    if reserved:
+        raise invalid(f"'chat_template_kwargs' may not set {', '.join(reserved)}: only "
+                      "variables for the server's template", param="chat_template_kwargs")
+    _plain_tree(kwargs or {}, limits)
     kwargs = dict(kwargs or {})
     if enable_thinking is not None:
         kwargs.setdefault("enable_thinking", enable_thinking)
     return kwargs
+
+
+def check_tools(tools: Any, limits: Limits) -> list[dict] | None:
+    """A request's ``tools``: a bounded list of objects."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise invalid("'tools' must be a list of objects", param="tools")
+    bounded(tools, limits.max_tools, "'tools' entries", "tools")
+    return tools
+
+
+def check_messages(messages: Any, limits: Limits, param: str = "messages") -> list:
+    """A non-empty list of messages, bounded in count and in content parts."""
+    if not isinstance(messages, list) or not messages:
+        raise invalid(f"'{param}' must be a non-empty list", param=param)
+    if len(messages) > limits.max_messages:
+        raise over(f"'{param}' entries", len(messages), limits.max_messages, param,
+                   "--max-messages")
+    parts = sum(len(m["content"]) for m in messages
+                if isinstance(m, dict) and isinstance(m.get("content"), list))
+    if parts > limits.max_content_parts:
+        raise over("content parts", parts, limits.max_content_parts, param)
+    return messages
 
 
 def render(frontend: Frontend, msgs: list[dict], tools: list[dict] | None,
@@ -333,15 +453,17 @@ def merge_system_messages(msgs: list[dict]) -> list[dict]:
     (clients such as Claude Code send reminders that way)."""
     out: list[dict] = []
     pending: list[str] = []
-    for i, m in enumerate(msgs):
-        if m["role"] in ("system", "developer") and any(
-                p["role"] not in ("system", "developer") for p in msgs[:i]):
+    conversation_started = False
+    for m in msgs:
+        system = m["role"] in ("system", "developer")
+        if system and conversation_started:
             pending.append(m.get("content") or "")
         elif pending and m["role"] == "user":
             out.append({**m, "content": "\n\n".join(pending + [m.get("content") or ""])})
             pending = []
         else:
             out.append(m)
+        conversation_started = conversation_started or not system
     if pending:
         users = [j for j, m in enumerate(out) if m["role"] == "user"]
         if users:

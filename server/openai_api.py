@@ -13,7 +13,7 @@ from aiohttp import web
 from blockserve.scheduler import Usage
 from blockserve.server import keepalive
 from blockserve.server.app import (
-    CONFIG,
+    BOUNDS,
     FRONTEND,
     SCHEDULER,
     Reply,
@@ -22,18 +22,22 @@ from blockserve.server.app import (
     merged_steps,
     read_json,
     send,
+    send_comment,
     sse,
     start_runs,
 )
 from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import (
     SAMPLING_FIELDS,
+    Bounds,
     Format,
     Frontend,
     Generation,
     ToolChoice,
     boolean,
     cache_salt,
+    check_messages,
+    check_tools,
     constrain,
     content_text,
     ignore_unknown,
@@ -45,8 +49,10 @@ from blockserve.server.fields import (
     sampling_params,
     schema_object,
     template_kwargs,
+    token_ids,
     tool_choice,
 )
+from blockserve.server.limits import offload
 
 # Known fields that change nothing in the output (client bookkeeping, hints).
 _INERT = {"model", "user", "store", "metadata", "service_tier", "prompt_cache_key", "verbosity", "safety_identifier", "prediction", "modalities",
@@ -176,9 +182,8 @@ def _tool_calls(calls: Any, where: str) -> list[dict]:
     return out
 
 
-def chat_messages(messages: Any) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise invalid("'messages' must be a non-empty list", param="messages")
+def chat_messages(messages: Any, bounds: Bounds) -> list[dict]:
+    check_messages(messages, bounds.limits)
     if not all(isinstance(m, dict) for m in messages):
         raise invalid("each message must be an object", param="messages")
     last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"),
@@ -195,6 +200,8 @@ def chat_messages(messages: Any) -> list[dict]:
         msg = {"role": role, "content": _text(m.get("content"), where, answering)}
         for extra in ("name", "tool_call_id"):
             if m.get(extra) is not None:
+                if not isinstance(m[extra], str):
+                    raise invalid(f"{where}: '{extra}' must be a string", param="messages")
                 msg[extra] = m[extra]
         if m.get("tool_calls"):
             msg["tool_calls"] = _tool_calls(m["tool_calls"], where)
@@ -230,13 +237,18 @@ def _thinking(body: dict) -> bool | None:
     return effort not in ("none", "minimal")
 
 
-def parse_chat(body: dict, frontend: Frontend, default_max_tokens: int) -> Generation:
+def parse_chat(body: dict, frontend: Frontend, bounds: Bounds) -> Generation:
     ignore_unknown(body, _CHAT, "chat completion")
     _refusals(body)
-    msgs = chat_messages(body.get("messages"))
-    tools = body.get("tools")
+    msgs = chat_messages(body.get("messages"), bounds)
+    tools = check_tools(body.get("tools"), bounds.limits)
     if tools is None and body.get("functions"):  # the legacy shape
-        tools = [{"type": "function", "function": f} for f in body["functions"]]
+        functions = body["functions"]
+        if not isinstance(functions, list) or not all(isinstance(f, dict)
+                                                      for f in functions):
+            raise invalid("'functions' must be a list of objects", param="functions")
+        tools = check_tools([{"type": "function", "function": f} for f in functions],
+                            bounds.limits)
     choice = _tool_choice(body, tools)
     fmt = one_format(_response_format(body), _guided(body), choice.forced)
     logprobs = boolean(body, "logprobs")
@@ -244,18 +256,18 @@ def parse_chat(body: dict, frontend: Frontend, default_max_tokens: int) -> Gener
     if top and not logprobs:
         raise invalid("'top_logprobs' needs logprobs=true", param="top_logprobs")
     stream, include_usage = _stream_flags(body)
-    sampling = sampling_params(body, default_max_tokens, logprobs, top)
+    sampling = sampling_params(body, bounds, logprobs, top)
     continue_final = boolean(body, "continue_final_message")
-    kwargs = template_kwargs(body, _thinking(body))
+    kwargs = template_kwargs(body, _thinking(body), bounds.limits)
     rendered = render(frontend, msgs, tools, kwargs, continue_final)
     gen = Generation(rendered.tokens, sampling, rendered.checkpoints, stream, include_usage,
                      cache_salt(body), tools, choice.parse, rendered.reasoning_open,
                      boolean(body, "include_reasoning", True), n=_n(body),
                      thinking=kwargs.get("enable_thinking") is True)
-    return constrain(frontend, gen, fmt)
+    return constrain(frontend, gen, fmt, bounds.limits)
 
 
-def parse_completion(body: dict, frontend: Frontend, default_max_tokens: int) -> Generation:
+def parse_completion(body: dict, frontend: Frontend, bounds: Bounds) -> Generation:
     ignore_unknown(body, _COMPLETION, "completion")
     _refusals(body)
     refuse(body, "echo", lambda v: v is False, "is not supported")
@@ -267,7 +279,7 @@ def parse_completion(body: dict, frontend: Frontend, default_max_tokens: int) ->
         tokens = frontend.encode(prompt)
     elif isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        tokens = list(prompt)
+        tokens = token_ids(prompt, bounds.vocab_size, "prompt")
     else:
         raise invalid("'prompt' must be a string, one string in a list, or a list of token "
                       "ids (batches are not supported)", param="prompt")
@@ -276,11 +288,10 @@ def parse_completion(body: dict, frontend: Frontend, default_max_tokens: int) ->
     top = integer(body, "logprobs", 0, None, hi=20)
     stream, include_usage = _stream_flags(body)
     fmt = one_format(_response_format(body), _guided(body))
-    gen = Generation(tokens, sampling_params(body, default_max_tokens, top is not None,
-                                             top or 0),
+    gen = Generation(tokens, sampling_params(body, bounds, top is not None, top or 0),
                      [], stream, include_usage, cache_salt(body), structured=False,
                      n=_n(body))
-    return constrain(frontend, gen, fmt)
+    return constrain(frontend, gen, fmt, bounds.limits)
 
 
 # ---- responses -----------------------------------------------------------------------
@@ -330,7 +341,7 @@ async def _serve(request: web.Request, parse, chat: bool) -> web.StreamResponse:
     body = await read_json(request)
     frontend = request.app[FRONTEND]
     check_model(body, frontend)
-    gen = parse(body, frontend, request.app[CONFIG].default_max_tokens)
+    gen = await offload(request, parse, body, frontend, request.app[BOUNDS])
     runs = start_runs(request, gen)
     base = {"id": ("chatcmpl-" if chat else "cmpl-") + runs[0].id,
             "created": runs[0].created, "model": body.get("model") or frontend.model_id}
@@ -392,7 +403,7 @@ async def _stream(request: web.Request, frontend: Frontend, gen: Generation, run
             await emit(run.index, {"delta": {"role": "assistant", "content": ""}})
     async for item in keepalive.with_idle_ticks(merged_steps(runs), keepalive.INTERVAL_S):
         if item is None:  # a long prefill: a comment keeps clients and proxies waiting
-            await resp.write(b": keepalive\n\n")
+            await send_comment(resp, "keepalive")
             continue
         run, step = item
         i, out = run.index, step.out
@@ -441,11 +452,12 @@ async def _stream(request: web.Request, frontend: Frontend, gen: Generation, run
 # ---- /tokenize and /detokenize (vLLM's shapes) -----------------------------------------
 
 
-def tokenize_body(body: dict, frontend: Frontend) -> list[int]:
+def tokenize_body(body: dict, frontend: Frontend, bounds: Bounds) -> list[int]:
     """The token ids of a ``/tokenize`` body: ``prompt`` text, or chat ``messages``."""
     if "messages" in body:
-        rendered = render(frontend, chat_messages(body["messages"]), body.get("tools"),
-                          template_kwargs(body, None))
+        rendered = render(frontend, chat_messages(body["messages"], bounds),
+                          check_tools(body.get("tools"), bounds.limits),
+                          template_kwargs(body, None, bounds.limits))
         return rendered.tokens
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
@@ -458,7 +470,7 @@ async def tokenize(request: web.Request) -> web.Response:
     body = await read_json(request)
     frontend = request.app[FRONTEND]
     check_model(body, frontend)
-    tokens = tokenize_body(body, frontend)
+    tokens = await offload(request, tokenize_body, body, frontend, request.app[BOUNDS])
     return web.json_response({"count": len(tokens), "tokens": tokens, "token_strs": None,
                               "max_model_len": request.app[SCHEDULER].max_prompt_tokens})
 
@@ -467,11 +479,8 @@ async def detokenize(request: web.Request) -> web.Response:
     body = await read_json(request)
     frontend = request.app[FRONTEND]
     check_model(body, frontend)
-    tokens = body.get("tokens")
-    if not isinstance(tokens, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-        raise invalid("'tokens' must be a list of token ids", param="tokens")
-    return web.json_response({"prompt": frontend.decode(tokens)})
+    tokens = token_ids(body.get("tokens"), frontend.vocab_size, "tokens")
+    return web.json_response({"prompt": await offload(request, frontend.decode, tokens)})
 
 
 async def render_chat(request: web.Request) -> web.Response:
@@ -489,6 +498,6 @@ async def _render(request: web.Request, parse) -> web.Response:
     body = await read_json(request)
     frontend = request.app[FRONTEND]
     check_model(body, frontend)
-    gen = parse(body, frontend, request.app[CONFIG].default_max_tokens)
+    gen = await offload(request, parse, body, frontend, request.app[BOUNDS])
     return web.json_response({"model": body.get("model") or frontend.model_id,
                               "token_ids": gen.prompt, "features": None})

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from blockserve.scheduler import PromptTooLongError, Usage
 from blockserve.server.app import (
-    CONFIG,
+    BOUNDS,
     FRONTEND,
     TENANT,
     Run,
@@ -28,6 +28,7 @@ from blockserve.server.app import (
 )
 from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import log
+from blockserve.server.limits import offload
 from blockserve.server import keepalive
 from blockserve.server.responses_input import ResponsesRequest, encode_reasoning, parse_request
 from blockserve.server.responses_store import ResponseStore
@@ -267,7 +268,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     frontend = request.app[FRONTEND]
     check_model(body, frontend)
     previous, history = _history(request, body)
-    req = parse_request(body, frontend, request.app[CONFIG].default_max_tokens, history)
+    req = await offload(request, parse_request, body, frontend, request.app[BOUNDS], history)
     model = body.get("model") or frontend.model_id
     if req.gen.stream:
         return await _stream(request, req, model, previous)
@@ -368,7 +369,7 @@ async def input_tokens(request: web.Request) -> web.Response:
     frontend = request.app[FRONTEND]
     check_model(body, frontend)
     _, history = _history(request, body)
-    req = parse_request(body, frontend, request.app[CONFIG].default_max_tokens, history)
+    req = await offload(request, parse_request, body, frontend, request.app[BOUNDS], history)
     return web.json_response({"object": "response.input_tokens",
                               "input_tokens": len(req.gen.prompt)})
 

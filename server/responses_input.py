@@ -17,10 +17,12 @@ from typing import Any
 
 from blockserve.server.errors import invalid
 from blockserve.server.fields import (
+    Bounds,
     Format,
     Frontend,
     Generation,
     boolean,
+    check_messages,
     constrain,
     content_text,
     ignore_unknown,
@@ -35,7 +37,6 @@ from blockserve.server.fields import (
 )
 from blockserve.server.responses_tools import Tools, name_of, parse_tool_choice, parse_tools
 
-MAX_ITEMS = 16384  # input items (with the stored history of previous_response_id)
 MAX_METADATA = 16  # pairs, as OpenAI: keys up to 64 characters, values up to 512
 ENCRYPTED_PREFIX = "bs1."  # our reasoning round trip: the exact text, base64url
 
@@ -161,7 +162,7 @@ def _refusals(body: dict) -> None:
     refuse(body, "top_logprobs", lambda v: v == 0, "is not supported")
 
 
-def _items(body: dict, history: list[dict] | None) -> list[dict]:
+def _items(body: dict, history: list[dict] | None, bounds: Bounds) -> list[dict]:
     """``input`` as a bounded list of item objects, after the stored history."""
     given = body.get("input")
     if isinstance(given, str):
@@ -170,34 +171,31 @@ def _items(body: dict, history: list[dict] | None) -> list[dict]:
         given = []
     if not isinstance(given, list):
         raise invalid("'input' must be a string or a list of items", param="input")
-    items = (history or []) + given
-    if not items:
-        raise invalid("'input' is empty", param="input")
-    if len(items) > MAX_ITEMS:
-        raise invalid(f"'input' has {len(items)} items; at most {MAX_ITEMS}", param="input")
+    items = check_messages((history or []) + given, bounds.limits, "input")
     if not all(isinstance(it, dict) for it in items):
         raise invalid("each input item must be an object", param="input")
     return items
 
 
-def parse_request(body: dict, frontend: Frontend, default_max_tokens: int,
+def parse_request(body: dict, frontend: Frontend, bounds: Bounds,
                   history: list[dict] | None = None) -> ResponsesRequest:
     """Validate a body (``history``: the items of ``previous_response_id``)."""
     ignore_unknown(body, _KNOWN, "responses")
     _refusals(body)
-    items = _items(body, history)
+    items = _items(body, history, bounds)
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise invalid("'instructions' must be a string", param="instructions")
-    tools = parse_tools(body.get("tools"))
+    tools = parse_tools(body.get("tools"), bounds.limits)
     choice = parse_tool_choice(body, tools)
     fmt = one_format(_text_format(body), choice.forced)
-    max_out = integer(body, "max_output_tokens", 1, default_max_tokens)
+    max_out = integer(body, "max_output_tokens", 1, bounds.default_max_tokens)
     sampling = sampling_params({"max_tokens": max_out, "temperature": body.get("temperature"),
-                                "top_p": body.get("top_p")}, default_max_tokens)
+                                "top_p": body.get("top_p")}, bounds)
     thinking = _thinking(body)
     msgs = Conversation(tools).build(items, instructions)
-    rendered = render(frontend, msgs, tools.template or None, template_kwargs({}, thinking))
+    rendered = render(frontend, msgs, tools.template or None, template_kwargs({}, thinking,
+                                                                     bounds.limits))
     gen = Generation(rendered.tokens, sampling, rendered.checkpoints, boolean(body, "stream"),
                      tools=tools.template or None, parse_tools=choice.parse,
                      reasoning_open=rendered.reasoning_open, thinking=thinking is True)
@@ -212,7 +210,7 @@ def parse_request(body: dict, frontend: Frontend, default_max_tokens: int,
             "reasoning": body.get("reasoning") or {"effort": None, "summary": None},
             "text": body.get("text") or {"format": {"type": "text"}},
             "truncation": "disabled", "store": boolean(body, "store", True)}
-    return ResponsesRequest(constrain(frontend, gen, fmt), tools, items, echo,
+    return ResponsesRequest(constrain(frontend, gen, fmt, bounds.limits), tools, items, echo,
                             "reasoning.encrypted_content" in _include(body),
                             echo["store"], _summary(body))
 

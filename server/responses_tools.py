@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockserve.server.errors import invalid
-from blockserve.server.fields import ToolChoice, boolean, log, tool_choice
+from blockserve.server.fields import ToolChoice, boolean, check_tools, log, tool_choice
+from blockserve.server.limits import Limits, over
 
-MAX_TOOLS = 512  # function tools after namespaces are flattened
 MAX_NAME = 128
 NAMESPACE_SEP = "__"  # a namespace's function "fn" of "ns" reaches the model as "ns__fn"
 
@@ -34,6 +34,7 @@ class Tools:
 
     template: list[dict] = field(default_factory=list)
     refs: dict[str, ToolRef] = field(default_factory=dict)
+    limit: int = Limits.max_tools  # function tools, after namespaces are flattened
 
     def flat(self, name: str, namespace: str | None) -> str:
         """The flat name the model knows a (namespace, name) tool by."""
@@ -53,8 +54,9 @@ class Tools:
         flat = self.flat(ref.name, ref.namespace)
         if flat in self.refs:
             raise invalid(f"'tools': the name {flat!r} is given twice", param="tools")
-        if len(self.refs) >= MAX_TOOLS:
-            raise invalid(f"'tools': at most {MAX_TOOLS} tools", param="tools")
+        if len(self.refs) >= self.limit:
+            raise over("'tools' functions (namespaces flattened)", len(self.refs) + 1,
+                       self.limit, "tools")
         self.refs[flat] = ref
         self.template.append({"type": "function", "function": {
             "name": flat, "description": description, "parameters": parameters}})
@@ -95,14 +97,12 @@ def _custom_description(t: dict, where: str) -> str:
     return f"{desc}\n\nThe input must follow this {syntax} grammar:\n{fmt['definition']}"
 
 
-def parse_tools(tools: Any) -> Tools:
+def parse_tools(tools: Any, limits: Limits) -> Tools:
     """Function tools as they are, namespaces flattened into their functions, custom
     tools as a function of one string ``input``; hosted tools are not ours to run."""
-    out = Tools()
-    if tools is None:
+    out = Tools(limit=limits.max_tools)
+    if check_tools(tools, limits) is None:
         return out
-    if not isinstance(tools, list):
-        raise invalid("'tools' must be a list", param="tools")
     hosted = []
     for i, t in enumerate(tools):
         where = f"tools[{i}]"

@@ -212,10 +212,11 @@ async def test_claude_code_requests_are_accepted_as_sent(tokenizer, caplog):
 
 def test_the_prompt_keeps_what_the_model_must_see(tokenizer):
     from blockserve.server.anthropic_api import _parse
+    from blockserve.server.fields import Bounds
 
     frontend = TokenizerFrontend([MODEL], tokenizer, resolve(MODEL)[1])
     body = {k: v for k, v in CLAUDE_CODE_BODY.items() if k not in ("max_tokens", "stream")}
-    prompt = tokenizer.decode(_parse(body, frontend, count_only=True).prompt)
+    prompt = tokenizer.decode(_parse(body, frontend, Bounds(frontend.vocab_size), count_only=True).prompt)
     assert "billing" not in prompt and '"name": "read"' in prompt
     assert "web_search" not in prompt
     assert prompt.count("[image omitted: this model reads text only]") == 2
@@ -227,7 +228,7 @@ def test_the_prompt_keeps_what_the_model_must_see(tokenizer):
     body["messages"] = body["messages"][:2] + [
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
                                       "content": "a cat"}]}]
-    prompt = tokenizer.decode(_parse(body, frontend, count_only=True).prompt)
+    prompt = tokenizer.decode(_parse(body, frontend, Bounds(frontend.vocab_size), count_only=True).prompt)
     assert "<think>\nRead it.\n</think>\n\n<tool_call>" in prompt
 
 

@@ -306,7 +306,7 @@ async def test_cache_admin_stats_and_refused_flush(worker):
         assert code == 409 and "in use" in err["error"]["message"]
         await task
         code, body, _ = await post(srv.url, "/v1/cache/reset", {})
-        assert code == 200 and body == {"reset": True}
+        assert code == 200 and body == {"reset": True, "scope": "all"}
         assert srv.scheduler.pool.stats().blocks_stored == 0
 
 
@@ -338,8 +338,9 @@ async def test_anthropic_tool_blocks_become_messages(worker):
         code, msg, _ = await post(srv.url, "/v1/messages", body)
         assert code == 200 and msg["type"] == "message"
         from blockserve.server.anthropic_api import _parse
+        from blockserve.server.fields import Bounds
 
-        gen = _parse(body, srv.frontend)
+        gen = _parse(body, srv.frontend, Bounds(srv.frontend.vocab_size))
         text = worker.tokenizer.decode(gen.prompt)
         assert 'Calling ls.\n<tool_call>\n{"name": "ls", "arguments": {"path": "."}}' in text
         assert "<|im_start|>user\n<tool_response>\na.py b.py\n</tool_response>" in text
