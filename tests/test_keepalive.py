@@ -70,3 +70,22 @@ async def test_ticks_never_cancel_the_source():
 
     got = [x async for x in keepalive.with_idle_ticks(slow(), 0.01)]
     assert [x for x in got if x is not None] == [0, 1, 2] and got.count(None) >= 6
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": CHAT, "stream": True}),
+    ("/v1/messages", {"messages": CHAT, "stream": True, "max_tokens": 32}),
+    ("/v1/responses", {"input": "hi", "stream": True})])
+async def test_a_client_gone_between_ticks_frees_its_request(tokenizer, path, body):
+    import asyncio
+
+    async with serve_scripted(tokenizer, MODEL, [ANSWER * 8], token_delay=0.1) as (
+            url, gen, sched, _):
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + path, json=body) as r:
+                await r.content.read(64)  # the stream has started; then the client goes
+        for _ in range(100):
+            if gen.active == 0 and sched.pool.stats().blocks_pinned == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert gen.active == 0 and gen.aborted, "the request was not aborted"
