@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from blockserve.scheduler import RequestOutput, Usage
+from blockserve.server import keepalive
 from blockserve.server.app import BOUNDS, FRONTEND, Run, check_model, read_json, send, sse
 from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import (
@@ -320,7 +321,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
                    "content_block_delta")
 
     started = False
-    async for step in run.steps():
+    async for step in keepalive.with_idle_ticks(run.steps(), keepalive.INTERVAL_S):
+        if step is None:  # a long prefill: Anthropic's own keepalive event
+            await send(resp, {"type": "ping"}, "ping")
+            continue
         out = step.out
         if not started:
             usage = _usage(out.usage or Usage(len(gen.prompt)))

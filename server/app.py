@@ -64,7 +64,7 @@ _OPEN_PATHS = {"/health", "/metrics"}
 
 
 def create_app(scheduler: Scheduler, frontend: Frontend, config: ServerConfig) -> web.Application:
-    from blockserve.server import anthropic_api, openai_api
+    from blockserve.server import anthropic_api, openai_api, responses_api
 
     app = web.Application(middlewares=[_errors, _auth],
                           client_max_size=config.limits.max_body_bytes)
@@ -81,6 +81,7 @@ def create_app(scheduler: Scheduler, frontend: Frontend, config: ServerConfig) -
     app.router.add_post("/v1/completions/render", openai_api.render_completion)
     app.router.add_post("/v1/messages", anthropic_api.messages)
     app.router.add_post("/v1/messages/count_tokens", anthropic_api.count_tokens)
+    responses_api.install(app)  # /v1/responses, and its store of recent responses
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
@@ -346,9 +347,17 @@ async def sse(request: web.Request) -> EventStream:
 async def send(resp: EventStream, data: dict | str, event: str | None = None) -> None:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     head = f"event: {event}\n" if event else ""
+    await _write(resp, f"{head}data: {payload}\n\n")
+
+
+async def send_comment(resp: EventStream, text: str) -> None:
+    """An SSE comment, which clients skip: it keeps a silent stream alive."""
+    await _write(resp, f": {text}\n\n")
+
+
+async def _write(resp: EventStream, text: str) -> None:
     try:
-        await asyncio.wait_for(resp.write(f"{head}data: {payload}\n\n".encode()),
-                               resp.stall_timeout)
+        await asyncio.wait_for(resp.write(text.encode()), resp.stall_timeout)
     except asyncio.TimeoutError:
         raise ClientStalled(resp) from None
 

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from blockserve.scheduler import Usage
+from blockserve.server import keepalive
 from blockserve.server.app import (
     BOUNDS,
     FRONTEND,
@@ -21,6 +22,7 @@ from blockserve.server.app import (
     merged_steps,
     read_json,
     send,
+    send_comment,
     sse,
     start_runs,
 )
@@ -399,7 +401,11 @@ async def _stream(request: web.Request, frontend: Frontend, gen: Generation, run
     if chat:
         for run in runs:
             await emit(run.index, {"delta": {"role": "assistant", "content": ""}})
-    async for run, step in merged_steps(runs):
+    async for item in keepalive.with_idle_ticks(merged_steps(runs), keepalive.INTERVAL_S):
+        if item is None:  # a long prefill: a comment keeps clients and proxies waiting
+            await send_comment(resp, "keepalive")
+            continue
+        run, step = item
         i, out = run.index, step.out
         if out.finish_reason == "error":
             await send(resp, ApiError(500, out.error or "generation failed").openai_body())
