@@ -118,20 +118,20 @@ def _is_anthropic(request: web.Request) -> bool:
 class ClientStalled(Exception):
     """A streaming client read nothing for ``stalled_stream_timeout``."""
 
-    def __init__(self, resp: web.StreamResponse):
+    def __init__(self) -> None:
         super().__init__("the client stopped reading its stream")
-        self.resp = resp
 
 
 @web.middleware
 async def _errors(request: web.Request, handler):
     try:
         return await handler(request)
-    except ClientStalled as e:  # the request was aborted on the way out; drop the socket
-        log.warning("%s %s: %s; aborted", request.method, request.path, e)
+    except (ClientStalled, ConnectionResetError) as e:  # the client is gone or stuck
+        log.warning("%s %s: %s; the request is aborted", request.method, request.path,
+                    e if isinstance(e, ClientStalled) else "the client went away")
         if request.transport is not None:
             request.transport.abort()
-        return e.resp
+        raise asyncio.CancelledError  # as for a disconnect: nothing more to send
     except SchedulerError as e:
         err = from_scheduler(e)
     except web.HTTPException as e:
@@ -359,7 +359,7 @@ async def _write(resp: EventStream, text: str) -> None:
     try:
         await asyncio.wait_for(resp.write(text.encode()), resp.stall_timeout)
     except asyncio.TimeoutError:
-        raise ClientStalled(resp) from None
+        raise ClientStalled() from None
 
 
 # ---- tokenizer and server facts (vLLM's and SGLang's shapes, for routers and tools) -----
