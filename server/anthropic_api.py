@@ -12,7 +12,7 @@ from aiohttp import web
 
 from blockserve.scheduler import RequestOutput, Usage
 from blockserve.server import keepalive
-from blockserve.server.app import BOUNDS, FRONTEND, Run, check_model, read_json, send, sse
+from blockserve.server.runtime import BOUNDS, FRONTEND, Run, check_model, read_json, send, sse
 from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import (
     Bounds,

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from blockserve.scheduler import Usage
 from blockserve.server import keepalive
-from blockserve.server.app import (
+from blockserve.server.runtime import (
     BOUNDS,
     FRONTEND,
     SCHEDULER,
@@ -42,7 +42,6 @@ from blockserve.server.fields import (
     content_text,
     ignore_unknown,
     integer,
-    log,
     one_format,
     refuse,
     render,

@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 
 from blockserve.scheduler import PromptTooLongError, Usage
-from blockserve.server.app import (
+from blockserve.server.runtime import (
     BOUNDS,
     FRONTEND,
     TENANT,
