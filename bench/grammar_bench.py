@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "engines":
         rows = engines(args.tokenizer, args.eos)
     else:
-        import blockserve.engine  # noqa: F401  (BLAS preload before mlx)
+        import blockserve.engine.runtime  # noqa: F401  (BLAS preload before mlx)
         rows = asyncio.run(decode(args.model, args.max_tokens))
     if args.json:
         with open(args.json, "w") as f:

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from blockserve.engine.text.frontend import TokenizerFrontend
 from blockserve.scheduler import RequestOutput, Usage
 from blockserve.server import keepalive
 from blockserve.server.runtime import BOUNDS, FRONTEND, Run, check_model, read_json, send, sse
@@ -17,7 +18,6 @@ from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import (
     Bounds,
     Format,
-    Frontend,
     Generation,
     ToolChoice,
     boolean,
@@ -201,7 +201,7 @@ def _thinking(body: dict) -> bool | None:
     return kind != "disabled"
 
 
-def _parse(body: dict, frontend: Frontend, bounds: Bounds,
+def _parse(body: dict, frontend: TokenizerFrontend, bounds: Bounds,
            count_only: bool = False) -> Generation:
     ignore_unknown(body, _KNOWN, "messages")
     if not count_only and body.get("max_tokens") is None:

@@ -11,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
+from blockserve.engine.text.frontend import TokenizerFrontend
 from blockserve.scheduler import Scheduler, SchedulerError
 from blockserve.server import admin, anthropic_api, openai_api, responses_api
 from blockserve.server.errors import ApiError, from_scheduler
-from blockserve.server.fields import Bounds, Frontend
+from blockserve.server.fields import Bounds
 from blockserve.server.limits import WORKERS
 from blockserve.server.metrics import Metrics
 from blockserve.server.runtime import (
@@ -41,7 +42,7 @@ def tenant_of(key: str) -> str:
 _OPEN_PATHS = {"/health", "/metrics"}
 
 
-def create_app(scheduler: Scheduler, frontend: Frontend, config: ServerConfig) -> web.Application:
+def create_app(scheduler: Scheduler, frontend: TokenizerFrontend, config: ServerConfig) -> web.Application:
     app = web.Application(middlewares=[_errors, _auth],
                           client_max_size=config.limits.max_body_bytes)
     app[SCHEDULER] = scheduler

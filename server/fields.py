@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
+from blockserve.engine.text.frontend import TokenizerFrontend
 from blockserve.scheduler import SamplingParams
 from blockserve.server.errors import invalid
 from blockserve.server.limits import Limits, bounded, json_size, over
@@ -24,43 +25,6 @@ log = logging.getLogger("blockserve.server")
 
 # What a text-only model reads in place of an image or document of an earlier turn.
 MEDIA_PLACEHOLDER = "[{kind} omitted: this model reads text only]"
-
-
-class OutputParser(Protocol):
-    """Splits raw text into deltas with ``kind`` content, reasoning or tool_call
-    (``blockserve.engine.output``); the frontend makes one per request."""
-
-    calls: int
-
-    def feed(self, text: str) -> list[Any]: ...
-
-    def finish(self, truncated: bool = False) -> list[Any]: ...
-
-
-class Frontend(Protocol):
-    """The model's tokenizer side (``engine.frontend.TokenizerFrontend``)."""
-
-    model_id: str
-    model_names: list[str]
-    model_path: str
-    vocab_size: int  # token ids are in [0, vocab_size)
-
-    def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
-                    template_kwargs: dict | None = None,
-                    continue_final: bool = False) -> Any: ...
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
-
-    def decode(self, tokens: list[int]) -> str: ...
-
-    def output_parser(self, tools: list[dict] | None = None, parse_tools: bool = False,
-                      reasoning_open: bool = False, structured: bool = True,
-                      bare_tool_call: bool = False) -> OutputParser: ...
-
-    def constrain(self, kind: str, spec: Any, reasoning_open: bool = False,
-                  thinking: bool = False) -> Any:
-        """A compiled format (``engine.structured.Constraint``); ValueError if it can't
-        be enforced."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +68,7 @@ class Format:
     param: str
 
 
-def constrain(frontend: Frontend, gen: Generation, fmt: Format | None,
+def constrain(frontend: TokenizerFrontend, gen: Generation, fmt: Format | None,
               limits: Limits) -> Generation:
     """``gen`` with its format's grammar; a format that can't be enforced, or whose
     source is over the size limit, is a 400."""
@@ -433,7 +397,7 @@ def check_messages(messages: Any, limits: Limits, param: str = "messages") -> li
     return messages
 
 
-def render(frontend: Frontend, msgs: list[dict], tools: list[dict] | None,
+def render(frontend: TokenizerFrontend, msgs: list[dict], tools: list[dict] | None,
            kwargs: dict | None, continue_final: bool = False) -> Any:
     """The chat template's prompt; a template that rejects the conversation is a 400."""
     if tools is not None and (not isinstance(tools, list)

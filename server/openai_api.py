@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from blockserve.engine.text.frontend import TokenizerFrontend
 from blockserve.scheduler import Usage
 from blockserve.server import keepalive
 from blockserve.server.runtime import (
@@ -31,7 +32,6 @@ from blockserve.server.fields import (
     SAMPLING_FIELDS,
     Bounds,
     Format,
-    Frontend,
     Generation,
     ToolChoice,
     boolean,
@@ -236,7 +236,7 @@ def _thinking(body: dict) -> bool | None:
     return effort not in ("none", "minimal")
 
 
-def parse_chat(body: dict, frontend: Frontend, bounds: Bounds) -> Generation:
+def parse_chat(body: dict, frontend: TokenizerFrontend, bounds: Bounds) -> Generation:
     ignore_unknown(body, _CHAT, "chat completion")
     _refusals(body)
     msgs = chat_messages(body.get("messages"), bounds)
@@ -266,7 +266,7 @@ def parse_chat(body: dict, frontend: Frontend, bounds: Bounds) -> Generation:
     return constrain(frontend, gen, fmt, bounds.limits)
 
 
-def parse_completion(body: dict, frontend: Frontend, bounds: Bounds) -> Generation:
+def parse_completion(body: dict, frontend: TokenizerFrontend, bounds: Bounds) -> Generation:
     ignore_unknown(body, _COMPLETION, "completion")
     _refusals(body)
     refuse(body, "echo", lambda v: v is False, "is not supported")
@@ -306,7 +306,7 @@ def _tool_call(d: Any, index: int | None = None) -> dict:
     return call if index is None else {"index": index, **call}
 
 
-def _chat_logprobs(frontend: Frontend, entries: list[tuple[int, float, Any]]) -> dict:
+def _chat_logprobs(frontend: TokenizerFrontend, entries: list[tuple[int, float, Any]]) -> dict:
     def one(tok: int, lp: float) -> dict:
         s = frontend.decode([tok])
         return {"token": s, "logprob": lp, "bytes": list(s.encode())}
@@ -315,7 +315,7 @@ def _chat_logprobs(frontend: Frontend, entries: list[tuple[int, float, Any]]) ->
                         for t, lp, top in entries]}
 
 
-def _completion_logprobs(frontend: Frontend, entries: list[tuple[int, float, Any]],
+def _completion_logprobs(frontend: TokenizerFrontend, entries: list[tuple[int, float, Any]],
                          offset: int = 0) -> dict:
     tokens = [frontend.decode([t]) for t, _, _ in entries]
     offsets, pos = [], offset
@@ -363,7 +363,7 @@ def _usage(*usages: Usage) -> dict:
             "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
 
 
-def _choice(frontend: Frontend, gen: Generation, run: Run, reply: Reply, chat: bool) -> dict:
+def _choice(frontend: TokenizerFrontend, gen: Generation, run: Run, reply: Reply, chat: bool) -> dict:
     finish = _finish(reply.last.finish_reason, run)
     lp = None
     if chat:
@@ -383,7 +383,7 @@ def _choice(frontend: Frontend, gen: Generation, run: Run, reply: Reply, chat: b
     return {"index": run.index, "text": reply.text(), "logprobs": lp, "finish_reason": finish}
 
 
-async def _stream(request: web.Request, frontend: Frontend, gen: Generation, runs: list[Run],
+async def _stream(request: web.Request, frontend: TokenizerFrontend, gen: Generation, runs: list[Run],
                   base: dict, chat: bool) -> web.StreamResponse:
     resp = await sse(request)
     chunk = {**base, "object": "chat.completion.chunk" if chat else "text_completion"}
@@ -451,7 +451,7 @@ async def _stream(request: web.Request, frontend: Frontend, gen: Generation, run
 # ---- /tokenize and /detokenize (vLLM's shapes) -----------------------------------------
 
 
-def tokenize_body(body: dict, frontend: Frontend, bounds: Bounds) -> list[int]:
+def tokenize_body(body: dict, frontend: TokenizerFrontend, bounds: Bounds) -> list[int]:
     """The token ids of a ``/tokenize`` body: ``prompt`` text, or chat ``messages``."""
     if "messages" in body:
         rendered = render(frontend, chat_messages(body["messages"], bounds),

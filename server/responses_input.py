@@ -15,11 +15,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from blockserve.engine.text.frontend import TokenizerFrontend
 from blockserve.server.errors import invalid
 from blockserve.server.fields import (
     Bounds,
     Format,
-    Frontend,
     Generation,
     boolean,
     check_messages,
@@ -177,7 +177,7 @@ def _items(body: dict, history: list[dict] | None, bounds: Bounds) -> list[dict]
     return items
 
 
-def parse_request(body: dict, frontend: Frontend, bounds: Bounds,
+def parse_request(body: dict, frontend: TokenizerFrontend, bounds: Bounds,
                   history: list[dict] | None = None) -> ResponsesRequest:
     """Validate a body (``history``: the items of ``previous_response_id``)."""
     ignore_unknown(body, _KNOWN, "responses")

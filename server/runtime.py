@@ -13,9 +13,10 @@ from typing import Any, AsyncIterator
 
 from aiohttp import web
 
+from blockserve.engine.text.frontend import TokenizerFrontend
 from blockserve.scheduler import Request, RequestOutput, Scheduler
 from blockserve.server.errors import ApiError, invalid
-from blockserve.server.fields import Bounds, Frontend, Generation
+from blockserve.server.fields import Bounds, Generation
 from blockserve.server.limits import Limits, decode_json, offload, read_body
 from blockserve.server.metrics import Metrics
 
@@ -47,7 +48,7 @@ def cache_salt(tenant: str | None, salt: str | None) -> str | None:
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 
 
-FRONTEND = web.AppKey("frontend", Frontend)
+FRONTEND = web.AppKey("frontend", TokenizerFrontend)
 
 
 CONFIG = web.AppKey("config", ServerConfig)
@@ -79,7 +80,7 @@ async def read_json(request: web.Request) -> dict:
     return await offload(request, decode_json, raw, request.charset, limits)
 
 
-def check_model(body: dict, frontend: Frontend) -> None:
+def check_model(body: dict, frontend: TokenizerFrontend) -> None:
     model = body.get("model")
     if model is None:
         return  # optional here; the served model is used

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from blockserve.engine.frontend import TokenizerFrontend
-from blockserve.engine.worker import EngineWorker
+from blockserve.engine.text.frontend import TokenizerFrontend
+from blockserve.engine.runtime.worker import EngineWorker
 from blockserve.scheduler import Scheduler
 from blockserve.stack import StackConfig, build_stack
 
@@ -60,7 +60,7 @@ async def serve_scripted(tokenizer, model: str, scripts: list[str], *, max_conte
     """The real app on a scripted generator (``tests.fakes.ScriptedGenerator``): replies
     are ``scripts`` in turn, tokenized by ``tokenizer``; ``config``: ``SchedulerConfig``
     fields. Yields (url, generator, scheduler, frontend); checks nothing stays pinned."""
-    from blockserve.engine.model import resolve
+    from blockserve.engine.models.loader import resolve
     from blockserve.kvpool import BlockPool
     from blockserve.scheduler import SchedulerConfig
     from blockserve.server.app import ServerConfig, create_app

@@ -162,7 +162,7 @@ def test_the_inputs_that_crashed_the_process_are_400s_and_slow_headers_are_cut()
 # the production class): every request fails, health says so, and the process exits 1.
 _DYING = """
 import sys
-from blockserve.engine.worker import EngineWorker
+from blockserve.engine.runtime.worker import EngineWorker
 def die(self):
     raise SystemExit("the engine thread died")
 EngineWorker._step = die

@@ -9,9 +9,9 @@ import pytest
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.utils import load
 
-import blockserve.engine.sampling as sampling
-from blockserve.engine.model import resolve
-from blockserve.engine.worker import EngineWorker
+import blockserve.engine.runtime.sampling as sampling
+from blockserve.engine.models.loader import resolve
+from blockserve.engine.runtime.worker import EngineWorker
 from blockserve.scheduler import Request, SamplingParams
 from tests.engine_harness import assert_idle, make_scheduler, reference_tokens, run
 

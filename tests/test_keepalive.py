@@ -10,7 +10,7 @@ import openai
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from blockserve.engine.model import resolve
+from blockserve.engine.models.loader import resolve
 from blockserve.server import keepalive
 from tests.server_harness import serve_scripted
 

@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from blockserve.engine.worker import EngineWorker
+from blockserve.engine.runtime.worker import EngineWorker
 from blockserve.kvpool import TIER_SYSTEM
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from blockserve.engine.model import resolve
+from blockserve.engine.models.loader import resolve
 from tests.server_harness import serve, serve_scripted
 
 CLIENTS = {"@anthropic-ai/claude-code": "2.1.330", "opencode-ai": "1.18.33"}

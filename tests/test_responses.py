@@ -13,7 +13,7 @@ import openai
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from blockserve.engine.model import resolve
+from blockserve.engine.models.loader import resolve
 from blockserve.server import keepalive
 from tests.server_harness import serve, serve_scripted
 
@@ -311,7 +311,7 @@ async def test_malformed_fields_are_400s_that_name_them(tokenizer):
 
 @pytest.fixture(scope="module")
 def worker():
-    from blockserve.engine.worker import EngineWorker
+    from blockserve.engine.runtime.worker import EngineWorker
 
     w = EngineWorker(MODEL, block_size=16, max_running=4)
     yield w

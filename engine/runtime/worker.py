@@ -23,10 +23,10 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import make_prompt_cache
 
-from blockserve.engine import blas
-from blockserve.engine.kvblocks import blocks_from_cache, cache_from_blocks
-from blockserve.engine.model import LoadedModel, load_model
-from blockserve.engine.sampling import (
+from blockserve.engine.runtime import blas
+from blockserve.engine.runtime.kvblocks import blocks_from_cache, cache_from_blocks
+from blockserve.engine.models.loader import LoadedModel, load_model
+from blockserve.engine.runtime.sampling import (
     GrammarProcessor,
     Guard,
     greedy,
@@ -34,8 +34,8 @@ from blockserve.engine.sampling import (
     make_sampler,
     token_logprobs,
 )
-from blockserve.engine.structured import Grammars
-from blockserve.engine.text import IncrementalDetokenizer, StopStringFilter
+from blockserve.engine.text.structured import Grammars
+from blockserve.engine.text.streaming import IncrementalDetokenizer, StopStringFilter
 from blockserve.kvpool import TIER_GENERATED, Namespace
 from blockserve.scheduler.protocol import (
     BlocksEvent,

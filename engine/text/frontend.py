@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from blockserve.engine.chat import RenderedPrompt, render_chat
-from blockserve.engine.output import CONTENT, REASONING, TOOL, Markers, OutputParser, json_call
-from blockserve.engine.structured import Constraint, Grammars
+from blockserve.engine.text.chat import RenderedPrompt, render_chat
+from blockserve.engine.text.output import CONTENT, REASONING, TOOL, Markers, OutputParser, json_call
+from blockserve.engine.text.structured import Constraint, Grammars
 
 
 class TokenizerFrontend:
