@@ -11,13 +11,14 @@ from typing import Any
 from aiohttp import web
 
 from blockserve.engine.text.frontend import TokenizerFrontend
+from blockserve.engine.text.structured import JsonFormat
 from blockserve.scheduler import RequestOutput, Usage
 from blockserve.server import keepalive
 from blockserve.server.runtime import BOUNDS, FRONTEND, Run, check_model, read_json, send, sse
 from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import (
     Bounds,
-    Format,
+    FormatRequest,
     Generation,
     ToolChoice,
     boolean,
@@ -175,7 +176,7 @@ def _tool_choice(body: dict, tools: list[dict] | None) -> ToolChoice:
     return tool_choice(choice.get("type"), choice.get("name"), tools, parallel)
 
 
-def _output_format(body: dict) -> Format | None:
+def _output_format(body: dict) -> FormatRequest | None:
     """``output_config.format`` (or the beta's ``output_format``): a JSON schema."""
     config = body.get("output_config")
     if config is not None and not isinstance(config, dict):
@@ -187,7 +188,8 @@ def _output_format(body: dict) -> Format | None:
         return None
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
         raise invalid(f"'{param}.type' must be 'json_schema'", param=param)
-    return Format("json", schema_object(fmt.get("schema"), f"{param}.schema"), param)
+    return FormatRequest(JsonFormat(schema_object(fmt.get("schema"), f"{param}.schema")),
+                         param)
 
 
 def _thinking(body: dict) -> bool | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from blockserve.engine.text.frontend import TokenizerFrontend
+from blockserve.engine.text.structured import ChoiceFormat, Format, ToolCallFormat
 from blockserve.scheduler import SamplingParams
 from blockserve.server.errors import invalid
 from blockserve.server.limits import Limits, bounded, json_size, over
@@ -59,38 +60,35 @@ class Generation:
 
 
 @dataclass(frozen=True)
-class Format:
-    """A structured-output request: ``kind`` json (``spec`` a schema or None), regex,
-    choice or tools ((tools, name or None, parallel)); ``param`` names the field."""
+class FormatRequest:
+    """A structured-output format a request asks for, and ``param``, the field that asked
+    (named in a 400 if it can't be enforced)."""
 
-    kind: str
-    spec: Any
+    format: Format
     param: str
 
 
-def constrain(frontend: TokenizerFrontend, gen: Generation, fmt: Format | None,
+def constrain(frontend: TokenizerFrontend, gen: Generation, fmt: FormatRequest | None,
               limits: Limits) -> Generation:
     """``gen`` with its format's grammar; a format that can't be enforced, or whose
     source is over the size limit, is a 400."""
     if fmt is None:
         return gen
-    source = fmt.spec[0] if fmt.kind == "tools" else fmt.spec
-    if fmt.kind == "choice":
+    source = fmt.format.source
+    if isinstance(fmt.format, ChoiceFormat):
         bounded(source, limits.max_choice_options, f"'{fmt.param}' options", fmt.param)
     size = json_size(source)
     if size > limits.max_grammar_bytes:
         raise over(f"'{fmt.param}' size in bytes", size, limits.max_grammar_bytes, fmt.param)
     try:
-        c = frontend.constrain(fmt.kind, fmt.spec, gen.reasoning_open, gen.thinking)
+        c = frontend.constrain(fmt.format, gen.reasoning_open, gen.thinking)
     except ValueError as e:
         raise invalid(f"'{fmt.param}' can't be enforced: {e}", param=fmt.param)
-    gen.sampling = replace(gen.sampling, constraint=c)
-    gen.bare_tool_call = c.bare_tool_call
-    gen.format = fmt.kind
-    return gen
+    return replace(gen, sampling=replace(gen.sampling, constraint=c),
+                   bare_tool_call=c.bare_tool_call, format=fmt.format.kind)
 
 
-def one_format(*formats: Format | None) -> Format | None:
+def one_format(*formats: FormatRequest | None) -> FormatRequest | None:
     """At most one format per request (a schema and a forced tool call can't both hold)."""
     given = [f for f in formats if f is not None]
     if len(given) > 1:
@@ -298,7 +296,7 @@ def cache_salt(body: dict) -> str | None:
 @dataclass(frozen=True)
 class ToolChoice:
     parse: bool  # parse tool calls out of the text
-    forced: Format | None = None  # the reply must be a call (of one named tool)
+    forced: FormatRequest | None = None  # the reply must be a call (of one named tool)
 
 
 def tool_choice(kind: str | None, name: Any, tools: list[dict] | None, parallel: bool,
@@ -319,8 +317,8 @@ def tool_choice(kind: str | None, name: Any, tools: list[dict] | None, parallel:
     if kind in ("function", "tool"):
         if not isinstance(name, str):  # whether it is in 'tools': the grammar checks
             raise invalid(f"'{param}' must name a tool", param=param)
-        return ToolChoice(True, Format("tools", (tools, name, False), param))
-    return ToolChoice(True, Format("tools", (tools, None, parallel), param))
+        return ToolChoice(True, FormatRequest(ToolCallFormat(tuple(tools), name), param))
+    return ToolChoice(True, FormatRequest(ToolCallFormat(tuple(tools), None, parallel), param))
 
 
 # Arguments of the tokenizer's ``apply_chat_template`` and of tokenizing: they would

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from blockserve.engine.text.frontend import TokenizerFrontend
+from blockserve.engine.text.structured import ChoiceFormat, JsonFormat, RegexFormat
 from blockserve.scheduler import Usage
 from blockserve.server import keepalive
 from blockserve.server.runtime import (
@@ -31,7 +32,7 @@ from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import (
     SAMPLING_FIELDS,
     Bounds,
-    Format,
+    FormatRequest,
     Generation,
     ToolChoice,
     boolean,
@@ -84,7 +85,7 @@ def _refusals(body: dict) -> None:
 MAX_CHOICES = 16
 
 
-def _response_format(body: dict) -> Format | None:
+def _response_format(body: dict) -> FormatRequest | None:
     """OpenAI's ``response_format``: text, json_object or json_schema (always enforced,
     ``strict`` or not: a schema that can't be enforced is a 400, never a hope)."""
     rf = body.get("response_format")
@@ -94,20 +95,21 @@ def _response_format(body: dict) -> Format | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return Format("json", None, "response_format")
+        return FormatRequest(JsonFormat(), "response_format")
     if kind == "json_schema":
         spec = rf.get("json_schema")
         if not isinstance(spec, dict):
             raise invalid("'response_format.json_schema' must be an object",
                           param="response_format")
         schema = spec.get("schema")
-        return Format("json", None if schema is None else
-                      schema_object(schema, "response_format"), "response_format")
+        return FormatRequest(JsonFormat(None if schema is None else
+                                        schema_object(schema, "response_format")),
+                             "response_format")
     raise invalid("'response_format.type' must be text, json_object or json_schema",
                   param="response_format")
 
 
-def _guided(body: dict) -> Format | None:
+def _guided(body: dict) -> FormatRequest | None:
     """vLLM's structured outputs: ``structured_outputs`` {json, regex, choice,
     json_object}, or the older ``guided_json``/``guided_regex``/``guided_choice``."""
     so = body.get("structured_outputs")
@@ -124,17 +126,17 @@ def _guided(body: dict) -> Format | None:
     formats = []
     for kind, v, param in given:
         if kind == "json":
-            formats.append(Format("json", schema_object(v, param), param))
+            formats.append(FormatRequest(JsonFormat(schema_object(v, param)), param))
         elif kind == "json_object":
-            formats.append(Format("json", None, param))
+            formats.append(FormatRequest(JsonFormat(), param))
         elif kind == "regex":
             if not isinstance(v, str):
                 raise invalid(f"'{param}' must be a string", param=param)
-            formats.append(Format("regex", v, param))
+            formats.append(FormatRequest(RegexFormat(v), param))
         elif not isinstance(v, list) or not v or not all(isinstance(c, str) for c in v):
             raise invalid(f"'{param}' must be a non-empty list of strings", param=param)
         else:
-            formats.append(Format("choice", v, param))
+            formats.append(FormatRequest(ChoiceFormat(tuple(v)), param))
     return one_format(*formats)
 
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockserve.engine.text.frontend import TokenizerFrontend
+from blockserve.engine.text.structured import JsonFormat
 from blockserve.server.errors import invalid
 from blockserve.server.fields import (
     Bounds,
-    Format,
+    FormatRequest,
     Generation,
     boolean,
     check_messages,
@@ -84,7 +85,7 @@ def decode_reasoning(blob: str) -> str | None:
         return None
 
 
-def _text_format(body: dict) -> Format | None:
+def _text_format(body: dict) -> FormatRequest | None:
     """``text.format``: text, json_object, or json_schema (always enforced)."""
     text = body.get("text")
     if text is None:
@@ -97,11 +98,12 @@ def _text_format(body: dict) -> Format | None:
     if fmt is None or kind == "text":
         return None
     if kind == "json_object":
-        return Format("json", None, "text.format")
+        return FormatRequest(JsonFormat(), "text.format")
     if kind == "json_schema":
         schema = fmt.get("schema")
-        return Format("json", None if schema is None else
-                      schema_object(schema, "text.format.schema"), "text.format")
+        return FormatRequest(JsonFormat(None if schema is None else
+                                        schema_object(schema, "text.format.schema")),
+                             "text.format")
     raise invalid("'text.format.type' must be text, json_object or json_schema",
                   param="text.format")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from blockserve.engine.runtime.worker import EngineWorker
+from blockserve.engine.text.structured import ToolCallFormat
 from blockserve.kvpool import TIER_SYSTEM
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -121,9 +122,9 @@ def _check_tools_can_be_forced(frontend, tools):
     """A forced tool choice over the client's real tools compiles: the grammar engine
     takes every schema these agents send."""
     assert len(tools) >= 5, [t.get("function", t).get("name") for t in tools]
-    frontend.constrain("tools", (tools, None, True))
+    frontend.constrain(ToolCallFormat(tuple(tools), None, True))
     for t in tools:
-        frontend.constrain("tools", (tools, t["function"]["name"], False))
+        frontend.constrain(ToolCallFormat(tuple(tools), t["function"]["name"]))
 
 
 def _check_second_turn(first, second):
