@@ -95,6 +95,8 @@ class EngineWorker:
         self._prefill_batch_size = prefill_batch_size or default_prompt_concurrency()
         self._prefill_step_size = prefill_step_size
         self._commands: queue.Queue = queue.Queue()
+        self._stopped = False  # the thread has ended: no command will be read again
+        self._stop_lock = threading.Lock()  # orders a call's put against the thread's end
         self._emit: Callable[[EngineEvent], None] | None = None
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
@@ -139,10 +141,11 @@ class EngineWorker:
 
     def run_sync(self, fn: Callable[[LoadedModel], object]) -> object:
         """Run ``fn(loaded_model)`` on the engine thread and wait (tests, tools)."""
-        if not self._thread.is_alive():
-            raise RuntimeError("the engine thread has stopped")
         done: queue.Queue = queue.Queue()
-        self._commands.put(("call", (fn, done)))
+        with self._stop_lock:
+            if self._stopped:
+                raise RuntimeError("the engine thread has stopped")
+            self._commands.put(("call", (fn, done)))
         ok, value = done.get()
         if not ok:
             raise value
@@ -161,7 +164,21 @@ class EngineWorker:
             log.exception("the engine thread died")
             self._send(EngineFailedEvent(f"{type(e).__name__}: {e}"))
         finally:
+            self._refuse_calls()
             mx.clear_streams()  # MLX needs this at the end of every thread that used it
+
+    def _refuse_calls(self) -> None:
+        """No command is read after this: a caller waiting on ``run_sync`` gets an error
+        instead of waiting forever."""
+        with self._stop_lock:
+            self._stopped = True
+        while True:
+            try:
+                cmd, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd == "call":
+                arg[1].put((False, RuntimeError("the engine thread has stopped")))
 
     def _serve(self) -> None:
         try:
