@@ -6,11 +6,10 @@ The request side is ``responses_input``."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -19,17 +18,19 @@ from blockserve.server.runtime import (
     BOUNDS,
     FRONTEND,
     TENANT,
+    Encoder,
+    Event,
     Run,
     Step,
     check_model,
     read_json,
+    respond,
     send,
     sse,
 )
 from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import log
 from blockserve.server.limits import offload
-from blockserve.server import keepalive
 from blockserve.server.responses_input import ResponsesRequest, encode_reasoning, parse_request
 from blockserve.server.responses_store import ResponseStore
 from blockserve.server.responses_tools import Tools
@@ -192,11 +193,16 @@ def _custom_input(arguments: str) -> str:
     return arguments
 
 
-class Reply:
-    """One response being made: its id, its request, and the response object."""
+class ResponsesEncoder(Encoder):
+    """One response being made, streamed or collected: its output items (from the
+    parser's deltas), the events that build them, each with its ``sequence_number``,
+    and the response object in each state; a finished response is stored."""
 
     def __init__(self, request: web.Request, req: ResponsesRequest, model: str,
                  previous: str | None, run_id: str | None = None):
+        self.request = request
+        self.seq = 0
+        self.response: dict | None = None  # the closing response, once there is one
         self.req = req
         self.model = model
         self.previous = previous
@@ -240,11 +246,48 @@ class Reply:
                                                       incomplete="max_output_tokens")
         return "response.completed", self.object("completed", usage)
 
-    def keep(self, request: web.Request, response: dict) -> None:
+    def keep(self, response: dict) -> None:
         """Store a finished response (unless store=false) for GET and continuations."""
         if self.req.store and response["status"] in ("completed", "incomplete"):
-            request.app[STORE].put(request.get(TENANT), response,
-                                   self.req.items + self.writer.stored_items())
+            self.request.app[STORE].put(self.request.get(TENANT), response,
+                                        self.req.items + self.writer.stored_items())
+
+    def event(self, event: dict) -> Event:
+        """An event as sent: named by its type, numbered in sequence."""
+        event = {**event, "sequence_number": self.seq}
+        self.seq += 1
+        return event["type"], event
+
+    def start(self) -> list[Event]:
+        return [self.event({"type": kind, "response": self.object("in_progress")})
+                for kind in ("response.created", "response.in_progress")]
+
+    def keepalive(self) -> Event:
+        """A long prefill: tell the client we are still here."""
+        return self.event({"type": "response.in_progress",
+                           "response": self.object("in_progress")})
+
+    def step(self, run: Run, step: Step) -> list[Event]:
+        out = step.out
+        if out.finish_reason in ("error", "abort"):
+            self.ended = True
+            message = out.error or ("the server is shutting down" if out.finish_reason ==
+                                    "abort" else "generation failed")
+            return [self.event(ev) for ev in self.writer.close("incomplete")] + [
+                self.event({"type": "response.failed", "response": self.object(
+                    "failed", out.usage, error={"code": "server_error",
+                                                "message": message})})]
+        events = [self.event(ev) for d in step.deltas for ev in self.writer.feed(d)]
+        if out.finish_reason is not None:
+            status = "incomplete" if out.finish_reason == "length" else "completed"
+            events += [self.event(ev) for ev in self.writer.close(status)]
+            kind, self.response = self.final(out.finish_reason, out.usage)
+            self.keep(self.response)
+            events.append(self.event({"type": kind, "response": self.response}))
+        return events
+
+    def body(self) -> dict:
+        return self.response
 
 
 def _history(request: web.Request, body: dict) -> tuple[str | None, list[dict] | None]:
@@ -270,87 +313,29 @@ async def create(request: web.Request) -> web.StreamResponse:
     previous, history = _history(request, body)
     req = await offload(request, parse_request, body, frontend, request.app[BOUNDS], history)
     model = body.get("model") or frontend.model_id
-    if req.gen.stream:
-        return await _stream(request, req, model, previous)
     try:
         run = Run(request, req.gen)
     except PromptTooLongError as e:  # the field is 'input' here
-        raise ApiError(400, str(e), param="input", code="context_length_exceeded")
-    reply = Reply(request, req, model, previous, run.id)
-    collected = await run.collect()
-    for d in collected.deltas:
-        reply.writer.feed(d)
-    reply.writer.close("incomplete" if collected.last.finish_reason == "length"
-                       else "completed")
-    _, response = reply.final(collected.last.finish_reason, collected.last.usage)
-    reply.keep(request, response)
-    return web.json_response(response)
+        if not req.gen.stream:
+            raise ApiError(400, str(e), param="input", code="context_length_exceeded")
+        return await _failed(request, ResponsesEncoder(request, req, model, previous), e)
+    encoder = ResponsesEncoder(request, req, model, previous, run.id)
+    return await respond(request, [run], encoder, req.gen.stream)
 
 
-class Events:
-    """The SSE side: each event an ``event:`` line and a ``data:`` with its
-    ``sequence_number``."""
-
-    def __init__(self, resp: web.StreamResponse):
-        self.resp = resp
-        self.seq = 0
-
-    async def send(self, event: dict) -> None:
-        event = {**event, "sequence_number": self.seq}
-        self.seq += 1
-        await send(self.resp, event, event["type"])
-
-
-async def _stream(request: web.Request, req: ResponsesRequest, model: str,
-                  previous: str | None) -> web.StreamResponse:
-    try:
-        run = Run(request, req.gen)
-    except PromptTooLongError as e:  # in-stream, as OpenAI: Codex reads the code
-        reply = Reply(request, req, model, previous)
-        events = Events(await sse(request))
-        await events.send({"type": "response.created", "response": reply.object("in_progress")})
-        await events.send({"type": "response.failed", "response": reply.object(
-            "failed", error={"code": "context_length_exceeded", "message": str(e)})})
-        await events.resp.write_eof()
-        return events.resp
-    reply = Reply(request, req, model, previous, run.id)
-    events = Events(await sse(request))
-    for kind in ("response.created", "response.in_progress"):
-        await events.send({"type": kind, "response": reply.object("in_progress")})
-    async with contextlib.aclosing(keepalive.with_idle_ticks(
-            run.steps(), keepalive.INTERVAL_S)) as steps:
-        await _relay(request, reply, events, steps)
-    await events.resp.write_eof()
-    return events.resp
-
-
-async def _relay(request: web.Request, reply: Reply, events: Events,
-                 steps: AsyncIterator[Step | None]) -> None:
-    """The run's steps as events, to the closing one."""
-    async for step in steps:
-        if step is None:  # a long prefill: tell the client we are still here
-            await events.send({"type": "response.in_progress",
-                               "response": reply.object("in_progress")})
-            continue
-        out = step.out
-        if out.finish_reason in ("error", "abort"):
-            message = out.error or ("the server is shutting down" if out.finish_reason ==
-                                    "abort" else "generation failed")
-            for ev in reply.writer.close("incomplete"):
-                await events.send(ev)
-            await events.send({"type": "response.failed", "response": reply.object(
-                "failed", out.usage, error={"code": "server_error", "message": message})})
-            break
-        for d in step.deltas:
-            for ev in reply.writer.feed(d):
-                await events.send(ev)
-        if out.finish_reason is not None:
-            status = "incomplete" if out.finish_reason == "length" else "completed"
-            for ev in reply.writer.close(status):
-                await events.send(ev)
-            kind, response = reply.final(out.finish_reason, out.usage)
-            reply.keep(request, response)
-            await events.send({"type": kind, "response": response})
+async def _failed(request: web.Request, encoder: ResponsesEncoder,
+                  e: Exception) -> web.StreamResponse:
+    """A prompt over the context, streamed: in-stream, as OpenAI does (Codex reads the
+    code)."""
+    resp = await sse(request)
+    for name, data in [encoder.event({"type": "response.created",
+                                      "response": encoder.object("in_progress")}),
+                       encoder.event({"type": "response.failed", "response": encoder.object(
+                           "failed", error={"code": "context_length_exceeded",
+                                            "message": str(e)})})]:
+        await send(resp, data, name)
+    await resp.write_eof()
+    return resp
 
 
 def _stored(request: web.Request) -> tuple[str, Any]:

@@ -5,16 +5,18 @@ client that stopped reading. Imports no API module: they import it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 from aiohttp import web
 
 from blockserve.engine.text.frontend import TokenizerFrontend
 from blockserve.scheduler import Request, RequestOutput, Scheduler
+from blockserve.server import keepalive
 from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import Bounds, Generation
 from blockserve.server.limits import Limits, decode_json, offload, read_body
@@ -112,6 +114,12 @@ class Reply:
     def text(self, kind: str = "content") -> str:
         return "".join(d.text for d in self.deltas if d.kind == kind)
 
+    def add(self, step: Step) -> None:
+        self.deltas += step.deltas
+        self.last = step.out
+        for tok, lp in zip(step.out.token_ids, step.out.logprobs or ()):
+            self.logprobs.append((tok, *lp))
+
 
 class Run:
     """One request in flight: submits it, parses its output, times it, and aborts it if
@@ -163,18 +171,71 @@ class Run:
     def called_tools(self) -> bool:
         return self.parser.calls > 0
 
-    async def collect(self) -> Reply:
-        reply = Reply()
-        async for step in self.steps():
-            reply.deltas += step.deltas
-            reply.last = step.out
-            for tok, lp in zip(step.out.token_ids, step.out.logprobs or ()):
-                reply.logprobs.append((tok, *lp))
-        if reply.last.finish_reason == "error":
-            raise ApiError(500, reply.last.error or "generation failed")
-        if reply.last.finish_reason == "abort":
-            raise ApiError(503, "the request was aborted: the server is shutting down")
-        return reply
+
+def check_finished(out: RequestOutput) -> None:
+    """A collected reply that failed or was aborted is an error response, not a body."""
+    if out.finish_reason == "error":
+        raise ApiError(500, out.error or "generation failed")
+    if out.finish_reason == "abort":
+        raise ApiError(503, "the request was aborted: the server is shutting down")
+
+
+Event = tuple[Optional[str], Any]  # an SSE event: its name (or None), and its data
+
+
+class Encoder:
+    """One API's reply shape, fed the same steps whether the reply is streamed or
+    collected: ``step`` gathers the reply and gives the events that stream it, ``body``
+    is the collected reply. ``ended``: the stream has said its last word (an error)."""
+
+    ended = False
+
+    def start(self) -> list[Event]:
+        """Events before the first step."""
+        return []
+
+    def step(self, run: Run, step: Step) -> list[Event]:
+        raise NotImplementedError
+
+    def keepalive(self) -> Event | None:
+        """What a silent stream sends (a long prefill); None: an SSE comment."""
+        return None
+
+    def finish(self) -> list[Event]:
+        """Events after the last step."""
+        return []
+
+    def body(self) -> dict:
+        raise NotImplementedError
+
+
+async def respond(request: web.Request, runs: list[Run], encoder: Encoder,
+                  stream: bool) -> web.StreamResponse:
+    """Drive ``runs`` through ``encoder``: SSE events as they come, or one JSON body."""
+    if not stream:
+        async for run, step in merged_steps(runs):
+            check_finished(step.out)
+            encoder.step(run, step)
+        return web.json_response(encoder.body())
+    resp = await sse(request)
+    for name, data in encoder.start():
+        await send(resp, data, name)
+    ticking = keepalive.with_idle_ticks(merged_steps(runs), keepalive.INTERVAL_S)
+    async with contextlib.aclosing(ticking) as items:  # closed at once: runs are freed
+        async for item in items:
+            if item is None:  # a long prefill: keep clients and proxies waiting
+                tick = encoder.keepalive()
+                await (send_comment(resp, "keepalive") if tick is None
+                       else send(resp, tick[1], tick[0]))
+                continue
+            for name, data in encoder.step(*item):
+                await send(resp, data, name)
+            if encoder.ended:
+                break
+    for name, data in encoder.finish():
+        await send(resp, data, name)
+    await resp.write_eof()
+    return resp
 
 
 def start_runs(request: web.Request, gen: Generation) -> list[Run]:
