@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from blockserve.engine.text.frontend import TokenizerFrontend
-from blockserve.engine.text.structured import ChoiceFormat, Format, ToolCallFormat
+from blockserve.engine.text.structured import ChoiceFormat, Format, JsonFormat, ToolCallFormat
 from blockserve.scheduler import SamplingParams
 from blockserve.server.errors import invalid
 from blockserve.server.limits import Limits, bounded, json_size, over
@@ -86,6 +86,25 @@ def constrain(frontend: TokenizerFrontend, gen: Generation, fmt: FormatRequest |
         raise invalid(f"'{fmt.param}' can't be enforced: {e}", param=fmt.param)
     return replace(gen, sampling=replace(gen.sampling, constraint=c),
                    bare_tool_call=c.bare_tool_call, format=fmt.format.kind)
+
+
+def json_format(fmt: Any, schema_of: Any, param: str) -> FormatRequest | None:
+    """OpenAI's shape of a JSON format, ``{"type": text | json_object | json_schema}``
+    (Chat's ``response_format``, Responses' ``text.format``): ``schema_of`` is where the
+    schema sits (a dict holding ``schema``), read only for json_schema. Always enforced,
+    ``strict`` or not: a schema that can't be enforced is a 400, never a hope."""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if fmt is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return FormatRequest(JsonFormat(), param)
+    if kind == "json_schema":
+        if not isinstance(schema_of, dict):
+            raise invalid(f"'{param}' needs its schema in an object", param=param)
+        schema = schema_of.get("schema")
+        return FormatRequest(JsonFormat(None if schema is None else
+                                        schema_object(schema, f"{param}.schema")), param)
+    raise invalid(f"'{param}.type' must be text, json_object or json_schema", param=param)
 
 
 def one_format(*formats: FormatRequest | None) -> FormatRequest | None:

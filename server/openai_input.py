@@ -23,6 +23,7 @@ from blockserve.server.fields import (
     content_text,
     ignore_unknown,
     integer,
+    json_format,
     one_format,
     refuse,
     render,
@@ -65,27 +66,10 @@ MAX_CHOICES = 16
 
 
 def _response_format(body: dict) -> FormatRequest | None:
-    """OpenAI's ``response_format``: text, json_object or json_schema (always enforced,
-    ``strict`` or not: a schema that can't be enforced is a 400, never a hope)."""
+    """OpenAI's ``response_format``; a json_schema's schema is in ``json_schema``."""
     rf = body.get("response_format")
-    if rf is None:
-        return None
-    kind = rf.get("type") if isinstance(rf, dict) else None
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return FormatRequest(JsonFormat(), "response_format")
-    if kind == "json_schema":
-        spec = rf.get("json_schema")
-        if not isinstance(spec, dict):
-            raise invalid("'response_format.json_schema' must be an object",
-                          param="response_format")
-        schema = spec.get("schema")
-        return FormatRequest(JsonFormat(None if schema is None else
-                                        schema_object(schema, "response_format")),
-                             "response_format")
-    raise invalid("'response_format.type' must be text, json_object or json_schema",
-                  param="response_format")
+    schema_of = rf.get("json_schema") if isinstance(rf, dict) else None
+    return json_format(rf, schema_of, "response_format")
 
 
 def _guided(body: dict) -> FormatRequest | None:

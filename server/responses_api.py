@@ -305,14 +305,20 @@ def _history(request: web.Request, body: dict) -> tuple[str | None, list[dict] |
     return previous, stored.items
 
 
-async def create(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/responses``."""
+async def _read(request: web.Request) -> tuple[ResponsesRequest, str, str | None]:
+    """The request, read off the loop with the history it continues: (request, the
+    model name to answer with, ``previous_response_id``)."""
     body = await read_json(request)
     frontend = request.app[FRONTEND]
     check_model(body, frontend)
     previous, history = _history(request, body)
     req = await offload(request, parse_request, body, frontend, request.app[BOUNDS], history)
-    model = body.get("model") or frontend.model_id
+    return req, body.get("model") or frontend.model_id, previous
+
+
+async def create(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/responses``."""
+    req, model, previous = await _read(request)
     try:
         run = Run(request, req.gen)
     except PromptTooLongError as e:  # the field is 'input' here
@@ -350,11 +356,7 @@ def _stored(request: web.Request) -> tuple[str, Any]:
 
 async def input_tokens(request: web.Request) -> web.Response:
     """The prompt's token count, rendered as ``POST /v1/responses`` would."""
-    body = await read_json(request)
-    frontend = request.app[FRONTEND]
-    check_model(body, frontend)
-    _, history = _history(request, body)
-    req = await offload(request, parse_request, body, frontend, request.app[BOUNDS], history)
+    req, _, _ = await _read(request)
     return web.json_response({"object": "response.input_tokens",
                               "input_tokens": len(req.gen.prompt)})
 

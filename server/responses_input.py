@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockserve.engine.text.frontend import TokenizerFrontend
-from blockserve.engine.text.structured import JsonFormat
 from blockserve.server.errors import invalid
 from blockserve.server.fields import (
     Bounds,
@@ -27,13 +26,13 @@ from blockserve.server.fields import (
     constrain,
     content_text,
     ignore_unknown,
+    json_format,
     integer,
     log,
     one_format,
     refuse,
     render,
     sampling_params,
-    schema_object,
     template_kwargs,
 )
 from blockserve.server.responses_tools import Tools, name_of, parse_tool_choice, parse_tools
@@ -94,18 +93,7 @@ def _text_format(body: dict) -> FormatRequest | None:
         raise invalid("'text' must be an object", param="text")
     ignore_unknown(text, {"format", "verbosity"}, "responses text")
     fmt = text.get("format")
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if fmt is None or kind == "text":
-        return None
-    if kind == "json_object":
-        return FormatRequest(JsonFormat(), "text.format")
-    if kind == "json_schema":
-        schema = fmt.get("schema")
-        return FormatRequest(JsonFormat(None if schema is None else
-                                        schema_object(schema, "text.format.schema")),
-                             "text.format")
-    raise invalid("'text.format.type' must be text, json_object or json_schema",
-                  param="text.format")
+    return json_format(fmt, fmt, "text.format")  # its schema sits beside its type
 
 
 def _thinking(body: dict) -> bool | None:
