@@ -256,3 +256,26 @@ async def test_an_anthropic_reply_cut_by_shutdown_never_looks_complete(worker):
                 assert events[-1][1]["error"]["type"] == "overloaded_error"
                 assert all(d.get("delta", {}).get("stop_reason") != "end_turn"
                            for _, d in events)
+
+
+async def test_a_key_filling_every_slot_does_not_delay_another_key(worker):
+    """Tenant A holds n=8 unbounded streams (every slot of this engine); tenant B's short
+    request is admitted at once and finishes while A's streams still run."""
+    async with serve(worker, api_keys=[KEY_A, KEY_B], max_num_seqs=8,
+                     max_model_len=60_000) as srv:
+        hog_body = {"prompt": [1, 2, 3], "max_tokens": 50_000, "ignore_eos": True, "n": 8,
+                    "stream": True, "temperature": 1.0}
+        async with aiohttp.ClientSession() as s:
+            hog = await s.post(srv.url + "/v1/completions", json=hog_body, headers=auth(KEY_A))
+            await hog.content.readline()  # A's streams are running
+            sched = srv.scheduler
+            assert sched.num_running + sched.num_waiting == 8
+            status, ok = await asyncio.wait_for(post(
+                srv.url, "/v1/completions", {"prompt": VICTIM, "max_tokens": 4}, key=KEY_B),
+                30)
+            assert status == 200 and ok["usage"]["completion_tokens"] >= 1
+            assert sched.num_running_of(None) == 0  # nobody anonymous
+            assert sched.num_running >= 7  # A's streams were running all along
+            hog.close()
+    # the server closed under running streams: the engine lives on for the next one
+    assert worker.run_sync(lambda m: 0) == 0

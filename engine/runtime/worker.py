@@ -229,8 +229,13 @@ class EngineWorker:
         )
 
     def _send(self, event: EngineEvent) -> None:
-        if self._emit is not None:
+        if self._emit is None:
+            return
+        try:
             self._emit(event)
+        except RuntimeError:  # the listener's loop has closed: nobody is left to tell
+            log.debug("dropped an event for %s: the scheduler's loop is closed",
+                      event.seq_id)
 
     def _handle(self, cmd: str, arg, stream) -> None:
         if cmd == "insert":
