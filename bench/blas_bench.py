@@ -14,8 +14,7 @@ import sys
 
 _PROBE = """
 import json, time
-import blockserve.engine
-from blockserve.engine.blas import active_blas
+from blockserve.engine.runtime.blas import active_blas
 import mlx.core as mx
 a = mx.random.normal((1024, 1024)); b = mx.random.normal((1024, 1024)); mx.eval(a, b)
 mx.eval(a @ b)

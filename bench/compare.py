@@ -88,7 +88,7 @@ def _server_command(server: str, args, model_path: str | None, port: int
                  "--port", str(port), "--max-num-seqs", n, "--log-level", "WARNING"],
                 args.model, env)
     # This machine runs MLX anyway (every server does): give the peers the same BLAS.
-    from blockserve.engine.blas import find_openblas
+    from blockserve.engine.runtime.blas import find_openblas
 
     blas = find_openblas()
     if blas and sys.platform.startswith("linux"):

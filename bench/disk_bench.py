@@ -31,11 +31,11 @@ import subprocess
 import tempfile
 import time
 
-import blockserve.engine  # noqa: F401  (BLAS preload before mlx)
+import blockserve.engine.runtime  # noqa: F401  (BLAS preload before mlx)
 from blockserve.bench.tokens import LocalTokenizer
 from blockserve.bench.workloads import agent_sessions, random_text
-from blockserve.engine.blas import active_blas
-from blockserve.engine.chat import render_chat
+from blockserve.engine.runtime.blas import active_blas
+from blockserve.engine.text.chat import render_chat
 from blockserve.scheduler import Request, SamplingParams
 from blockserve.stack import Stack, StackConfig, build_stack, start_worker
 

@@ -20,12 +20,12 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import blockserve.engine  # noqa: F401  (BLAS preload before mlx)
+import blockserve.engine.runtime  # noqa: F401  (BLAS preload before mlx)
 from blockserve.bench.stats import distinct_prefix_tokens, latency_stats
 from blockserve.bench.tokens import LocalTokenizer
 from blockserve.bench.workloads import Workload, agent_sessions, random_text, shared_prefix
-from blockserve.engine.blas import active_blas
-from blockserve.engine.chat import render_chat
+from blockserve.engine.runtime.blas import active_blas
+from blockserve.engine.text.chat import render_chat
 from blockserve.scheduler import Request, SamplingParams, Scheduler
 from blockserve.stack import StackConfig, build_stack, start_worker
 

@@ -172,12 +172,14 @@ async def _batch(sched, prompts, constraints, max_tokens: int) -> list[float]:
 
 async def decode(model: str, max_tokens: int) -> list[dict]:
     from blockserve.bench.workloads import random_text
+    from blockserve.engine.text.structured import JsonFormat
     from blockserve.stack import StackConfig, build_stack, start_worker
+
     config = StackConfig(model=model, max_num_seqs=BATCH, kv_cache_memory_bytes=1 << 30)
     worker = start_worker(config)
     stack = build_stack(config, worker)
     stack.scheduler.start()
-    constraint = stack.frontend.constrain("json", SCHEMA)
+    constraint = stack.frontend.constrain(JsonFormat(SCHEMA))
     rng = random.Random(0)
     rows = {n: [] for n in (0, 1, 8)}
     try:
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "engines":
         rows = engines(args.tokenizer, args.eos)
     else:
-        import blockserve.engine  # noqa: F401  (BLAS preload before mlx)
+        import blockserve.engine.runtime  # noqa: F401  (BLAS preload before mlx)
         rows = asyncio.run(decode(args.model, args.max_tokens))
     if args.json:
         with open(args.json, "w") as f:

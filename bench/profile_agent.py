@@ -15,11 +15,11 @@ import asyncio
 import collections
 import time
 
-import blockserve.engine  # noqa: F401  (BLAS preload before mlx)
+import blockserve.engine.runtime  # noqa: F401  (BLAS preload before mlx)
 from blockserve.bench.engine_bench import run_in_process
 from blockserve.bench.tokens import LocalTokenizer
 from blockserve.bench.workloads import agent_sessions
-from blockserve.engine import worker as worker_module
+from blockserve.engine.runtime import worker as worker_module
 from blockserve.stack import StackConfig, build_stack, start_worker
 
 

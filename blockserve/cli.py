@@ -219,7 +219,7 @@ async def _run(app, scheduler, host: str, port: int, drain_timeout: float,
 
 
 def demo(args: argparse.Namespace) -> int:
-    from blockserve.engine.demo import demo_spec, ensure_demo_model
+    from blockserve.engine.models.demo import demo_spec, ensure_demo_model
 
     print(ensure_demo_model(demo_spec(args.size, args.arch, args.seed)))
     return 0

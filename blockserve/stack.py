@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import blockserve.engine  # noqa: F401  (first: the BLAS preload before mlx)
+import blockserve.engine.runtime  # noqa: F401  (first: the BLAS preload before mlx)
 from aiohttp import web
 
-from blockserve.engine.frontend import TokenizerFrontend
-from blockserve.engine.worker import EngineWorker
+from blockserve.engine.text.frontend import TokenizerFrontend
+from blockserve.engine.runtime.worker import EngineWorker
 from blockserve.kvpool import BlockPool, DiskTier, PrefixCache
 from blockserve.scheduler import Scheduler, SchedulerConfig
 from blockserve.server.app import ServerConfig, create_app

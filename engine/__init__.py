@@ -1,17 +1,7 @@
-"""Everything MLX: models, tokenizers, the batch thread, blocks <-> KV caches, sampling.
+"""The model side, by job: ``models`` (getting a model: resolve, the built-in one, demo
+models, GGUF files), ``runtime`` (the MLX batch thread, sampling, blocks <-> KV caches,
+the BLAS preload) and ``text`` (the tokenizer frontend, chat templates, the output parser,
+grammars, streaming text), which the server uses and which imports no MLX.
 
-Importing this package first preloads the system OpenBLAS (Linux), so it must be
-imported before anything imports ``mlx.core``.
-"""
-
-import atexit
-
-from blockserve.engine.blas import preload_openblas
-
-preload_openblas()
-
-import mlx.core as mx  # noqa: E402  (after the preload, on purpose)
-
-# MLX asks each thread, the main one included, to destroy its streams before the
-# interpreter shuts down; its own cleanup would run too late and abort the process.
-atexit.register(mx.clear_streams)
+This package root imports nothing, so ``text`` stays MLX-free; ``runtime`` and
+``models`` load MLX (after the system BLAS, see ``runtime``)."""

@@ -69,7 +69,7 @@ ScopeFn = Callable[[Namespace], bool]
 class Scope:
     """A ``ScopeFn`` as data: one model, and/or the cache salts that start with
     ``salt_prefix`` (a tenant's salt and the request salts nested inside it, as
-    ``server.app.tenant_scope`` also builds). No fields: every namespace."""
+    ``server.admin.tenant_scope`` also builds). No fields: every namespace."""
 
     model: str | None = None
     salt_prefix: str | None = None

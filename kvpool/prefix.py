@@ -183,7 +183,7 @@ class PrefixCache:
 
     def reset(self, scope: ScopeFn | None = None) -> bool:
         """Flush ``scope`` (everything by default; e.g. ``Scope(salt_prefix=...)`` or
-        ``server.app.tenant_scope``) from RAM and disk. Refused (False)
+        ``server.admin.tenant_scope``) from RAM and disk. Refused (False)
         while any of its RAM blocks is pinned."""
         if not self.pool.reset(scope):
             return False

@@ -10,13 +10,25 @@ from typing import Any
 
 from aiohttp import web
 
+from blockserve.engine.text.frontend import TokenizerFrontend
+from blockserve.engine.text.structured import JsonFormat
 from blockserve.scheduler import RequestOutput, Usage
-from blockserve.server.app import BOUNDS, FRONTEND, Run, check_model, read_json, send, sse
+from blockserve.server.runtime import (
+    BOUNDS,
+    FRONTEND,
+    Encoder,
+    Event,
+    Reply,
+    Run,
+    Step,
+    check_model,
+    read_json,
+    respond,
+)
 from blockserve.server.errors import ApiError, invalid
 from blockserve.server.fields import (
     Bounds,
-    Format,
-    Frontend,
+    FormatRequest,
     Generation,
     ToolChoice,
     boolean,
@@ -174,7 +186,7 @@ def _tool_choice(body: dict, tools: list[dict] | None) -> ToolChoice:
     return tool_choice(choice.get("type"), choice.get("name"), tools, parallel)
 
 
-def _output_format(body: dict) -> Format | None:
+def _output_format(body: dict) -> FormatRequest | None:
     """``output_config.format`` (or the beta's ``output_format``): a JSON schema."""
     config = body.get("output_config")
     if config is not None and not isinstance(config, dict):
@@ -186,7 +198,8 @@ def _output_format(body: dict) -> Format | None:
         return None
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
         raise invalid(f"'{param}.type' must be 'json_schema'", param=param)
-    return Format("json", schema_object(fmt.get("schema"), f"{param}.schema"), param)
+    return FormatRequest(JsonFormat(schema_object(fmt.get("schema"), f"{param}.schema")),
+                         param)
 
 
 def _thinking(body: dict) -> bool | None:
@@ -200,7 +213,7 @@ def _thinking(body: dict) -> bool | None:
     return kind != "disabled"
 
 
-def _parse(body: dict, frontend: Frontend, bounds: Bounds,
+def _parse(body: dict, frontend: TokenizerFrontend, bounds: Bounds,
            count_only: bool = False) -> Generation:
     ignore_unknown(body, _KNOWN, "messages")
     if not count_only and body.get("max_tokens") is None:
@@ -271,89 +284,108 @@ async def count_tokens(request: web.Request) -> web.Response:
     return web.json_response({"input_tokens": len(gen.prompt)})
 
 
-async def messages(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
-    frontend = request.app[FRONTEND]
-    check_model(body, frontend)
-    gen = await offload(request, _parse, body, frontend, request.app[BOUNDS])
-    run = Run(request, gen)
-    message = {"id": "msg_" + run.id, "type": "message", "role": "assistant",
-               "model": body.get("model") or frontend.model_id}
-    if not gen.stream:
-        reply = await run.collect()
-        return web.json_response({**message, "content": _blocks(reply.deltas),
-                                  "stop_reason": _stop_reason(reply.last, run),
-                                  "stop_sequence": reply.last.stop_string,
-                                  "usage": _usage(reply.last.usage)})
-    resp = await sse(request)
-    index, open_kind = -1, None
+class MessagesEncoder(Encoder):
+    """Anthropic's message: content blocks (thinking, text, tool_use), streamed as
+    ``message_start``, block start / delta / stop events, ``message_delta`` with the stop
+    reason, and ``message_stop``; a reply cut short ends in an error event instead."""
 
-    async def start_block(d: Any) -> None:
-        nonlocal index, open_kind
-        index += 1
-        open_kind = d.kind
+    def __init__(self, gen: Generation, run: Run, model: str):
+        self.gen = gen
+        self.run = run
+        self.message = {"id": "msg_" + run.id, "type": "message", "role": "assistant",
+                        "model": model}
+        self.reply = Reply()
+        self.index = -1  # of the block being streamed
+        self.open_kind: str | None = None
+        self.started = False
+
+    def keepalive(self) -> Event:
+        return "ping", {"type": "ping"}  # Anthropic's own keepalive event
+
+    def step(self, run: Run, step: Step) -> list[Event]:
+        out = step.out
+        self.reply.add(step)
+        events = [] if self.started else [self._message_start(out)]
+        self.started = True
+        if out.finish_reason in ("error", "abort"):  # a cut reply never looks complete
+            self.ended = True
+            err = (ApiError(500, out.error or "generation failed") if out.finish_reason
+                   == "error" else ApiError(503, "the server is shutting down; this reply "
+                                                 "is incomplete: retry"))
+            return events + self._stop_block() + [("error", err.anthropic_body())]
+        for d in step.deltas:
+            if self.open_kind is not None and (d.kind != self.open_kind
+                                               or d.kind == "tool_call"):
+                events += self._stop_block()
+            if self.open_kind is None:
+                events.append(self._start_block(d))
+            events.append(self._delta(d))
+        if out.finish_reason:
+            if self.index < 0:  # an empty reply still has one (empty) text block
+                events.append(self._start_block(SimpleNamespace(kind="content", text="")))
+            events += self._stop_block()
+            events.append(("message_delta", {
+                "type": "message_delta",
+                "delta": {"stop_reason": _stop_reason(out, run),
+                          "stop_sequence": out.stop_string},
+                "usage": {"output_tokens": out.usage.completion_tokens,
+                          "input_tokens": _usage(out.usage)["input_tokens"],
+                          "cache_read_input_tokens": out.usage.cached_tokens}}))
+            events.append(("message_stop", {"type": "message_stop"}))
+        return events
+
+    def body(self) -> dict:
+        last = self.reply.last
+        return {**self.message, "content": _blocks(self.reply.deltas),
+                "stop_reason": _stop_reason(last, self.run),
+                "stop_sequence": last.stop_string, "usage": _usage(last.usage)}
+
+    def _message_start(self, out: RequestOutput) -> Event:
+        usage = _usage(out.usage or Usage(len(self.gen.prompt)))
+        return "message_start", {"type": "message_start", "message": {
+            **self.message, "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {**usage, "output_tokens": 0}}}
+
+    def _start_block(self, d: Any) -> Event:
+        self.index += 1
+        self.open_kind = d.kind
         block = _block(d)
         if d.kind == "tool_call":
             block["input"] = {}
         else:
             block["thinking" if d.kind == "reasoning" else "text"] = ""
-        await send(resp, {"type": "content_block_start", "index": index,
-                          "content_block": block}, "content_block_start")
+        return "content_block_start", {"type": "content_block_start", "index": self.index,
+                                       "content_block": block}
 
-    async def stop_block() -> None:
-        nonlocal open_kind
-        if open_kind == "reasoning":
-            await send(resp, {"type": "content_block_delta", "index": index,
-                              "delta": {"type": "signature_delta", "signature": ""}},
-                       "content_block_delta")
-        await send(resp, {"type": "content_block_stop", "index": index}, "content_block_stop")
-        open_kind = None
+    def _stop_block(self) -> list[Event]:
+        if self.open_kind is None:
+            return []
+        events = []
+        if self.open_kind == "reasoning":
+            events.append(("content_block_delta", {
+                "type": "content_block_delta", "index": self.index,
+                "delta": {"type": "signature_delta", "signature": ""}}))
+        events.append(("content_block_stop", {"type": "content_block_stop",
+                                              "index": self.index}))
+        self.open_kind = None
+        return events
 
-    async def delta(d: Any) -> None:
+    def _delta(self, d: Any) -> Event:
         if d.kind == "tool_call":
             payload = {"type": "input_json_delta", "partial_json": d.arguments}
         elif d.kind == "reasoning":
             payload = {"type": "thinking_delta", "thinking": d.text}
         else:
             payload = {"type": "text_delta", "text": d.text}
-        await send(resp, {"type": "content_block_delta", "index": index, "delta": payload},
-                   "content_block_delta")
+        return "content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                       "delta": payload}
 
-    started = False
-    async for step in run.steps():
-        out = step.out
-        if not started:
-            usage = _usage(out.usage or Usage(len(gen.prompt)))
-            await send(resp, {"type": "message_start", "message": {
-                **message, "content": [], "stop_reason": None, "stop_sequence": None,
-                "usage": {**usage, "output_tokens": 0}}}, "message_start")
-            started = True
-        if out.finish_reason in ("error", "abort"):  # a cut reply never looks complete
-            if open_kind is not None:
-                await stop_block()
-            err = (ApiError(500, out.error or "generation failed") if out.finish_reason
-                   == "error" else ApiError(503, "the server is shutting down; this reply "
-                                                 "is incomplete: retry"))
-            await send(resp, err.anthropic_body(), "error")
-            break
-        for d in step.deltas:
-            if open_kind is not None and (d.kind != open_kind or d.kind == "tool_call"):
-                await stop_block()
-            if open_kind is None:
-                await start_block(d)
-            await delta(d)
-        if out.finish_reason:
-            if index < 0:  # an empty reply still has one (empty) text block
-                await start_block(SimpleNamespace(kind="content", text=""))
-            if open_kind is not None:
-                await stop_block()
-            await send(resp, {"type": "message_delta",
-                              "delta": {"stop_reason": _stop_reason(out, run),
-                                        "stop_sequence": out.stop_string},
-                              "usage": {"output_tokens": out.usage.completion_tokens,
-                                        "input_tokens": _usage(out.usage)["input_tokens"],
-                                        "cache_read_input_tokens": out.usage.cached_tokens}},
-                       "message_delta")
-            await send(resp, {"type": "message_stop"}, "message_stop")
-    await resp.write_eof()
-    return resp
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    frontend = request.app[FRONTEND]
+    check_model(body, frontend)
+    gen = await offload(request, _parse, body, frontend, request.app[BOUNDS])
+    run = Run(request, gen)
+    encoder = MessagesEncoder(gen, run, body.get("model") or frontend.model_id)
+    return await respond(request, [run], encoder, gen.stream)

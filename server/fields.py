@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
+from blockserve.engine.text.frontend import TokenizerFrontend
+from blockserve.engine.text.structured import ChoiceFormat, Format, JsonFormat, ToolCallFormat
 from blockserve.scheduler import SamplingParams
 from blockserve.server.errors import invalid
 from blockserve.server.limits import Limits, bounded, json_size, over
@@ -24,43 +26,6 @@ log = logging.getLogger("blockserve.server")
 
 # What a text-only model reads in place of an image or document of an earlier turn.
 MEDIA_PLACEHOLDER = "[{kind} omitted: this model reads text only]"
-
-
-class OutputParser(Protocol):
-    """Splits raw text into deltas with ``kind`` content, reasoning or tool_call
-    (``blockserve.engine.output``); the frontend makes one per request."""
-
-    calls: int
-
-    def feed(self, text: str) -> list[Any]: ...
-
-    def finish(self, truncated: bool = False) -> list[Any]: ...
-
-
-class Frontend(Protocol):
-    """The model's tokenizer side (``engine.frontend.TokenizerFrontend``)."""
-
-    model_id: str
-    model_names: list[str]
-    model_path: str
-    vocab_size: int  # token ids are in [0, vocab_size)
-
-    def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
-                    template_kwargs: dict | None = None,
-                    continue_final: bool = False) -> Any: ...
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
-
-    def decode(self, tokens: list[int]) -> str: ...
-
-    def output_parser(self, tools: list[dict] | None = None, parse_tools: bool = False,
-                      reasoning_open: bool = False, structured: bool = True,
-                      bare_tool_call: bool = False) -> OutputParser: ...
-
-    def constrain(self, kind: str, spec: Any, reasoning_open: bool = False,
-                  thinking: bool = False) -> Any:
-        """A compiled format (``engine.structured.Constraint``); ValueError if it can't
-        be enforced."""
 
 
 @dataclass(frozen=True)
@@ -95,38 +60,54 @@ class Generation:
 
 
 @dataclass(frozen=True)
-class Format:
-    """A structured-output request: ``kind`` json (``spec`` a schema or None), regex,
-    choice or tools ((tools, name or None, parallel)); ``param`` names the field."""
+class FormatRequest:
+    """A structured-output format a request asks for, and ``param``, the field that asked
+    (named in a 400 if it can't be enforced)."""
 
-    kind: str
-    spec: Any
+    format: Format
     param: str
 
 
-def constrain(frontend: Frontend, gen: Generation, fmt: Format | None,
+def constrain(frontend: TokenizerFrontend, gen: Generation, fmt: FormatRequest | None,
               limits: Limits) -> Generation:
     """``gen`` with its format's grammar; a format that can't be enforced, or whose
     source is over the size limit, is a 400."""
     if fmt is None:
         return gen
-    source = fmt.spec[0] if fmt.kind == "tools" else fmt.spec
-    if fmt.kind == "choice":
+    source = fmt.format.source
+    if isinstance(fmt.format, ChoiceFormat):
         bounded(source, limits.max_choice_options, f"'{fmt.param}' options", fmt.param)
     size = json_size(source)
     if size > limits.max_grammar_bytes:
         raise over(f"'{fmt.param}' size in bytes", size, limits.max_grammar_bytes, fmt.param)
     try:
-        c = frontend.constrain(fmt.kind, fmt.spec, gen.reasoning_open, gen.thinking)
+        c = frontend.constrain(fmt.format, gen.reasoning_open, gen.thinking)
     except ValueError as e:
         raise invalid(f"'{fmt.param}' can't be enforced: {e}", param=fmt.param)
-    gen.sampling = replace(gen.sampling, constraint=c)
-    gen.bare_tool_call = c.bare_tool_call
-    gen.format = fmt.kind
-    return gen
+    return replace(gen, sampling=replace(gen.sampling, constraint=c),
+                   bare_tool_call=c.bare_tool_call, format=fmt.format.kind)
 
 
-def one_format(*formats: Format | None) -> Format | None:
+def json_format(fmt: Any, schema_of: Any, param: str) -> FormatRequest | None:
+    """OpenAI's shape of a JSON format, ``{"type": text | json_object | json_schema}``
+    (Chat's ``response_format``, Responses' ``text.format``): ``schema_of`` is where the
+    schema sits (a dict holding ``schema``), read only for json_schema. Always enforced,
+    ``strict`` or not: a schema that can't be enforced is a 400, never a hope."""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if fmt is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return FormatRequest(JsonFormat(), param)
+    if kind == "json_schema":
+        if not isinstance(schema_of, dict):
+            raise invalid(f"'{param}' needs its schema in an object", param=param)
+        schema = schema_of.get("schema")
+        return FormatRequest(JsonFormat(None if schema is None else
+                                        schema_object(schema, f"{param}.schema")), param)
+    raise invalid(f"'{param}.type' must be text, json_object or json_schema", param=param)
+
+
+def one_format(*formats: FormatRequest | None) -> FormatRequest | None:
     """At most one format per request (a schema and a forced tool call can't both hold)."""
     given = [f for f in formats if f is not None]
     if len(given) > 1:
@@ -334,7 +315,7 @@ def cache_salt(body: dict) -> str | None:
 @dataclass(frozen=True)
 class ToolChoice:
     parse: bool  # parse tool calls out of the text
-    forced: Format | None = None  # the reply must be a call (of one named tool)
+    forced: FormatRequest | None = None  # the reply must be a call (of one named tool)
 
 
 def tool_choice(kind: str | None, name: Any, tools: list[dict] | None, parallel: bool,
@@ -355,8 +336,8 @@ def tool_choice(kind: str | None, name: Any, tools: list[dict] | None, parallel:
     if kind in ("function", "tool"):
         if not isinstance(name, str):  # whether it is in 'tools': the grammar checks
             raise invalid(f"'{param}' must name a tool", param=param)
-        return ToolChoice(True, Format("tools", (tools, name, False), param))
-    return ToolChoice(True, Format("tools", (tools, None, parallel), param))
+        return ToolChoice(True, FormatRequest(ToolCallFormat(tuple(tools), name), param))
+    return ToolChoice(True, FormatRequest(ToolCallFormat(tuple(tools), None, parallel), param))
 
 
 # Arguments of the tokenizer's ``apply_chat_template`` and of tokenizing: they would
@@ -433,7 +414,7 @@ def check_messages(messages: Any, limits: Limits, param: str = "messages") -> li
     return messages
 
 
-def render(frontend: Frontend, msgs: list[dict], tools: list[dict] | None,
+def render(frontend: TokenizerFrontend, msgs: list[dict], tools: list[dict] | None,
            kwargs: dict | None, continue_final: bool = False) -> Any:
     """The chat template's prompt; a template that rejects the conversation is a 400."""
     if tools is not None and (not isinstance(tools, list)

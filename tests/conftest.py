@@ -1,1 +1,1 @@
-import blockserve.engine  # noqa: F401  (first: preloads OpenBLAS before anything imports mlx)
+import blockserve.engine.runtime  # noqa: F401  (first: preloads OpenBLAS before anything imports mlx)

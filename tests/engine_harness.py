@@ -8,7 +8,7 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import greedy_sampler
 
-from blockserve.engine.worker import EngineWorker
+from blockserve.engine.runtime.worker import EngineWorker
 from blockserve.scheduler import Request, SamplingParams, Scheduler
 from blockserve.stack import StackConfig, build_stack
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from blockserve.engine.frontend import TokenizerFrontend
-from blockserve.engine.worker import EngineWorker
+from blockserve.engine.text.frontend import TokenizerFrontend
+from blockserve.engine.runtime.worker import EngineWorker
 from blockserve.scheduler import Scheduler
 from blockserve.stack import StackConfig, build_stack
 
@@ -51,3 +51,32 @@ async def metrics(url) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
+
+
+@contextlib.asynccontextmanager
+async def serve_scripted(tokenizer, model: str, scripts: list[str], *, max_context: int = 4096,
+                         token_delay: float = 0.0, default_max_tokens: int = 64,
+                         api_keys: tuple[str, ...] = (), **config):
+    """The real app on a scripted generator (``tests.fakes.ScriptedGenerator``): replies
+    are ``scripts`` in turn, tokenized by ``tokenizer``; ``config``: ``SchedulerConfig``
+    fields. Yields (url, generator, scheduler, frontend); checks nothing stays pinned."""
+    from blockserve.engine.models.loader import resolve
+    from blockserve.kvpool import BlockPool
+    from blockserve.scheduler import SchedulerConfig
+    from blockserve.server.app import ServerConfig, create_app
+    from tests.fakes import ScriptedGenerator
+
+    gen = ScriptedGenerator(block_size=16, tokenizer=tokenizer, scripts=list(scripts),
+                            token_delay=token_delay, max_context=max_context)
+    sched = Scheduler(gen, BlockPool(16, 256 << 20), SchedulerConfig(**config))
+    frontend = TokenizerFrontend([model], tokenizer, resolve(model)[1])
+    app = create_app(sched, frontend, ServerConfig(default_max_tokens, list(api_keys)))
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", gen, sched, frontend
+    finally:
+        await runner.cleanup()
+    assert sched.pool.stats().blocks_pinned == 0 and gen.active == 0

@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from blockserve.engine.frontend import TokenizerFrontend
-from blockserve.engine.model import resolve
+from blockserve.engine.text.frontend import TokenizerFrontend
+from blockserve.engine.models.loader import resolve
 from blockserve.kvpool import BlockPool
 from blockserve.scheduler import Scheduler, SchedulerConfig
 from blockserve.server.app import ServerConfig, create_app

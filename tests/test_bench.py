@@ -10,7 +10,7 @@ from blockserve.bench.stats import distinct_prefix_tokens, summarize
 from blockserve.bench.tokens import ServerTokenizer
 from blockserve.bench.workloads import agent_sessions, claude_code_sessions, no_sharing, \
     shared_prefix
-from blockserve.engine.worker import EngineWorker
+from blockserve.engine.runtime.worker import EngineWorker
 from tests.server_harness import serve
 
 

@@ -128,3 +128,67 @@ def test_serve_then_sigterm_past_the_drain_timeout_aborts_and_exits_zero():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_inputs_that_crashed_the_process_are_400s_and_slow_headers_are_cut():
+    """The ids that segfaulted the process (issue 18) in a real server process: each is a
+    400, the server still serves and exits 0. A connection whose headers never end is
+    closed after --idle-timeout."""
+    proc, url = start("--model", "demo:tiny", "--idle-timeout", "2")
+    try:
+        for ids in ([2147483647], [1030], [-1], [2**31], [2**63]):
+            code, err, _ = post(url + "/v1/completions", {"prompt": ids, "max_tokens": 1})
+            assert code == 400 and "vocabulary" in err["error"]["message"], err
+        code, err, _ = post(url + "/detokenize", {"tokens": [2147483647]})
+        assert code == 400
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            slow.settimeout(20)
+            t0 = time.monotonic()
+            assert slow.recv(1024) == b""  # closed by the server, not by our timeout
+            assert time.monotonic() - t0 < 15
+        code, ok, _ = post(url + "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2})
+        assert code == 200 and ok["choices"][0]["finish_reason"] in ("length", "stop")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# A server whose engine thread dies at its first step (the test's doing, not a hook in
+# the production class): every request fails, health says so, and the process exits 1.
+_DYING = """
+import sys
+from blockserve.engine.runtime.worker import EngineWorker
+def die(self):
+    raise SystemExit("the engine thread died")
+EngineWorker._step = die
+from blockserve.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_when_the_engine_thread_dies_the_process_exits_nonzero():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _DYING, "serve", "--port", str(port),
+                             "--model", "demo:tiny"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(1200):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.1)
+        code, err, _ = post(url + "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2})
+        assert code == 500 and "engine stopped" in err["error"]["message"]
+        assert proc.wait(30) == 1
+        assert "exiting: the engine stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -13,7 +13,7 @@ import xxhash
 
 from blockserve.kvpool.disk import _CHECKSUM, _HEADER
 from tests.engine_harness import assert_idle, make_scheduler, reference_tokens, run, run_many
-from blockserve.engine.model import DEFAULT_MODEL
+from blockserve.engine.models.loader import DEFAULT_MODEL
 from tests.test_exactness import BS, SYSTEM, _worker_and_reference, chat
 
 N = 12

@@ -382,9 +382,10 @@ async def test_small_ram_and_a_disk_tier_keep_the_working_set(tmp_path):
 
 
 def test_the_servers_tenant_scope_flushes_that_tenant_on_disk(tmp_path):
-    """``server.app.tenant_scope`` (what /v1/cache/reset passes for a tenant key) reaches
-    the disk tier: the tenant's files go, including its nested request salts."""
-    from blockserve.server.app import cache_salt, tenant_scope
+    """``server.admin.tenant_scope`` (what /v1/cache/reset passes for a tenant key)
+    reaches the disk tier: the tenant's files go, including its nested request salts."""
+    from blockserve.server.admin import tenant_scope
+    from blockserve.server.runtime import cache_salt
 
     mine = [Namespace("fake-model", cache_salt("t" * 32, s)) for s in (None, "x")]
     other = Namespace("fake-model", cache_salt("u" * 32, None))

@@ -8,12 +8,12 @@ import pytest
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import load
 
-from blockserve.engine.chat import render_chat
-from blockserve.engine.demo import demo_spec, ensure_demo_model, parse_demo_id
-from blockserve.engine.kvblocks import CacheLayout, blocks_from_cache, cache_from_blocks
-from blockserve.engine.model import resolve
-from blockserve.engine.sampling import greedy, make_sampler
-from blockserve.engine.text import IncrementalDetokenizer, StopStringFilter
+from blockserve.engine.text.chat import render_chat
+from blockserve.engine.models.demo import demo_spec, ensure_demo_model, parse_demo_id
+from blockserve.engine.runtime.kvblocks import CacheLayout, blocks_from_cache, cache_from_blocks
+from blockserve.engine.models.loader import resolve
+from blockserve.engine.runtime.sampling import greedy, make_sampler
+from blockserve.engine.text.streaming import IncrementalDetokenizer, StopStringFilter
 from blockserve.kvpool import TIER_CONVERSATION, TIER_SYSTEM
 from blockserve.scheduler import SamplingParams
 
@@ -144,7 +144,7 @@ def test_demo_ids_and_cached_builds(tmp_path):
 
 
 def test_openblas_is_preloaded_when_present():
-    from blockserve.engine.blas import active_blas, find_openblas
+    from blockserve.engine.runtime.blas import active_blas, find_openblas
 
     if find_openblas() is None:
         pytest.skip("no OpenBLAS on this machine")

@@ -5,10 +5,10 @@ import mlx.core as mx
 import pytest
 from mlx_lm.utils import load
 
-from blockserve.engine.chat import render_chat
-from blockserve.engine.kvblocks import KVBlock
-from blockserve.engine.model import DEFAULT_MODEL, resolve
-from blockserve.engine.worker import EngineWorker
+from blockserve.engine.text.chat import render_chat
+from blockserve.engine.runtime.kvblocks import KVBlock
+from blockserve.engine.models.loader import DEFAULT_MODEL, resolve
+from blockserve.engine.runtime.worker import EngineWorker
 from tests.engine_harness import assert_idle, make_scheduler, reference_tokens, run, run_many
 
 N = 12  # generated tokens per request

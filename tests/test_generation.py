@@ -2,7 +2,7 @@
 
 import pytest
 
-from blockserve.engine.worker import EngineWorker
+from blockserve.engine.runtime.worker import EngineWorker
 from blockserve.scheduler import Request, SamplingParams
 from tests.engine_harness import assert_idle, make_scheduler
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from mlx_lm.utils import load
 
-from blockserve.engine.demo import demo_spec, ensure_demo_model
-from blockserve.engine.gguf import GGUFError, convert_gguf
+from blockserve.engine.models.demo import demo_spec, ensure_demo_model
+from blockserve.engine.models.gguf import GGUFError, convert_gguf
 from tests.engine_harness import reference_tokens
 
 Q = gguf.GGMLQuantizationType
@@ -199,7 +199,7 @@ def test_k_quants_are_read():
     sub-scales 1 and every nibble 3 holds 3.0 everywhere."""
     from types import SimpleNamespace
 
-    from blockserve.engine.gguf import _dequantize
+    from blockserve.engine.models.gguf import _dequantize
 
     block = np.zeros(144, dtype=np.uint8)
     block[:2] = np.array([1.0], dtype=np.float16).view(np.uint8)  # d
@@ -254,7 +254,7 @@ def test_weights_are_chosen_by_device(converted):
     also runs on the CPU, slowly)."""
     import mlx.nn as nn
 
-    from blockserve.engine.model import weights_for_device
+    from blockserve.engine.models.loader import weights_for_device
 
     _, _, out, _ = converted
     assert json.loads((out / "config.json").read_text())["blockserve_gguf"] is True

@@ -6,7 +6,7 @@ import json
 import pytest
 from mlx_lm.tool_parsers import json_tools, qwen3_coder
 
-from blockserve.engine.output import Markers, OutputParser
+from blockserve.engine.text.output import Markers, OutputParser
 
 QWEN = Markers("<think>", "</think>", json_tools.tool_call_start, json_tools.tool_call_end,
                json_tools.parse_tool_call)

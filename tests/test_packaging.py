@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from blockserve.engine.worker import EngineWorker
+from blockserve.engine.runtime.worker import EngineWorker
 from tests.server_harness import serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +65,31 @@ code = main(sys.argv[1:])
 assert not any(m.split(".")[0] in ("mlx", "mlx_lm") for m in sys.modules), "MLX loaded"
 sys.exit(code)
 """
+
+
+# The modules that must load without MLX: the engine's root and text side, the server,
+# the scheduler and the pool (the server renders, tokenizes and parses with them).
+MLX_FREE = ["blockserve.engine", "blockserve.engine.text.frontend",
+            "blockserve.engine.text.chat", "blockserve.engine.text.output",
+            "blockserve.engine.text.structured", "blockserve.engine.text.streaming",
+            "blockserve.server.app", "blockserve.scheduler", "blockserve.kvpool"]
+
+
+@pytest.mark.parametrize("module", MLX_FREE)
+def test_the_text_side_and_the_server_import_no_mlx(module):
+    probe = NO_MLX.split("from blockserve.cli")[0] + f"""
+import importlib
+importlib.import_module({module!r})
+assert not any(m.split(".")[0] in ("mlx", "mlx_lm") for m in sys.modules), "MLX loaded"
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_the_mlx_block_catches_a_module_that_loads_mlx():
+    probe = NO_MLX.split("from blockserve.cli")[0] + "import blockserve.engine.runtime\n"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode != 0 and "no MLX here" in out.stderr
 
 
 @pytest.fixture(scope="module")

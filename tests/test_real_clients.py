@@ -1,7 +1,8 @@
-"""Real coding agents against the server: Claude Code (Anthropic API) and OpenCode
-(OpenAI API) from npm, two turns each on a tiny demo model, with no workaround
-variables. Each must exit 0 with no API error, and its second turn must be served
-from the cache through the system prompt and the tool list.
+"""Real coding agents against the server: Claude Code (Anthropic API), OpenCode
+(OpenAI API) and Codex (OpenAI Responses API) from npm, two turns each on a tiny demo
+model (Codex's scripted to call a tool), with no workaround variables. Each must exit 0
+with no API error, and its second turn must be served from the cache through the
+system prompt and the tool list.
 
 The clients are installed once into ~/.cache/blockserve/clients (pinned versions). If
 npm itself can't be reached the tests skip, and say so loudly."""
@@ -15,31 +16,36 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from blockserve.engine.worker import EngineWorker
+from blockserve.engine.runtime.worker import EngineWorker
+from blockserve.engine.text.structured import ToolCallFormat
 from blockserve.kvpool import TIER_SYSTEM
-from tests.server_harness import serve
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+from blockserve.engine.models.loader import resolve
+from tests.server_harness import serve, serve_scripted
 
 CLIENTS = {"@anthropic-ai/claude-code": "2.1.330", "opencode-ai": "1.18.33"}
+CODEX = {"@openai/codex": "0.171.0"}  # its own folder: the others stay installed
 MODEL = "demo:tiny"
 HOME = Path(os.environ.get("BLOCKSERVE_HOME") or Path.home() / ".cache" / "blockserve")
 
 
-def _install() -> Path:
-    root = HOME / "clients" / "-".join(f"{k.split('/')[-1]}{v}" for k, v in CLIENTS.items())
+def _install(clients: dict[str, str] = CLIENTS,
+             names: tuple[str, ...] = ("claude", "opencode")) -> Path:
+    root = HOME / "clients" / "-".join(f"{k.split('/')[-1]}{v}" for k, v in clients.items())
     bins = root / "node_modules" / ".bin"
-    if all((bins / b).exists() for b in ("claude", "opencode")):
+    if all((bins / b).exists() for b in names):
         return bins
     npm = shutil.which("npm")
     if npm is None:
         _loud_skip("npm is not installed")
-    probe = subprocess.run([npm, "view", "opencode-ai", "version"], capture_output=True,
+    probe = subprocess.run([npm, "view", next(iter(clients)), "version"], capture_output=True,
                            text=True, timeout=120)
     if probe.returncode != 0:
         _loud_skip(f"npm can't reach its registry: {probe.stderr.strip()[-300:]}")
     root.mkdir(parents=True, exist_ok=True)
     subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(root),
-                    *(f"{k}@{v}" for k, v in CLIENTS.items())],
+                    *(f"{k}@{v}" for k, v in clients.items())],
                    check=True, capture_output=True, timeout=600)
     return bins
 
@@ -116,9 +122,9 @@ def _check_tools_can_be_forced(frontend, tools):
     """A forced tool choice over the client's real tools compiles: the grammar engine
     takes every schema these agents send."""
     assert len(tools) >= 5, [t.get("function", t).get("name") for t in tools]
-    frontend.constrain("tools", (tools, None, True))
+    frontend.constrain(ToolCallFormat(tuple(tools), None, True))
     for t in tools:
-        frontend.constrain("tools", (tools, t["function"]["name"], False))
+        frontend.constrain(ToolCallFormat(tuple(tools), t["function"]["name"]))
 
 
 def _check_second_turn(first, second):
@@ -176,3 +182,48 @@ async def test_opencode_two_turns(bins, worker, tmp_path):
         _check_second_turn(turn1, rec.since(mark))
         _check_tools_can_be_forced(srv.frontend, rec.tools)
         assert srv.scheduler.pool.stats().blocks_pinned == 0
+
+
+CODEX_SCRIPTS = [  # the model's replies: a call of Codex's shell tool, then answers
+    '<think>\nRun it.\n</think>\n\n<tool_call>\n{"name": "exec_command", "arguments": '
+    '{"cmd": "echo blockserve-ok"}}\n</tool_call>',
+    "It printed blockserve-ok.",
+    "Hi."]
+
+
+@pytest.fixture(scope="module")
+def codex():
+    return _install(CODEX, ("codex",)) / "codex"
+
+
+async def test_codex_two_turns(codex, tmp_path):
+    """``codex exec`` runs the command the model calls and returns its output to the
+    model; ``codex exec resume --last`` is served from the cache."""
+    tokenizer = load_tokenizer(Path(resolve(MODEL)[1]))
+    async with serve_scripted(tokenizer, MODEL, CODEX_SCRIPTS, max_context=1 << 17,
+                              default_max_tokens=512) as (url, _, sched, frontend):
+        rec = Recorder(sched, frontend)
+        env = _env(tmp_path, CODEX_HOME=str(tmp_path / "home" / ".codex"))
+        (tmp_path / "home" / ".codex").mkdir(parents=True)
+        work = tmp_path / "project"
+        work.mkdir()
+        provider = f'{{name="bs",base_url="{url}/v1",wire_api="responses"}}'
+        # No sandbox: CI containers may lack the user namespaces bubblewrap needs, and
+        # what is tested here is the server, not Codex's sandbox.
+        cmd = [str(codex), "exec", "-m", MODEL, "--skip-git-repo-check",
+               "-s", "danger-full-access", "-c", "model_provider=bs",
+               "-c", f"model_providers.bs={provider}"]
+        out1 = await _run(cmd + ["List the files here."], work, env)
+        turn1 = rec.since(0)
+        mark = rec.mark()
+        out2 = await _run(cmd + ["resume", "--last", "Now say hi."], work, env)
+        turn2 = rec.since(mark)
+        assert "It printed blockserve-ok." in out1 and "Hi." in out2.split("user")[-1]
+        assert len(turn1) == 2 and len(turn2) == 1, (len(turn1), len(turn2))
+        answered = tokenizer.decode(turn1[1][0].prompt)  # the command's output came back
+        assert "<tool_response>" in answered and "blockserve-ok" in answered.split(
+            "<tool_response>")[-1]
+        _check_second_turn(turn1, turn2)
+        (_, usage), = turn2
+        assert usage.cached_tokens >= 0.9 * usage.prompt_tokens, usage
+        _check_tools_can_be_forced(frontend, rec.tools)

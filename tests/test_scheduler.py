@@ -331,3 +331,91 @@ async def test_a_request_hashes_each_block_once(monkeypatch):
     assert len(calls) == 1 + 6
     assert len(set(calls)) == len(calls)
     assert_idle(sched, gen, pool)
+
+
+# ---- tenants: fair shares, scoped flushes; the engine dying -------------------------------
+
+
+async def test_one_tenant_filling_every_slot_leaves_one_for_another():
+    """A key with 16 unbounded streams can't delay another key's short request: a slot
+    is kept for other tenants, and it starts at once."""
+    sched, gen, pool = make(SchedulerConfig(max_running=16, tenant_headroom=1),
+                             token_delay=0.01)
+    hog = [sched.submit(Request([7, i, 1, 2], SamplingParams(max_tokens=10_000),
+                                tenant="a")) for i in range(16)]
+    await asyncio.sleep(0.03)
+    assert sched.num_running_of("a") == 15 and sched.num_waiting_of("a") == 1
+    short = sched.submit(Request([9, 9, 9], SamplingParams(max_tokens=2), tenant="b"))
+    assert sched.num_running_of("b") == 1  # admitted on submit, no wait for a slot
+    tokens, last = await asyncio.wait_for(collect(short), 1)
+    assert last.finish_reason == "length" and tokens == expected_tokens([9, 9, 9], 2)
+    for s in hog:
+        s.cancel()
+    assert_idle(sched, gen, pool)
+
+
+async def test_freed_slots_go_round_robin_across_tenants():
+    """As slots free, the tenant with the fewest running requests goes first, whatever
+    order the requests came in."""
+    sched, gen, pool = make(SchedulerConfig(max_running=2), token_delay=0.005)
+    streams = [sched.submit(Request([1, i, 3], SamplingParams(max_tokens=3), tenant="a"))
+               for i in range(6)]
+    streams.append(sched.submit(Request([2, 2, 2], SamplingParams(max_tokens=3),
+                                        tenant="b")))
+    await asyncio.gather(*(collect(s) for s in streams))
+    order = [spec.seq_id for spec in gen.inserted]
+    b_id = streams[-1].request_id
+    assert order.index(b_id) <= 2  # the first slot that freed, not after a's whole queue
+    assert_idle(sched, gen, pool)
+
+
+async def test_a_tenant_holds_only_its_share_of_the_queue():
+    sched, gen, pool = make(SchedulerConfig(max_running=1, max_queue=4), token_delay=0.01)
+    streams = [sched.submit(Request([1, i, 3], SamplingParams(max_tokens=50), tenant="a"))
+               for i in range(5)]  # one running, four waiting: the queue is full
+    with pytest.raises(QueueFullError, match="queue is full"):
+        sched.submit(Request([1, 9, 3], tenant="a"))
+    # another tenant is under its share: queued even though the queue is full
+    streams.append(sched.submit(Request([2, 2, 2], SamplingParams(max_tokens=1),
+                                        tenant="b")))
+    with pytest.raises(QueueFullError, match="its share of the queue"):
+        sched.submit(Request([1, 8, 3], tenant="a"))
+    for s in streams:
+        s.cancel()
+    assert_idle(sched, gen, pool)
+
+
+async def test_a_scoped_reset_flushes_only_that_tenant():
+    sched, gen, pool = make()
+    prompt = list(range(1, 19))
+    for salt in ("tenant:a", "tenant:a\0salt:x", "tenant:b", "tenant:ab"):
+        await collect(sched.submit(Request(prompt, SamplingParams(max_tokens=1),
+                                           cache_salt=salt)))
+    mine = lambda ns: ns.cache_salt in ("tenant:a", "tenant:a\0salt:x")  # noqa: E731
+    blocks, nbytes = pool.usage(mine)
+    assert blocks == 8 and nbytes == 8 * 64 and len(pool) == 16
+    assert sched.reset_cache(mine) is True
+    assert pool.usage(mine) == (0, 0) and len(pool) == 8
+    _, b = await collect(sched.submit(Request(prompt, SamplingParams(max_tokens=1),
+                                              cache_salt="tenant:b")))
+    assert b.usage.cached_tokens == 16  # the other tenant's cache is untouched
+    assert_idle(sched, gen, pool)
+
+
+async def test_when_the_engine_dies_every_request_ends_and_nothing_more_is_taken():
+    from blockserve.scheduler.protocol import EngineFailedEvent
+
+    sched, gen, pool = make(SchedulerConfig(max_running=1), token_delay=0.01)
+    running = sched.submit(Request([1, 2, 3], SamplingParams(max_tokens=100)))
+    waiting = sched.submit(Request([4, 5, 6], SamplingParams(max_tokens=100)))
+    await asyncio.sleep(0.02)
+    sched._on_event(EngineFailedEvent("RuntimeError: boom"))
+    for s in (running, waiting):
+        _, last = await collect(s)
+        assert last.finish_reason == "error" and "boom" not in last.error
+    assert sched.failed and sched.stopped.is_set()
+    with pytest.raises(SchedulerError, match="engine stopped"):
+        sched.submit(Request([1, 2, 3]))
+    gen.abort(running.request_id)
+    assert sched.num_running == 0 and sched.num_waiting == 0
+    assert pool.stats().blocks_pinned == 0

@@ -11,8 +11,8 @@ import openai
 import pytest
 from mlx_lm.utils import load
 
-from blockserve.engine.model import resolve
-from blockserve.engine.worker import EngineWorker
+from blockserve.engine.models.loader import resolve
+from blockserve.engine.runtime.worker import EngineWorker
 from tests.engine_harness import reference_tokens
 from tests.server_harness import metrics, serve
 

@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlx_lm.utils import load
 
-from blockserve.engine.model import DEFAULT_MODEL, resolve
-from blockserve.engine.sampling import GrammarProcessor
-from blockserve.engine.structured import Grammars, JsonCloser
-from blockserve.engine.worker import EngineWorker
+from blockserve.engine.models.loader import DEFAULT_MODEL, resolve
+from blockserve.engine.runtime.sampling import GrammarProcessor
+from blockserve.engine.text.structured import Grammars, JsonCloser
+from blockserve.engine.runtime.worker import EngineWorker
 from tests.engine_harness import reference_tokens
 from tests.server_harness import metrics, serve
 

@@ -23,10 +23,14 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import make_prompt_cache
 
-from blockserve.engine import blas
-from blockserve.engine.kvblocks import KVBlockCodec, blocks_from_cache, cache_from_blocks
-from blockserve.engine.model import LoadedModel, load_model
-from blockserve.engine.sampling import (
+from blockserve.engine.runtime import blas
+from blockserve.engine.runtime.kvblocks import (
+    KVBlockCodec,
+    blocks_from_cache,
+    cache_from_blocks,
+)
+from blockserve.engine.models.loader import LoadedModel, load_model
+from blockserve.engine.runtime.sampling import (
     GrammarProcessor,
     Guard,
     greedy,
@@ -34,8 +38,8 @@ from blockserve.engine.sampling import (
     make_sampler,
     token_logprobs,
 )
-from blockserve.engine.structured import Grammars
-from blockserve.engine.text import IncrementalDetokenizer, StopStringFilter
+from blockserve.engine.text.structured import Grammars
+from blockserve.engine.text.streaming import IncrementalDetokenizer, StopStringFilter
 from blockserve.kvpool import TIER_GENERATED, Namespace
 from blockserve.scheduler.protocol import (
     BlocksEvent,
@@ -95,6 +99,8 @@ class EngineWorker:
         self._prefill_batch_size = prefill_batch_size or default_prompt_concurrency()
         self._prefill_step_size = prefill_step_size
         self._commands: queue.Queue = queue.Queue()
+        self._stopped = False  # the thread has ended: no command will be read again
+        self._stop_lock = threading.Lock()  # orders a call's put against the thread's end
         self._emit: Callable[[EngineEvent], None] | None = None
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
@@ -143,10 +149,11 @@ class EngineWorker:
 
     def run_sync(self, fn: Callable[[LoadedModel], object]) -> object:
         """Run ``fn(loaded_model)`` on the engine thread and wait (tests, tools)."""
-        if not self._thread.is_alive():
-            raise RuntimeError("the engine thread has stopped")
         done: queue.Queue = queue.Queue()
-        self._commands.put(("call", (fn, done)))
+        with self._stop_lock:
+            if self._stopped:
+                raise RuntimeError("the engine thread has stopped")
+            self._commands.put(("call", (fn, done)))
         ok, value = done.get()
         if not ok:
             raise value
@@ -165,7 +172,21 @@ class EngineWorker:
             log.exception("the engine thread died")
             self._send(EngineFailedEvent(f"{type(e).__name__}: {e}"))
         finally:
+            self._refuse_calls()
             mx.clear_streams()  # MLX needs this at the end of every thread that used it
+
+    def _refuse_calls(self) -> None:
+        """No command is read after this: a caller waiting on ``run_sync`` gets an error
+        instead of waiting forever."""
+        with self._stop_lock:
+            self._stopped = True
+        while True:
+            try:
+                cmd, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd == "call":
+                arg[1].put((False, RuntimeError("the engine thread has stopped")))
 
     def _serve(self) -> None:
         try:
@@ -216,8 +237,13 @@ class EngineWorker:
         )
 
     def _send(self, event: EngineEvent) -> None:
-        if self._emit is not None:
+        if self._emit is None:
+            return
+        try:
             self._emit(event)
+        except RuntimeError:  # the listener's loop has closed: nobody is left to tell
+            log.debug("dropped an event for %s: the scheduler's loop is closed",
+                      event.seq_id)
 
     def _handle(self, cmd: str, arg, stream) -> None:
         if cmd == "insert":

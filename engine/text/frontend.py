@@ -7,11 +7,10 @@ engine, so it never touches MLX.
 
 from __future__ import annotations
 
-from typing import Any
 
-from blockserve.engine.chat import RenderedPrompt, render_chat
-from blockserve.engine.output import CONTENT, REASONING, TOOL, Markers, OutputParser, json_call
-from blockserve.engine.structured import Constraint, Grammars
+from blockserve.engine.text.chat import RenderedPrompt, render_chat
+from blockserve.engine.text.output import CONTENT, REASONING, TOOL, Markers, OutputParser, json_call
+from blockserve.engine.text.structured import Constraint, Format, Grammars
 
 
 class TokenizerFrontend:
@@ -42,25 +41,14 @@ class TokenizerFrontend:
     def decode(self, tokens: list[int]) -> str:
         return self._tok.decode(tokens)
 
-    def constrain(self, kind: str, spec: Any, reasoning_open: bool = False,
+    def constrain(self, fmt: Format, reasoning_open: bool = False,
                   thinking: bool = False) -> Constraint:
-        """Compile a format: ``json`` (a schema, or None for any object), ``regex``,
-        ``choice`` (a list of strings) or ``tools`` ((tools, name or None, parallel)).
-        ``reasoning_open``: the prompt ends inside a think block; ``thinking``: the
-        request asked for thinking, which may come before the constrained answer.
-        Raises ``GrammarError`` (a ValueError) with the reason it can't be enforced."""
+        """Compile a format. ``reasoning_open``: the prompt ends inside a think block;
+        ``thinking``: the request asked for thinking, which may come before the
+        constrained answer. Raises ``GrammarError`` (a ValueError) with the reason it
+        can't be enforced."""
         g = self._grammars
-        if kind == "json":
-            c = g.json_schema(spec)
-        elif kind == "regex":
-            c = g.regex(spec)
-        elif kind == "choice":
-            c = g.choice(spec)
-        elif kind == "tools":
-            c = g.tool_calls(*spec)
-        else:
-            raise ValueError(f"unknown format kind {kind!r}")
-        return g.with_reasoning(c, reasoning_open, thinking)
+        return g.with_reasoning(g.compile(fmt), reasoning_open, thinking)
 
     def output_parser(self, tools: list[dict] | None = None, parse_tools: bool = False,
                       reasoning_open: bool = False, structured: bool = True,

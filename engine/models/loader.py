@@ -14,10 +14,10 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load
 
-from blockserve.engine.builtin import BUILTIN_MODEL, ensure_builtin_model, ensure_gguf_model
-from blockserve.engine.gguf import GGUF_SOURCE_KEY
-from blockserve.engine.demo import ensure_demo_model, parse_demo_id
-from blockserve.engine.kvblocks import CacheLayout
+from blockserve.engine.models.builtin import BUILTIN_MODEL, ensure_builtin_model, ensure_gguf_model
+from blockserve.engine.models.gguf import GGUF_SOURCE_KEY
+from blockserve.engine.models.demo import ensure_demo_model, parse_demo_id
+from blockserve.engine.runtime.kvblocks import CacheLayout
 
 DEFAULT_MODEL = BUILTIN_MODEL
 log = logging.getLogger(__name__)

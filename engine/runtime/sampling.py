@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
-from blockserve.engine.structured import Constraint, JsonCloser
+from blockserve.engine.text.structured import Constraint, JsonCloser
 from blockserve.scheduler.protocol import SamplingParams
 
 log = logging.getLogger(__name__)

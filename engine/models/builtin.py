@@ -18,8 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from blockserve.engine.demo import cache_home
-from blockserve.engine.gguf import GGUFError, convert_gguf
+from blockserve.engine.models.demo import cache_home
+from blockserve.engine.models.gguf import GGUFError, convert_gguf
 
 log = logging.getLogger(__name__)
 

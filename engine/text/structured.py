@@ -22,7 +22,7 @@ import logging
 import re
 import threading
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar, Union
 
 import llguidance as llg
 
@@ -34,6 +34,60 @@ MAX_PARALLEL_CALLS = 8  # a forced choice with parallel calls allows 1 to this m
 
 class GrammarError(ValueError):
     """A format the grammar engine can't compile or enforce; the message says why."""
+
+
+@dataclass(frozen=True)
+class JsonFormat:
+    """A JSON document of ``schema``, or any JSON object (JSON mode) when it is None."""
+
+    schema: dict | None = None
+    kind: ClassVar[str] = "json"
+
+    @property
+    def source(self) -> Any:
+        return self.schema
+
+
+@dataclass(frozen=True)
+class RegexFormat:
+    """Text that matches ``pattern`` whole."""
+
+    pattern: str
+    kind: ClassVar[str] = "regex"
+
+    @property
+    def source(self) -> Any:
+        return self.pattern
+
+
+@dataclass(frozen=True)
+class ChoiceFormat:
+    """Exactly one of ``options``."""
+
+    options: tuple[str, ...]
+    kind: ClassVar[str] = "choice"
+
+    @property
+    def source(self) -> Any:
+        return list(self.options)
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """A call of the tool named ``name``, or of any of ``tools`` (several if
+    ``parallel``), in the model's own call format where it has a JSON one."""
+
+    tools: tuple[dict, ...]
+    name: str | None = None
+    parallel: bool = False
+    kind: ClassVar[str] = "tools"
+
+    @property
+    def source(self) -> Any:
+        return list(self.tools)
+
+
+Format = Union[JsonFormat, RegexFormat, ChoiceFormat, ToolCallFormat]
 
 
 @dataclass(frozen=True)
@@ -91,6 +145,18 @@ class Grammars:
             return self._vocab
 
     # ---- formats -------------------------------------------------------------
+
+    def compile(self, fmt: Format) -> Constraint:
+        """The grammar of a format; ``GrammarError`` says why one can't be enforced."""
+        if isinstance(fmt, JsonFormat):
+            return self.json_schema(fmt.schema)
+        if isinstance(fmt, RegexFormat):
+            return self.regex(fmt.pattern)
+        if isinstance(fmt, ChoiceFormat):
+            return self.choice(list(fmt.options))
+        if isinstance(fmt, ToolCallFormat):
+            return self.tool_calls(list(fmt.tools), fmt.name, fmt.parallel)
+        raise GrammarError(f"unknown format {fmt!r}")
 
     def json_schema(self, schema: dict | None) -> Constraint:
         """Any JSON object (JSON mode) when ``schema`` is None."""

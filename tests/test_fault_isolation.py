@@ -1,0 +1,140 @@
+"""One sequence's failure is its own: the engine charges it to that sequence, rebuilds
+the batch for the others (who go on with exactly their tokens), and a dead engine
+thread ends every request and tells the scheduler, never hangs it."""
+
+import asyncio
+import threading
+
+import pytest
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.utils import load
+
+import blockserve.engine.runtime.sampling as sampling
+from blockserve.engine.models.loader import resolve
+from blockserve.engine.runtime.worker import EngineWorker
+from blockserve.scheduler import Request, SamplingParams
+from tests.engine_harness import assert_idle, make_scheduler, reference_tokens, run
+
+MODEL = "demo:tiny"
+VICTIM = [5, 17, 99, 3, 250, 12, 8, 40, 7, 61, 33, 2, 90, 14, 77, 21, 6, 18]
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = EngineWorker(MODEL, block_size=16, max_running=8)
+    yield w
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def ref_model():
+    return load(resolve(MODEL)[1])[0]
+
+
+async def _culprit(sched, prompt, sampling_params):
+    outs = [o async for o in sched.submit(Request(prompt, sampling_params))]
+    return outs[-1]
+
+
+async def _started(sched, n=1):
+    while sum(1 for _ in sched._running) < n:  # the victim is decoding before the culprit
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)
+
+
+async def test_a_raising_sampler_fails_its_sequence_alone(worker, ref_model, monkeypatch):
+    real = sampling.apply_min_p
+
+    def min_p(logprobs, p):
+        if abs(p - 0.37) < 1e-9:
+            raise ValueError("this sequence's sampler is broken")
+        return real(logprobs, p)
+
+    monkeypatch.setattr(sampling, "apply_min_p", min_p)
+    sched = make_scheduler(worker)
+    victim = asyncio.create_task(run(sched, VICTIM, 40))
+    await _started(sched)
+    last = await _culprit(sched, [1, 2, 3, 4],
+                          SamplingParams(max_tokens=20, temperature=0.8, min_p=0.37))
+    assert last.finish_reason == "error" and "sampler is broken" in last.error
+    tokens, out = await victim
+    assert out.finish_reason == "length" and out.error is None
+    assert tokens == reference_tokens(ref_model, VICTIM, 40)
+    assert_idle(sched, worker)
+
+
+async def test_a_failed_step_rebuilds_the_batch_and_the_others_go_on_exactly(
+        worker, ref_model, monkeypatch):
+    """A step that raises fails the sequence that joined it; the victim, mid-decode, is
+    resumed from its prompt and generated tokens and ends with mlx-lm's own tokens."""
+    real_next = BatchGenerator.next
+    poisoned = []
+
+    def next_(self):
+        culprits = [s for uid, s in worker._seqs.items()
+                    if uid in worker._fresh and s.spec.prompt[0] == 1000]
+        if culprits and not poisoned:
+            poisoned.append(culprits[0].spec.seq_id)
+            raise RuntimeError("a poisoned batch step")
+        return real_next(self)
+
+    monkeypatch.setattr(BatchGenerator, "next", next_)
+    sched = make_scheduler(worker)
+    victim = asyncio.create_task(run(sched, VICTIM, 48))
+    await _started(sched)
+    last = await _culprit(sched, [1000, 2, 3], SamplingParams(max_tokens=8))
+    assert poisoned, "the poisoned step never ran"
+    assert last.finish_reason == "error" and "poisoned batch step" in last.error
+    tokens, out = await victim
+    assert out.error is None
+    assert tokens == reference_tokens(ref_model, VICTIM, 48)
+    assert_idle(sched, worker)
+
+
+async def test_an_unattributable_failure_never_shows_one_request_another_s_error(
+        worker, monkeypatch):
+    """With several new sequences in the failed step, none is told the error text (it
+    may be another's)."""
+    real_next = BatchGenerator.next
+    calls = []
+
+    def next_(self):
+        if len(worker._fresh) >= 2 and not calls:
+            calls.append(1)
+            raise RuntimeError("secret detail of someone's request")
+        return real_next(self)
+
+    monkeypatch.setattr(BatchGenerator, "next", next_)
+    sched = make_scheduler(worker)
+    gate = threading.Event()  # hold the engine thread so both join one step
+    held = threading.Thread(target=worker.run_sync, args=(lambda m: gate.wait(10),))
+    held.start()
+    await asyncio.sleep(0.05)
+    a = sched.submit(Request([1, 2, 3], SamplingParams(max_tokens=4)))
+    b = sched.submit(Request([4, 5, 6], SamplingParams(max_tokens=4)))
+    gate.set()
+    held.join()
+    lasts = [[o async for o in s][-1] for s in (a, b)]
+    assert calls
+    assert all(o.finish_reason == "error" and "secret" not in o.error for o in lasts)
+    assert_idle(sched, worker)
+
+
+async def test_a_dead_engine_thread_fails_everything_and_is_reported():
+    w = EngineWorker(MODEL, block_size=16, max_running=4)
+    try:
+        sched = make_scheduler(w)
+
+        def die():
+            raise SystemExit("the engine thread is gone")  # escapes every except Exception
+
+        w._step = die  # the next step kills the thread
+        last = [o async for o in sched.submit(Request([1, 2, 3],
+                                                      SamplingParams(max_tokens=4)))][-1]
+        assert last.finish_reason == "error" and "engine stopped" in last.error
+        await asyncio.wait_for(sched.stopped.wait(), 10)
+        assert "the engine thread is gone" in sched.failed
+        with pytest.raises(RuntimeError, match="stopped"):
+            w.run_sync(lambda m: 0)
+    finally:
+        w.close()
