@@ -449,3 +449,31 @@ def test_a_flush_drops_writes_still_queued_for_its_scope(tmp_path):
         {t2.root_key().hex()}
     assert d._resets == []  # nothing left queued: the flush record is gone too
     cache.close(spill=False)
+
+
+class SlowDecode(FakeCodec):
+    def decode(self, data):
+        time.sleep(0.1)
+        return super().decode(data)
+
+
+async def test_a_request_aborted_while_its_blocks_load_leaks_no_pin(tmp_path):
+    prompt = list(range(1, 30))
+    cache = PrefixCache(BlockPool(BS, 1 << 20), disk(tmp_path))
+    fill(cache, NS, prompt[:28], TIER_SYSTEM)
+    cache.close(spill=False)
+    gen = FakeGenerator(block_size=BS)
+    cache = PrefixCache(BlockPool(BS, 1 << 20), DiskTier(str(tmp_path), SlowDecode(), BS, 1 << 30))
+    sched = Scheduler(gen, cache, SchedulerConfig())
+    sched.start()
+    stream = sched.submit(Request(prompt, SamplingParams(max_tokens=3)))
+    await asyncio.sleep(0.05)
+    assert sched.num_waiting == 1 and gen.inserted == []  # waiting for its disk blocks
+    stream.cancel()
+    await asyncio.sleep(1.0)  # the load finishes after the abort
+    assert cache.stats().blocks_pinned == 0 and gen.inserted == []
+    outs = [o async for o in sched.submit(Request(prompt, SamplingParams(max_tokens=3)))]
+    assert outs[-1].finish_reason == "length" and outs[-1].usage.cached_tokens == 28
+    assert [t for o in outs for t in o.token_ids] == expected(prompt, 3)
+    assert cache.stats().blocks_pinned == 0
+    cache.close(spill=False)
