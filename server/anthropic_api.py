@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from blockserve.engine.text.frontend import TokenizerFrontend
+from blockserve.engine.text.output import ReplySpec
 from blockserve.engine.text.structured import JsonFormat
 from blockserve.scheduler import RequestOutput, Usage
 from blockserve.server.runtime import (
@@ -228,10 +229,11 @@ def _parse(body: dict, frontend: TokenizerFrontend, bounds: Bounds,
          "stop": body.get("stop_sequences")}, bounds)
     thinking = _thinking(body)
     rendered = render(frontend, msgs, tools, template_kwargs({}, thinking, bounds.limits))
-    gen = Generation(rendered.tokens, sampling, rendered.checkpoints, boolean(body, "stream"),
-                     tools=tools, parse_tools=choice.parse,
-                     reasoning_open=rendered.reasoning_open, thinking=thinking is True)
-    return gen if count_only else constrain(frontend, gen, fmt, bounds.limits)
+    gen = Generation(rendered.tokens, rendered.checkpoints, sampling,
+                     ReplySpec(tools, choice.parse, rendered.reasoning_open),
+                     boolean(body, "stream"))
+    return gen if count_only else constrain(frontend, gen, fmt, bounds.limits,
+                                            thinking=thinking is True)
 
 
 # ---- responses -----------------------------------------------------------------------

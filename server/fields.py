@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from blockserve.engine.text.frontend import TokenizerFrontend
+from blockserve.engine.text.output import ReplySpec
 from blockserve.engine.text.structured import ChoiceFormat, Format, JsonFormat, ToolCallFormat
 from blockserve.scheduler import SamplingParams
 from blockserve.server.errors import invalid
@@ -38,25 +39,20 @@ class Bounds:
     default_max_tokens: int = 512
 
 
-@dataclass
+@dataclass(frozen=True)
 class Generation:
-    """One validated request, whichever API it came from."""
+    """One validated request, whichever API it came from: the rendered prompt, how to
+    sample, how to parse the reply, and how to send it."""
 
     prompt: list[int]
+    checkpoints: list[tuple[int, int]]  # (token offset, tier) the cache keeps longest
     sampling: SamplingParams
-    checkpoints: list[tuple[int, int]] = field(default_factory=list)
+    reply: ReplySpec = ReplySpec()
     stream: bool = False
-    include_usage: bool = False
+    include_usage: bool = False  # a usage chunk at the end of a stream
     cache_salt: str | None = None
-    tools: list[dict] | None = None
-    parse_tools: bool = False  # parse tool calls out of the text (tools given, not "none")
-    reasoning_open: bool = False  # the prompt ends inside a think block
-    include_reasoning: bool = True  # False: reasoning is dropped from the reply
-    structured: bool = True  # split reasoning and tool calls out (chat); False: raw text
     n: int = 1  # choices, sharing the prompt's blocks
-    bare_tool_call: bool = False  # a forced call on a model without a JSON call format
-    thinking: bool = False  # the request asked the model to think (before a format)
-    format: str | None = None  # the structured-output format's kind, if any
+    format: str | None = None  # the structured-output format's kind, for metrics
 
 
 @dataclass(frozen=True)
@@ -69,9 +65,10 @@ class FormatRequest:
 
 
 def constrain(frontend: TokenizerFrontend, gen: Generation, fmt: FormatRequest | None,
-              limits: Limits) -> Generation:
+              limits: Limits, thinking: bool = False) -> Generation:
     """``gen`` with its format's grammar; a format that can't be enforced, or whose
-    source is over the size limit, is a 400."""
+    source is over the size limit, is a 400. ``thinking``: the request asked the model
+    to think, which it may do before the constrained answer."""
     if fmt is None:
         return gen
     source = fmt.format.source
@@ -81,11 +78,12 @@ def constrain(frontend: TokenizerFrontend, gen: Generation, fmt: FormatRequest |
     if size > limits.max_grammar_bytes:
         raise over(f"'{fmt.param}' size in bytes", size, limits.max_grammar_bytes, fmt.param)
     try:
-        c = frontend.constrain(fmt.format, gen.reasoning_open, gen.thinking)
+        c = frontend.constrain(fmt.format, gen.reply.reasoning_open, thinking)
     except ValueError as e:
         raise invalid(f"'{fmt.param}' can't be enforced: {e}", param=fmt.param)
     return replace(gen, sampling=replace(gen.sampling, constraint=c),
-                   bare_tool_call=c.bare_tool_call, format=fmt.format.kind)
+                   reply=replace(gen.reply, bare_tool_call=c.bare_tool_call),
+                   format=fmt.format.kind)
 
 
 def json_format(fmt: Any, schema_of: Any, param: str) -> FormatRequest | None:

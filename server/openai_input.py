@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from blockserve.engine.text.frontend import TokenizerFrontend
+from blockserve.engine.text.output import ReplySpec
 from blockserve.engine.text.structured import ChoiceFormat, JsonFormat, RegexFormat
 from blockserve.server.errors import invalid
 from blockserve.server.fields import (
@@ -224,11 +225,12 @@ def parse_chat(body: dict, frontend: TokenizerFrontend, bounds: Bounds) -> Gener
     continue_final = boolean(body, "continue_final_message")
     kwargs = template_kwargs(body, _thinking(body), bounds.limits)
     rendered = render(frontend, msgs, tools, kwargs, continue_final)
-    gen = Generation(rendered.tokens, sampling, rendered.checkpoints, stream, include_usage,
-                     cache_salt(body), tools, choice.parse, rendered.reasoning_open,
-                     boolean(body, "include_reasoning", True), n=_n(body),
+    reply = ReplySpec(tools, choice.parse, rendered.reasoning_open,
+                      include_reasoning=boolean(body, "include_reasoning", True))
+    gen = Generation(rendered.tokens, rendered.checkpoints, sampling, reply, stream,
+                     include_usage, cache_salt(body), n=_n(body))
+    return constrain(frontend, gen, fmt, bounds.limits,
                      thinking=kwargs.get("enable_thinking") is True)
-    return constrain(frontend, gen, fmt, bounds.limits)
 
 
 def parse_completion(body: dict, frontend: TokenizerFrontend, bounds: Bounds) -> Generation:
@@ -252,7 +254,7 @@ def parse_completion(body: dict, frontend: TokenizerFrontend, bounds: Bounds) ->
     top = integer(body, "logprobs", 0, None, hi=20)
     stream, include_usage = _stream_flags(body)
     fmt = one_format(_response_format(body), _guided(body))
-    gen = Generation(tokens, sampling_params(body, bounds, top is not None, top or 0),
-                     [], stream, include_usage, cache_salt(body), structured=False,
+    gen = Generation(tokens, [], sampling_params(body, bounds, top is not None, top or 0),
+                     ReplySpec(structured=False), stream, include_usage, cache_salt(body),
                      n=_n(body))
     return constrain(frontend, gen, fmt, bounds.limits)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockserve.engine.text.frontend import TokenizerFrontend
+from blockserve.engine.text.output import ReplySpec
 from blockserve.server.errors import invalid
 from blockserve.server.fields import (
     Bounds,
@@ -186,9 +187,9 @@ def parse_request(body: dict, frontend: TokenizerFrontend, bounds: Bounds,
     msgs = Conversation(tools).build(items, instructions)
     rendered = render(frontend, msgs, tools.template or None, template_kwargs({}, thinking,
                                                                      bounds.limits))
-    gen = Generation(rendered.tokens, sampling, rendered.checkpoints, boolean(body, "stream"),
-                     tools=tools.template or None, parse_tools=choice.parse,
-                     reasoning_open=rendered.reasoning_open, thinking=thinking is True)
+    gen = Generation(rendered.tokens, rendered.checkpoints, sampling,
+                     ReplySpec(tools.template or None, choice.parse, rendered.reasoning_open),
+                     boolean(body, "stream"))
     user = body.get("user")
     if user is not None and (not isinstance(user, str) or len(user) > 512):
         raise invalid("'user' must be a string of at most 512 characters", param="user")
@@ -200,7 +201,8 @@ def parse_request(body: dict, frontend: TokenizerFrontend, bounds: Bounds,
             "reasoning": body.get("reasoning") or {"effort": None, "summary": None},
             "text": body.get("text") or {"format": {"type": "text"}},
             "truncation": "disabled", "store": boolean(body, "store", True)}
-    return ResponsesRequest(constrain(frontend, gen, fmt, bounds.limits), tools, items, echo,
+    return ResponsesRequest(constrain(frontend, gen, fmt, bounds.limits,
+                                      thinking=thinking is True), tools, items, echo,
                             "reasoning.encrypted_content" in _include(body),
                             echo["store"], _summary(body))
 

@@ -131,9 +131,7 @@ class Run:
         self.index = index  # which choice, when a request asks for several
         self.t0 = time.perf_counter()
         self.first: float | None = None
-        self.parser = self.app[FRONTEND].output_parser(gen.tools, gen.parse_tools,
-                                                       gen.reasoning_open, gen.structured,
-                                                       gen.bare_tool_call)
+        self.parser = self.app[FRONTEND].output_parser(gen.reply)
         if gen.format is not None:
             self.app[METRICS].structured.labels(gen.format).inc()
         sampling = gen.sampling
@@ -163,7 +161,7 @@ class Run:
             deltas = self.parser.feed(out.text) if out.text else []
             if out.finish_reason is not None:
                 deltas += self.parser.finish(truncated=out.finish_reason == "length")
-            if not self.gen.include_reasoning:
+            if not self.gen.reply.include_reasoning:
                 deltas = [d for d in deltas if d.kind != "reasoning"]
             yield Step(deltas, out)
 

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 
 from blockserve.engine.text.chat import RenderedPrompt, render_chat
-from blockserve.engine.text.output import CONTENT, REASONING, TOOL, Markers, OutputParser, json_call
+from blockserve.engine.text.output import (
+    CONTENT,
+    REASONING,
+    TOOL,
+    Markers,
+    OutputParser,
+    ReplySpec,
+    json_call,
+)
 from blockserve.engine.text.structured import Constraint, Format, Grammars
 
 
@@ -50,18 +58,16 @@ class TokenizerFrontend:
         g = self._grammars
         return g.with_reasoning(g.compile(fmt), reasoning_open, thinking)
 
-    def output_parser(self, tools: list[dict] | None = None, parse_tools: bool = False,
-                      reasoning_open: bool = False, structured: bool = True,
-                      bare_tool_call: bool = False) -> OutputParser:
-        """A parser for one request's output; ``structured=False`` passes text through.
-        ``bare_tool_call``: the reply is one JSON call, forced by a grammar on a model
-        without a JSON call format of its own (reasoning, if open, comes first)."""
-        if not structured:
+    def output_parser(self, spec: ReplySpec) -> OutputParser:
+        """A parser for one request's output, as ``spec`` says (raw text passes through;
+        a bare call is read whole, after the reasoning if a think block is open)."""
+        if not spec.structured:
             return OutputParser(Markers())
-        if bare_tool_call:
+        opened = REASONING if spec.reasoning_open else None
+        if spec.bare_tool_call:
             markers = Markers(self._markers.think_start, self._markers.think_end,
                               tool_start="", tool_parser=json_call)
-            return OutputParser(markers, tools, True, after_reasoning=TOOL,
-                                state=REASONING if reasoning_open else TOOL)
-        return OutputParser(self._markers, tools, parse_tools,
-                            state=REASONING if reasoning_open else CONTENT)
+            return OutputParser(markers, spec.tools, True, after_reasoning=TOOL,
+                                state=opened or TOOL)
+        return OutputParser(self._markers, spec.tools, spec.parse_tools,
+                            state=opened or CONTENT)

@@ -40,6 +40,22 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class ReplySpec:
+    """How one reply's text is parsed: tool calls (``tools``, and whether to parse them),
+    whether it starts inside a think block, whether it is split at all (chat) or raw text
+    (completions), and whether it is one bare JSON call (forced by a grammar on a model
+    without a JSON call format of its own). ``include_reasoning``: False drops the
+    reasoning from what the client gets."""
+
+    tools: list[dict] | None = None
+    parse_tools: bool = False
+    reasoning_open: bool = False
+    structured: bool = True
+    bare_tool_call: bool = False
+    include_reasoning: bool = True
+
+
+@dataclass(frozen=True)
 class Markers:
     """The model family's output markers (None where it has none)."""
 
