@@ -37,7 +37,7 @@ from blockserve.server.fields import (
     check_tools,
     constrain,
     content_text,
-    ignore_unknown,
+    reads_fields,
     log,
     one_format,
     render,
@@ -50,13 +50,11 @@ from blockserve.server.limits import offload
 
 ANTHROPIC_BILLING_PREFIX = "x-anthropic-billing-header"
 
-_KNOWN = {"model", "messages", "system", "max_tokens", "stop_sequences", "temperature",
-          "top_p", "top_k", "stream", "tools", "tool_choice", "thinking", "output_config",
-          "output_format",
-          # hints and bookkeeping: prompt caching is automatic here, routing is moot
-          "metadata", "service_tier", "cache_control", "context_management", "container",
-          "inference_geo", "speed", "diagnostics", "user_profile_id", "workspace_id",
-          "betas"}
+# Hints and bookkeeping, known to change nothing here: prompt caching is automatic,
+# routing is moot. Any other field ``_parse`` doesn't read is logged as ignored.
+_INERT = {"model", "metadata", "service_tier", "cache_control", "context_management",
+          "container", "inference_geo", "speed", "diagnostics", "user_profile_id",
+          "workspace_id", "betas"}
 _MEDIA = {"image": "image", "document": "document", "search_result": "search result"}
 _STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
 
@@ -214,9 +212,9 @@ def _thinking(body: dict) -> bool | None:
     return kind != "disabled"
 
 
+@reads_fields(_INERT, "messages")
 def _parse(body: dict, frontend: TokenizerFrontend, bounds: Bounds,
            count_only: bool = False) -> Generation:
-    ignore_unknown(body, _KNOWN, "messages")
     if not count_only and body.get("max_tokens") is None:
         raise invalid("'max_tokens' is required", param="max_tokens")
     msgs = _messages(body, bounds)

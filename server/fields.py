@@ -11,10 +11,11 @@ unchecked.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 from blockserve.engine.text.frontend import TokenizerFrontend
 from blockserve.engine.text.output import ReplySpec
@@ -155,10 +156,56 @@ def content_text(content: Any, where: str, answering: bool, text_types: tuple[st
 
 
 def ignore_unknown(body: dict, known: set[str], where: str) -> None:
-    """Unknown fields are ignored, and named in the log."""
+    """Unknown fields of a nested object are ignored, and named in the log."""
     unknown = sorted(set(body) - known)
     if unknown:
         log.warning("%s: ignoring unknown field(s): %s", where, ", ".join(unknown))
+
+
+class Body(dict):
+    """A request body that notes which fields its parser reads, so that the fields an
+    API knows are derived from its parser rather than kept in a list beside it."""
+
+    def __init__(self, data: dict):
+        super().__init__(data)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def reads_fields(inert: set[str], where: str) -> Callable:
+    """A body parser's decorator: the parser reads a ``Body``, and whatever it never
+    read (and is not ``inert``) is logged as ignored once it has parsed the body."""
+    def wrap(parse: Callable) -> Callable:
+        @functools.wraps(parse)
+        def parsed(body: dict, *args: Any, **kwargs: Any) -> Any:
+            body = Body(body)
+            result = parse(body, *args, **kwargs)
+            warn_unread(body, inert, where)
+            return result
+
+        return parsed
+
+    return wrap
+
+
+def warn_unread(body: Body, inert: set[str], where: str) -> None:
+    """After parsing: a field the parser never read (and that is not ``inert``, known to
+    change nothing) was ignored, and is named in the log, as vLLM does."""
+    unread = sorted(set(body) - body.read - inert)
+    if unread:
+        log.warning("%s: ignoring field(s) with no effect here: %s", where,
+                    ", ".join(unread))
 
 
 def refuse(body: dict, name: str, ok: Any, why: str) -> None:
@@ -257,13 +304,6 @@ def _logit_bias(v: Any, bounds: Bounds) -> tuple[tuple[int, float], ...]:
                           param="logit_bias")
         out.append((tok, float(b)))
     return tuple(out)
-
-
-# The fields ``sampling_params`` reads (OpenAI's, plus vLLM's extras).
-SAMPLING_FIELDS = {
-    "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
-    "stop", "stop_token_ids", "ignore_eos", "cache_salt", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "logit_bias", "skip_special_tokens"}
 
 
 def sampling_params(body: dict, bounds: Bounds, logprobs: bool = False,

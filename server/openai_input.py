@@ -11,7 +11,6 @@ from blockserve.engine.text.output import ReplySpec
 from blockserve.engine.text.structured import ChoiceFormat, JsonFormat, RegexFormat
 from blockserve.server.errors import invalid
 from blockserve.server.fields import (
-    SAMPLING_FIELDS,
     Bounds,
     FormatRequest,
     Generation,
@@ -26,6 +25,7 @@ from blockserve.server.fields import (
     integer,
     json_format,
     one_format,
+    reads_fields,
     refuse,
     render,
     sampling_params,
@@ -35,18 +35,12 @@ from blockserve.server.fields import (
     tool_choice,
 )
 
-# Known fields that change nothing in the output (client bookkeeping, hints).
-_INERT = {"model", "user", "store", "metadata", "service_tier", "prompt_cache_key", "verbosity", "safety_identifier", "prediction", "modalities",
-          "stream_reasoning", "separate_reasoning", "no_stop_trim", "return_hidden_states",
-          "request_id", "priority", "add_special_tokens", "documents"}
-_CHAT = {"messages", "stream", "stream_options", "n", "tools", "tool_choice", "logprobs",
-         "top_logprobs", "response_format", "chat_template_kwargs", "reasoning_effort",
-         "parallel_tool_calls", "structured_outputs", "guided_json", "guided_regex",
-         "guided_choice", "include_reasoning", "continue_final_message", "add_generation_prompt",
-         "functions", "function_call"} | SAMPLING_FIELDS | _INERT
-_COMPLETION = {"prompt", "stream", "stream_options", "n", "best_of", "echo", "suffix",
-               "logprobs", "response_format", "structured_outputs", "guided_json",
-               "guided_regex", "guided_choice"} | SAMPLING_FIELDS | _INERT
+# Known fields that change nothing in the output (client bookkeeping, hints). Every
+# other field the parsers don't read is logged as ignored (``reads_fields``).
+_INERT = {"model", "user", "store", "metadata", "service_tier", "prompt_cache_key",
+          "verbosity", "safety_identifier", "prediction", "modalities", "stream_reasoning",
+          "separate_reasoning", "no_stop_trim", "return_hidden_states", "request_id",
+          "priority", "add_special_tokens", "documents"}
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 _MEDIA_PARTS = {"image_url": "image", "input_image": "image", "input_audio": "audio",
                 "file": "file", "input_file": "file", "video_url": "video"}
@@ -202,8 +196,8 @@ def _thinking(body: dict) -> bool | None:
     return effort not in ("none", "minimal")
 
 
+@reads_fields(_INERT, "chat completion")
 def parse_chat(body: dict, frontend: TokenizerFrontend, bounds: Bounds) -> Generation:
-    ignore_unknown(body, _CHAT, "chat completion")
     _refusals(body)
     msgs = chat_messages(body.get("messages"), bounds)
     tools = check_tools(body.get("tools"), bounds.limits)
@@ -233,8 +227,8 @@ def parse_chat(body: dict, frontend: TokenizerFrontend, bounds: Bounds) -> Gener
                      thinking=kwargs.get("enable_thinking") is True)
 
 
+@reads_fields(_INERT, "completion")
 def parse_completion(body: dict, frontend: TokenizerFrontend, bounds: Bounds) -> Generation:
-    ignore_unknown(body, _COMPLETION, "completion")
     _refusals(body)
     refuse(body, "echo", lambda v: v is False, "is not supported")
     refuse(body, "suffix", lambda v: v == "", "is not supported")

@@ -27,6 +27,7 @@ from blockserve.server.fields import (
     constrain,
     content_text,
     ignore_unknown,
+    reads_fields,
     json_format,
     integer,
     log,
@@ -41,13 +42,12 @@ from blockserve.server.responses_tools import Tools, name_of, parse_tool_choice,
 MAX_METADATA = 16  # pairs, as OpenAI: keys up to 64 characters, values up to 512
 ENCRYPTED_PREFIX = "bs1."  # our reasoning round trip: the exact text, base64url
 
-_KNOWN = {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls",
-          "stream", "stream_options", "max_output_tokens", "temperature", "top_p", "text",
-          "reasoning", "include", "store", "previous_response_id", "metadata", "user",
-          "background", "conversation", "prompt", "top_logprobs", "truncation",
-          # hints and bookkeeping: prompt caching is automatic here
-          "prompt_cache_key", "prompt_cache_retention", "safety_identifier", "service_tier",
-          "client_metadata", "max_tool_calls", "context_management"}
+# Hints and bookkeeping, known to change nothing here (prompt caching is automatic;
+# ``previous_response_id`` is read before the body is parsed). Any other field
+# ``parse_request`` doesn't read is logged as ignored.
+_INERT = {"model", "previous_response_id", "prompt_cache_key", "prompt_cache_retention",
+          "safety_identifier", "service_tier", "client_metadata", "max_tool_calls",
+          "context_management", "stream_options", "truncation"}
 _TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
 _MEDIA = {"input_image": "image", "input_file": "file", "input_audio": "audio"}
 _SKIPPED_ITEMS = {"web_search_call", "file_search_call", "image_generation_call",
@@ -168,10 +168,10 @@ def _items(body: dict, history: list[dict] | None, bounds: Bounds) -> list[dict]
     return items
 
 
+@reads_fields(_INERT, "responses")
 def parse_request(body: dict, frontend: TokenizerFrontend, bounds: Bounds,
                   history: list[dict] | None = None) -> ResponsesRequest:
     """Validate a body (``history``: the items of ``previous_response_id``)."""
-    ignore_unknown(body, _KNOWN, "responses")
     _refusals(body)
     items = _items(body, history, bounds)
     instructions = body.get("instructions")
