@@ -26,6 +26,10 @@ HF_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_n
               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
               "mlp.down_proj": "ffn_down"}
+# Gemma 3 norms before and after attention and the MLP (llama.cpp's names).
+GEMMA3_TO_GGUF = {**HF_TO_GGUF, "post_attention_layernorm": "post_attention_norm",
+                  "pre_feedforward_layernorm": "ffn_norm",
+                  "post_feedforward_layernorm": "post_ffw_norm"}
 
 
 # ---- an independent dequantization (the GGML block formats, written out) ----------
@@ -72,7 +76,8 @@ def write_gguf(model_dir: Path, out: Path, pre: str = "gpt2", arch: str | None =
     """The demo model as a quantized GGUF; returns the reference float weights (HF
     names and order) that the file holds."""
     config = json.loads((model_dir / "config.json").read_text())
-    arch = arch or config["model_type"]
+    gemma = config["model_type"] == "gemma3_text"
+    arch = arch or ("gemma3" if gemma else config["model_type"])
     weights = {k: np.array(v) for k, v in mx.load(str(model_dir / "model.safetensors")).items()}
     w = gguf.GGUFWriter(str(out), arch)
     w.add_uint32(f"{arch}.block_count", config["num_hidden_layers"])
@@ -84,6 +89,10 @@ def write_gguf(model_dir: Path, out: Path, pre: str = "gpt2", arch: str | None =
     w.add_uint32(f"{arch}.attention.key_length", config["head_dim"])
     w.add_float32(f"{arch}.rope.freq_base", config["rope_theta"])
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])
+    if arch == "gemma3":
+        w.add_uint32("gemma3.attention.sliding_window", config["sliding_window"])
+        w.add_uint32("gemma3.attention.sliding_window_pattern",
+                     config["sliding_window_pattern"])
     tok = json.loads((model_dir / "tokenizer.json").read_text())
     vocab = dict(tok["model"]["vocab"])
     added = {t["content"]: (t["id"], t["special"]) for t in tok["added_tokens"]}
@@ -105,12 +114,14 @@ def write_gguf(model_dir: Path, out: Path, pre: str = "gpt2", arch: str | None =
         if name.startswith("model.layers."):
             i, rest = name[len("model.layers."):].split(".", 1)
             base, kind = rest.rsplit(".", 1)
-            gname = f"blk.{i}.{HF_TO_GGUF[base]}.{kind}"
+            gname = f"blk.{i}.{(GEMMA3_TO_GGUF if gemma else HF_TO_GGUF)[base]}.{kind}"
         else:
             gname = {"model.embed_tokens.weight": "token_embd.weight",
                      "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}[name]
         stored = value
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            stored = value + 1  # llama.cpp's converter stores Gemma's 1 + w
         if arch == "llama" and base_is(name, ("q_proj", "k_proj")):
             heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             stored = permute(value, heads)
@@ -126,6 +137,8 @@ def write_gguf(model_dir: Path, out: Path, pre: str = "gpt2", arch: str | None =
             w.add_tensor(gname, raw, raw_dtype=qtype)
             deq = ref_dequantize(raw, qtype, stored.shape) if qtype in (
                 Q.Q8_0, Q.Q4_0, Q.Q4_1) else None
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            deq = value  # F32: the stored 1 + w, less 1
         if deq is not None and arch == "llama" and base_is(name, ("q_proj", "k_proj")):
             heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             deq = unpermute_ref(deq, heads)
@@ -153,7 +166,7 @@ def unpermute_ref(w: np.ndarray, n_head: int) -> np.ndarray:
     return out
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "gemma3_text"])
 def converted(request, tmp_path_factory):
     """(demo model dir, GGUF path, converted dir, reference weights) per layout."""
     tmp = tmp_path_factory.mktemp(request.param)
