@@ -279,3 +279,58 @@ def test_weights_are_chosen_by_device(converted):
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in gpu.named_modules())
     prompt = tok.encode("Open the file")
     assert len(reference_tokens(gpu, prompt, 4)) == 4
+
+
+def _gemma3_meta(**extra) -> dict:
+    """Gemma 3 1B's metadata, as llama.cpp's converter writes it."""
+    return {"general.architecture": "gemma3", "gemma3.block_count": 26,
+            "gemma3.context_length": 32768, "gemma3.embedding_length": 1152,
+            "gemma3.feed_forward_length": 6912, "gemma3.attention.head_count": 4,
+            "gemma3.attention.head_count_kv": 1, "gemma3.attention.key_length": 256,
+            "gemma3.attention.value_length": 256, "gemma3.rope.freq_base": 1e6,
+            "gemma3.attention.layer_norm_rms_epsilon": 1e-6,
+            "gemma3.attention.sliding_window": 512,
+            "tokenizer.ggml.tokens": ["<pad>", "<eos>", "<bos>", "<end_of_turn>"],
+            "tokenizer.ggml.eos_token_id": 1, **extra}
+
+
+def test_gemma3_config_from_metadata():
+    from blockserve.engine.gguf import model_config
+
+    c = model_config(_gemma3_meta(), tied=True)
+    assert (c["model_type"], c["sliding_window"], c["sliding_window_pattern"]) == (
+        "gemma3_text", 512, 6)  # llama.cpp's fixed period when the file has none
+    assert (c["rope_theta"], c["rope_local_base_freq"]) == (1e6, 10000.0)
+    assert c["query_pre_attn_scalar"] == 256 and c["rope_scaling"] is None
+    assert c["eos_token_id"] == [1, 3]  # <end_of_turn> ends a chat turn
+    # The file's own local base and period; a per-layer list of sliding flags.
+    flags = [(i + 1) % 4 != 0 for i in range(26)]
+    c = model_config(_gemma3_meta(**{"gemma3.rope.freq_base_swa": 5e4,
+                                     "gemma3.attention.sliding_window_pattern": flags}),
+                     tied=True)
+    assert (c["rope_local_base_freq"], c["sliding_window_pattern"]) == (5e4, 4)
+    # 27B (62 layers): queries scaled by hidden / heads; linear rope scaling (global).
+    c = model_config(_gemma3_meta(**{"gemma3.block_count": 62,
+                                     "gemma3.embedding_length": 5376,
+                                     "gemma3.attention.head_count": 32,
+                                     "gemma3.rope.scaling.type": "linear",
+                                     "gemma3.rope.scaling.factor": 8.0}), tied=True)
+    assert c["query_pre_attn_scalar"] == 168
+    assert c["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
+    # No window: every layer global.
+    c = model_config(_gemma3_meta(**{"gemma3.attention.sliding_window": 0}), tied=True)
+    assert c["sliding_window_pattern"] == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"gemma3.final_logit_softcapping": 30.0}, "soft-capping"),
+    ({"gemma3.rope.scaling.type": "yarn"}, "rope scaling 'yarn' is not supported"),
+    ({"gemma3.attention.value_length": 128}, "different key and value head sizes"),
+    ({"gemma3.attention.sliding_window_pattern": [False] + [True] * 25},
+     "not a periodic local/global pattern"),
+])
+def test_gemma3_metadata_that_cannot_be_mapped_is_refused(extra, message):
+    from blockserve.engine.gguf import model_config
+
+    with pytest.raises(GGUFError, match=message):
+        model_config(_gemma3_meta(**extra), tied=True)
