@@ -37,7 +37,7 @@ SPACE = "\u2581"  # SentencePiece's visible space, ▁
 KINDS = ("gpt2", "llama")
 
 
-def _byte_level_bpe(meta: dict[str, Any], tokens: list[str]):
+def _byte_level_bpe(meta: dict[str, Any], tokens: list[str]) -> Any:
     """A ``gpt2`` (byte-level BPE) tokenizer: its model, pre-tokenizer and decoder."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
@@ -80,7 +80,7 @@ def spm_merges(tokens: list[str], types: list[int], scores: list[float]
     return [(tokens[a], tokens[b]) for _, a, b in ranked]
 
 
-def _sentencepiece(meta: dict[str, Any], tokens: list[str], types: list[int]):
+def _sentencepiece(meta: dict[str, Any], tokens: list[str], types: list[int]) -> Any:
     """A ``llama`` (SentencePiece) tokenizer: BPE with byte fallback over ▁-spaced text."""
     from tokenizers import Tokenizer, decoders, models, normalizers
 

@@ -15,6 +15,7 @@ once into the blockserve cache; every test here shares one engine worker.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ BS = 16
 
 
 @pytest.fixture(scope="module")
-def worker(gemma3_file: Path):
+def worker(gemma3_file: Path) -> Iterator[EngineWorker]:
     """One engine worker on the converted file for every test here."""
     w = EngineWorker(str(gemma3_file), block_size=BS, max_running=8)
     yield w
@@ -44,7 +45,7 @@ class GGUFGemma3:
     """Gemma 3's forward pass over a GGUF file's tensors, as llama.cpp computes it."""
 
     def __init__(self, path: Path):
-        from gguf import GGMLQuantizationType, GGUFReader, quants
+        from gguf import GGUFReader
 
         reader = GGUFReader(path)
 

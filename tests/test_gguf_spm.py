@@ -18,6 +18,7 @@ import io
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sentencepiece as spm
@@ -75,7 +76,7 @@ def trained(tmp_path_factory) -> tuple[spm.SentencePieceProcessor, Path]:
     return spm.SentencePieceProcessor(model_proto=buf.getvalue()), out
 
 
-def _tokenizer(path: Path):
+def _tokenizer(path: Path) -> Any:
     from mlx_lm.tokenizer_utils import load
 
     return load(path)
