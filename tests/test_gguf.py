@@ -26,6 +26,10 @@ HF_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_n
               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
               "mlp.down_proj": "ffn_down"}
+# Gemma 3 norms before and after attention and the MLP (llama.cpp's names).
+GEMMA3_TO_GGUF = {**HF_TO_GGUF, "post_attention_layernorm": "post_attention_norm",
+                  "pre_feedforward_layernorm": "ffn_norm",
+                  "post_feedforward_layernorm": "post_ffw_norm"}
 
 
 # ---- an independent dequantization (the GGML block formats, written out) ----------
@@ -72,7 +76,8 @@ def write_gguf(model_dir: Path, out: Path, pre: str = "gpt2", arch: str | None =
     """The demo model as a quantized GGUF; returns the reference float weights (HF
     names and order) that the file holds."""
     config = json.loads((model_dir / "config.json").read_text())
-    arch = arch or config["model_type"]
+    gemma = config["model_type"] == "gemma3_text"
+    arch = arch or ("gemma3" if gemma else config["model_type"])
     weights = {k: np.array(v) for k, v in mx.load(str(model_dir / "model.safetensors")).items()}
     w = gguf.GGUFWriter(str(out), arch)
     w.add_uint32(f"{arch}.block_count", config["num_hidden_layers"])
@@ -84,6 +89,10 @@ def write_gguf(model_dir: Path, out: Path, pre: str = "gpt2", arch: str | None =
     w.add_uint32(f"{arch}.attention.key_length", config["head_dim"])
     w.add_float32(f"{arch}.rope.freq_base", config["rope_theta"])
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])
+    if arch == "gemma3":
+        w.add_uint32("gemma3.attention.sliding_window", config["sliding_window"])
+        w.add_uint32("gemma3.attention.sliding_window_pattern",
+                     config["sliding_window_pattern"])
     tok = json.loads((model_dir / "tokenizer.json").read_text())
     vocab = dict(tok["model"]["vocab"])
     added = {t["content"]: (t["id"], t["special"]) for t in tok["added_tokens"]}
@@ -105,12 +114,14 @@ def write_gguf(model_dir: Path, out: Path, pre: str = "gpt2", arch: str | None =
         if name.startswith("model.layers."):
             i, rest = name[len("model.layers."):].split(".", 1)
             base, kind = rest.rsplit(".", 1)
-            gname = f"blk.{i}.{HF_TO_GGUF[base]}.{kind}"
+            gname = f"blk.{i}.{(GEMMA3_TO_GGUF if gemma else HF_TO_GGUF)[base]}.{kind}"
         else:
             gname = {"model.embed_tokens.weight": "token_embd.weight",
                      "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}[name]
         stored = value
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            stored = value + 1  # llama.cpp's converter stores Gemma's 1 + w
         if arch == "llama" and base_is(name, ("q_proj", "k_proj")):
             heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             stored = permute(value, heads)
@@ -126,6 +137,8 @@ def write_gguf(model_dir: Path, out: Path, pre: str = "gpt2", arch: str | None =
             w.add_tensor(gname, raw, raw_dtype=qtype)
             deq = ref_dequantize(raw, qtype, stored.shape) if qtype in (
                 Q.Q8_0, Q.Q4_0, Q.Q4_1) else None
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            deq = value  # F32: the stored 1 + w, less 1
         if deq is not None and arch == "llama" and base_is(name, ("q_proj", "k_proj")):
             heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             deq = unpermute_ref(deq, heads)
@@ -153,7 +166,7 @@ def unpermute_ref(w: np.ndarray, n_head: int) -> np.ndarray:
     return out
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "gemma3_text"])
 def converted(request, tmp_path_factory):
     """(demo model dir, GGUF path, converted dir, reference weights) per layout."""
     tmp = tmp_path_factory.mktemp(request.param)
@@ -266,3 +279,58 @@ def test_weights_are_chosen_by_device(converted):
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in gpu.named_modules())
     prompt = tok.encode("Open the file")
     assert len(reference_tokens(gpu, prompt, 4)) == 4
+
+
+def _gemma3_meta(**extra) -> dict:
+    """Gemma 3 1B's metadata, as llama.cpp's converter writes it."""
+    return {"general.architecture": "gemma3", "gemma3.block_count": 26,
+            "gemma3.context_length": 32768, "gemma3.embedding_length": 1152,
+            "gemma3.feed_forward_length": 6912, "gemma3.attention.head_count": 4,
+            "gemma3.attention.head_count_kv": 1, "gemma3.attention.key_length": 256,
+            "gemma3.attention.value_length": 256, "gemma3.rope.freq_base": 1e6,
+            "gemma3.attention.layer_norm_rms_epsilon": 1e-6,
+            "gemma3.attention.sliding_window": 512,
+            "tokenizer.ggml.tokens": ["<pad>", "<eos>", "<bos>", "<end_of_turn>"],
+            "tokenizer.ggml.eos_token_id": 1, **extra}
+
+
+def test_gemma3_config_from_metadata():
+    from blockserve.engine.models.gguf import model_config
+
+    c = model_config(_gemma3_meta(), tied=True)
+    assert (c["model_type"], c["sliding_window"], c["sliding_window_pattern"]) == (
+        "gemma3_text", 512, 6)  # llama.cpp's fixed period when the file has none
+    assert (c["rope_theta"], c["rope_local_base_freq"]) == (1e6, 10000.0)
+    assert c["query_pre_attn_scalar"] == 256 and c["rope_scaling"] is None
+    assert c["eos_token_id"] == [1, 3]  # <end_of_turn> ends a chat turn
+    # The file's own local base and period; a per-layer list of sliding flags.
+    flags = [(i + 1) % 4 != 0 for i in range(26)]
+    c = model_config(_gemma3_meta(**{"gemma3.rope.freq_base_swa": 5e4,
+                                     "gemma3.attention.sliding_window_pattern": flags}),
+                     tied=True)
+    assert (c["rope_local_base_freq"], c["sliding_window_pattern"]) == (5e4, 4)
+    # 27B (62 layers): queries scaled by hidden / heads; linear rope scaling (global).
+    c = model_config(_gemma3_meta(**{"gemma3.block_count": 62,
+                                     "gemma3.embedding_length": 5376,
+                                     "gemma3.attention.head_count": 32,
+                                     "gemma3.rope.scaling.type": "linear",
+                                     "gemma3.rope.scaling.factor": 8.0}), tied=True)
+    assert c["query_pre_attn_scalar"] == 168
+    assert c["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
+    # No window: every layer global.
+    c = model_config(_gemma3_meta(**{"gemma3.attention.sliding_window": 0}), tied=True)
+    assert c["sliding_window_pattern"] == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"gemma3.final_logit_softcapping": 30.0}, "soft-capping"),
+    ({"gemma3.rope.scaling.type": "yarn"}, "rope scaling 'yarn' is not supported"),
+    ({"gemma3.attention.value_length": 128}, "different key and value head sizes"),
+    ({"gemma3.attention.sliding_window_pattern": [False] + [True] * 25},
+     "not a periodic local/global pattern"),
+])
+def test_gemma3_metadata_that_cannot_be_mapped_is_refused(extra, message):
+    from blockserve.engine.models.gguf import model_config
+
+    with pytest.raises(GGUFError, match=message):
+        model_config(_gemma3_meta(**extra), tied=True)
