@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from blockserve.engine import gguf_check
+from blockserve.engine.models import gguf_check
 from blockserve.engine.models.demo import demo_spec, ensure_demo_model
 from blockserve.engine.models.gguf import GGUFError, convert_gguf
 from tests.test_gguf import write_gguf
