@@ -85,9 +85,10 @@ def _attention(attn: Any, x: mx.array, spans: Sequence[Span], layer: int) -> mx.
 
 
 def forward(model: Any, tokens: Sequence[int], spans: Sequence[Span],
-            rows: Sequence[int]) -> mx.array:
+            rows: Sequence[int]) -> mx.array | None:
     """Logits ``[len(rows), vocab]`` at the given rows after feeding every span's tokens
-    (``tokens[span.start : span.start + span.length]``) through its caches."""
+    (``tokens[span.start : span.start + span.length]``) through its caches; None when
+    no row is asked for (the caches' update is still to evaluate)."""
     inner = model.model
     h = inner.embed_tokens(mx.array(tokens, dtype=mx.uint32))
     if family(model) == "gemma":
@@ -96,6 +97,8 @@ def forward(model: Any, tokens: Sequence[int], spans: Sequence[Span],
         r = _attention(layer.self_attn, layer.input_layernorm(h), spans, i)
         h = h + r
         h = h + layer.mlp(layer.post_attention_layernorm(h))
+    if not rows:
+        return None
     # Only the rows that are sampled go through the final norm and the head: a
     # prefill chunk's other rows would cost a [chunk, vocab] matmul for nothing.
     h = inner.norm(h[mx.array(rows, dtype=mx.uint32)] if len(rows) < h.shape[0] else h)

@@ -202,9 +202,12 @@ class RaggedRunner:
         logits = ragged.forward(self.model, tokens, spans, rows)
         for seq, chunk in fed:
             seq.tokens.extend(chunk)
+        states = [c.state for s in spans for c in s.caches]  # chunks not sampled too
+        if not sampled:
+            mx.eval(states)
+            return prompt_responses, []
         new_tokens, logprobs = self._sample(sampled, logits)
-        mx.eval(new_tokens, logprobs,
-                [c.state for s in spans for c in s.caches])  # chunks not sampled too
+        mx.eval(new_tokens, logprobs, states)
         for seq, n in chunks:
             if not seq.segments:
                 self._prompting.remove(seq)
