@@ -29,7 +29,8 @@ from blockserve.engine.sampling import greedy
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOKEN_BUDGET = 256  # per step; BENCHMARKS.md "The step's token budget"
+DEFAULT_TOKEN_BUDGET = 64  # per step while streams decode; BENCHMARKS.md, the step grid
+DEFAULT_PREFILL_STEP = 256  # per step while none does: nobody waits on a longer step
 MIN_CHUNK = 16  # prefill tokens a step always takes, so decodes never starve a prompt
 
 
@@ -76,9 +77,11 @@ class RaggedRunner:
     """``BatchGenerator``'s role for the families ``engine.ragged`` covers."""
 
     def __init__(self, model: Any, *, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                 max_running: int = 16, fallback_sampler: Callable | None = None):
+                 prefill_step_size: int = DEFAULT_PREFILL_STEP, max_running: int = 16,
+                 fallback_sampler: Callable | None = None):
         self.model = model
         self.token_budget = token_budget
+        self.prefill_step_size = prefill_step_size
         self.max_running = max_running
         self._fallback = fallback_sampler or greedy
         self._uid = 0
@@ -148,10 +151,16 @@ class RaggedRunner:
 
     def plan(self) -> tuple[list[_Seq], list[tuple[_Seq, int]]]:
         """This step's decodes (all running sequences), then prefill chunks, within
-        the token budget; a chunk never crosses a segment (checkpoint) boundary."""
+        the token budget; a chunk never crosses a segment (checkpoint) boundary. With
+        no stream decoding, a step takes ``prefill_step_size`` prompt tokens instead:
+        on a compute-bound CPU a step's length is what its streams wait between two
+        tokens, and with none waiting a longer step only saves per-step overhead."""
         decodes = list(self._decoding.values())
         room = self.max_running - len(decodes)  # prompts that may start decoding
-        budget = max(self.token_budget - len(decodes), MIN_CHUNK)
+        if not decodes:
+            budget = self.prefill_step_size
+        else:
+            budget = max(self.token_budget - len(decodes), MIN_CHUNK)
         chunks = []
         for seq in self._prompting:
             if budget <= 0:

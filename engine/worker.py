@@ -27,7 +27,7 @@ from blockserve.engine import blas
 from blockserve.engine.kvblocks import blocks_from_cache, cache_from_blocks
 from blockserve.engine.model import LoadedModel, load_model
 from blockserve.engine.ragged import supports as ragged_supports
-from blockserve.engine.runner import RaggedRunner
+from blockserve.engine.runner import DEFAULT_TOKEN_BUDGET, RaggedRunner
 from blockserve.engine.sampling import (
     GrammarProcessor,
     Guard,
@@ -95,10 +95,12 @@ class EngineWorker:
         prefill_step_size: int = 256,
         revision: str | None = None,
         runner: str = "auto",
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
     ):
         if runner not in RUNNERS:
             raise ValueError(f"runner must be one of {RUNNERS}")
         self._runner = runner
+        self._token_budget = token_budget
         self.block_size = block_size
         self._model_name = model
         self._revision = revision
@@ -142,8 +144,8 @@ class EngineWorker:
         """The device and BLAS in use, for the start-up log."""
         if self.runner == "ragged":
             return (f"backend {mx.default_device()}, BLAS {blas.active_blas}, ragged runner: "
-                    f"decodes and prefill chunks in one forward, "
-                    f"{self._prefill_step_size} tokens a step")
+                    f"decodes and prefill chunks in one forward, {self._token_budget} tokens "
+                    f"a step while streams decode, {self._prefill_step_size} while none does")
         return (f"backend {mx.default_device()}, BLAS {blas.active_blas}, BatchGenerator, "
                 f"prompts prefilled {self._prefill_batch_size} at a time")
 
@@ -229,7 +231,8 @@ class EngineWorker:
     def _new_batch_generator(self, stream) -> BatchGenerator | RaggedRunner:
         if self.runner == "ragged":
             # The step's token budget: decode tokens first, prefill chunks fill the rest.
-            return RaggedRunner(self.loaded.model, token_budget=self._prefill_step_size,
+            return RaggedRunner(self.loaded.model, token_budget=self._token_budget,
+                                prefill_step_size=self._prefill_step_size,
                                 max_running=self.max_running)
         return BatchGenerator(
             self.loaded.model,

@@ -46,8 +46,8 @@ def drain(runner, steps: list | None = None) -> tuple[dict[int, list[int]], list
 
 
 def test_a_long_prompt_prefills_while_others_decode_exactly(model):
-    budget = 32
-    runner = RaggedRunner(model, token_budget=budget)
+    budget, step = 32, 64
+    runner = RaggedRunner(model, token_budget=budget, prefill_step_size=step)
     short = [_prompt(1, 20), _prompt(2, 9), _prompt(3, 33)]
     long = _prompt(4, 300)
     uids = runner.insert_segments([[p] for p in short], max_tokens=[3 * N] * 3)
@@ -62,11 +62,12 @@ def test_a_long_prompt_prefills_while_others_decode_exactly(model):
     assert out[long_uid] == reference_tokens(model, long, N)
     mixed = [s for s in steps if s[0] and s[1]]
     assert len(mixed) >= (300 - budget) // budget  # the long prompt rode with decodes
-    assert all(d + max(c - MIN_CHUNK, 0) <= budget for d, c in steps)
+    assert all(d + max(c - MIN_CHUNK, 0) <= budget for d, c in steps if d)
+    assert all(c <= step for d, c in steps if not d)  # nobody waits: a longer step
 
 
 def test_chunks_stop_at_checkpoints_and_the_cache_holds_the_prefix(model):
-    runner = RaggedRunner(model, token_budget=40)
+    runner = RaggedRunner(model, token_budget=40, prefill_step_size=40)
     prompt = _prompt(5, 100)
     (uid,) = runner.insert_segments([[prompt[:48], prompt[48:64], prompt[64:]]],
                                     max_tokens=[N])
@@ -90,7 +91,7 @@ def test_a_prefix_cache_resumes_exactly(model):
     cache = make_prompt_cache(model)
     model(mx.array([prompt[:48]]), cache=cache)
     mx.eval([c.state for c in cache])
-    runner = RaggedRunner(model, token_budget=16)
+    runner = RaggedRunner(model, token_budget=16, prefill_step_size=16)
     (uid,) = runner.insert_segments([[prompt[48:]]], max_tokens=[N], caches=[cache],
                                     all_tokens=[prompt[:48]])
     out, _ = drain(runner)
@@ -103,7 +104,7 @@ def test_processors_see_what_batch_generator_shows_them(model):
                             logit_bias=((11, 3.0),))
     prompts = [_prompt(7, 25), _prompt(8, 60)]
     results = []
-    for runner in (RaggedRunner(model, token_budget=24),
+    for runner in (RaggedRunner(model, token_budget=24, prefill_step_size=24),
                    BatchGenerator(model, prefill_step_size=24)):
         uids = runner.insert_segments(
             [[p] for p in prompts], max_tokens=[2 * N] * 2, samplers=[greedy] * 2,
