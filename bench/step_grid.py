@@ -19,7 +19,7 @@ import time
 
 import blockserve.engine  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 from blockserve.engine import ragged
 from blockserve.engine.model import load_model
@@ -37,13 +37,18 @@ def _filled(model, context: int) -> list:
     return caches
 
 
-def time_step(model, chunk: int, decode_caches: list, prompt_caches: list,
+def time_step(model, chunk: int, decode_caches: list, prompt_caches: list | None,
               reps: int) -> float:
     """The fastest of ``reps`` forwards, in seconds, with ``chunk`` prefill tokens and one decode
     token per entry of ``decode_caches``."""
     n_decode = len(decode_caches)
     tokens = [7] * (n_decode + chunk)
-    spans = [ragged.Span(i, 1, c) for i, c in enumerate(decode_caches)]
+    decodes = None
+    if n_decode:  # batched as the runner batches them: one BatchKVCache per layer
+        decodes = ragged.Decodes(n_decode, [BatchKVCache.merge([c[i] for c in decode_caches])
+                                            for i in range(len(decode_caches[0]))])
+        mx.eval([c.state for c in decodes.caches])
+    spans = []
     rows = list(range(n_decode))
     if chunk:
         spans.append(ragged.Span(n_decode, chunk, prompt_caches))
@@ -51,13 +56,17 @@ def time_step(model, chunk: int, decode_caches: list, prompt_caches: list,
     times = []
     for _ in range(reps):
         offsets = [s.caches[0].offset for s in spans]
+        batched = decodes.caches if decodes else []
         t = time.perf_counter()
-        logits = ragged.forward(model, tokens, spans, rows)
-        mx.eval(logits, [c.state for s in spans for c in s.caches])
+        logits = ragged.forward(model, tokens, decodes, spans, rows)
+        mx.eval(logits, [c.state for s in spans for c in s.caches],
+                [c.state for c in batched])
         times.append(time.perf_counter() - t)
         for s, off in zip(spans, offsets):
             for c in s.caches:
                 c.trim(c.offset - off)
+        for c in batched:
+            c.trim(1)
     return min(times)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 # mlx-lm model modules whose layers are ``h = x + attn(norm(x)); h + mlp(norm(h))``
 # with q/k/v/o projections, an optional per-head q/k norm, and rope by offset.
@@ -58,7 +58,18 @@ class Span:
     caches: list[KVCache]
 
 
-def _attention(attn: Any, x: mx.array, spans: Sequence[Span], layer: int) -> mx.array:
+@dataclass
+class Decodes:
+    """The first ``size`` rows: one decode token each of the sequences whose caches are
+    batched (mlx-lm's left-padded ``BatchKVCache``, one per layer), attended in one
+    call exactly as mlx-lm's batched decode does."""
+
+    size: int
+    caches: list[BatchKVCache]
+
+
+def _attention(attn: Any, x: mx.array, decodes: Decodes | None, spans: Sequence[Span],
+               layer: int) -> mx.array:
     """mlx-lm's attention, projections over all rows, attention per span."""
     t = x.shape[0]
     q = attn.q_proj(x).reshape(t, attn.n_heads, -1)
@@ -67,6 +78,16 @@ def _attention(attn: Any, x: mx.array, spans: Sequence[Span], layer: int) -> mx.
     if hasattr(attn, "q_norm"):  # qwen3: RMS norm per head, before rope
         q, k = attn.q_norm(q), attn.k_norm(k)
     outs = []
+    if decodes is not None:
+        n, cache = decodes.size, decodes.caches[layer]
+        # [n, heads, dim] -> [n, heads, 1, dim]: a batch of one-token queries
+        qs, ks, vs = (a[:n][:, :, None, :] for a in (q, k, v))
+        qs = attn.rope(qs, offset=cache.offset)  # per-row offsets
+        ks = attn.rope(ks, offset=cache.offset)
+        mask = cache.make_mask(1)  # before the update, as the model's forward makes it
+        ks, vs = cache.update_and_fetch(ks, vs)
+        o = mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=attn.scale, mask=mask)
+        outs.append(o.reshape(n, -1))
     for s in spans:
         a, b = s.start, s.start + s.length
         cache = s.caches[layer]
@@ -84,9 +105,10 @@ def _attention(attn: Any, x: mx.array, spans: Sequence[Span], layer: int) -> mx.
     return attn.o_proj(outs[0] if len(outs) == 1 else mx.concatenate(outs))
 
 
-def forward(model: Any, tokens: Sequence[int], spans: Sequence[Span],
-            rows: Sequence[int]) -> mx.array | None:
-    """Logits ``[len(rows), vocab]`` at the given rows after feeding every span's tokens
+def forward(model: Any, tokens: Sequence[int], decodes: Decodes | None,
+            spans: Sequence[Span], rows: Sequence[int]) -> mx.array | None:
+    """Logits ``[len(rows), vocab]`` at the given rows after feeding the decode tokens
+    and every span's tokens
     (``tokens[span.start : span.start + span.length]``) through its caches; None when
     no row is asked for (the caches' update is still to evaluate)."""
     inner = model.model
@@ -94,7 +116,7 @@ def forward(model: Any, tokens: Sequence[int], spans: Sequence[Span],
     if family(model) == "gemma":
         h = h * (inner.args.hidden_size**0.5)  # as gemma.py scales its embeddings
     for i, layer in enumerate(inner.layers):
-        r = _attention(layer.self_attn, layer.input_layernorm(h), spans, i)
+        r = _attention(layer.self_attn, layer.input_layernorm(h), decodes, spans, i)
         h = h + r
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     if not rows:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 from mlx_lm.generate import StopSequences
-from mlx_lm.models.cache import KVCache, TokenBuffer, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, TokenBuffer, make_prompt_cache
 
 from blockserve.engine import ragged
 from blockserve.engine.sampling import greedy
@@ -61,7 +61,7 @@ class _Seq:
     uid: int
     segments: deque[list[int]]  # prompt tokens still to compute, cut at checkpoints
     total: int  # prompt tokens to compute at insert
-    caches: list[KVCache]
+    caches: list[KVCache] | None  # None while its K/V is in the decode batch
     tokens: list[int]  # the tokens the caches hold
     max_tokens: int
     sampler: Callable[[mx.array], mx.array]
@@ -86,7 +86,8 @@ class RaggedRunner:
         self._fallback = fallback_sampler or greedy
         self._uid = 0
         self._prompting: deque[_Seq] = deque()  # arrival order
-        self._decoding: dict[int, _Seq] = {}
+        self._decoding: list[_Seq] = []  # the rows of the decode batch, in order
+        self._batch: list[BatchKVCache] | None = None  # their caches, one per layer
         self._seqs: dict[int, _Seq] = {}
 
     # ---- BatchGenerator's interface ---------------------------------------------
@@ -124,9 +125,19 @@ class RaggedRunner:
         return uids
 
     def extract_cache(self, uids: Sequence[int]) -> dict[int, tuple[list[Any], list[int]]]:
-        """(caches, tokens they hold) per sequence; the caches are the live ones."""
-        return {u: (self._seqs[u].caches, self._seqs[u].tokens) for u in uids
-                if u in self._seqs}
+        """(caches, tokens they hold) per sequence: a prefilling sequence's live caches,
+        a decoding one's copied out of the batch."""
+        out = {}
+        for u in uids:
+            seq = self._seqs.get(u)
+            if seq is None:
+                continue
+            if seq.caches is not None:
+                out[u] = (seq.caches, seq.tokens)
+            else:
+                row = self._decoding.index(seq)
+                out[u] = ([c.extract(row) for c in self._batch], seq.tokens)
+        return out
 
     def remove(self, uids: Sequence[int], return_prompt_caches: bool = False
                ) -> dict[int, tuple[list[Any], list[int]]]:
@@ -134,17 +145,26 @@ class RaggedRunner:
         gone = set(uids)
         for u in gone:
             self._seqs.pop(u, None)
-            self._decoding.pop(u, None)
         self._prompting = deque(s for s in self._prompting if s.uid not in gone)
+        keep = [i for i, s in enumerate(self._decoding) if s.uid not in gone]
+        if len(keep) < len(self._decoding):
+            self._decoding = [self._decoding[i] for i in keep]
+            if not keep:
+                self._batch = None
+            else:
+                for c in self._batch:
+                    c.filter(keep)
         return out
 
     @property
     def prompt_cache_nbytes(self) -> int:
-        return sum(c.nbytes for s in self._seqs.values() for c in s.caches)
+        own = sum(c.nbytes for s in self._seqs.values() if s.caches for c in s.caches)
+        return own + sum(c.nbytes for c in self._batch or [])
 
     def close(self) -> None:
         self._seqs.clear()
         self._decoding.clear()
+        self._batch = None
         self._prompting.clear()
 
     # ---- one step -------------------------------------------------------------------
@@ -155,7 +175,7 @@ class RaggedRunner:
         no stream decoding, a step takes ``prefill_step_size`` prompt tokens instead:
         on a compute-bound CPU a step's length is what its streams wait between two
         tokens, and with none waiting a longer step only saves per-step overhead."""
-        decodes = list(self._decoding.values())
+        decodes = list(self._decoding)
         room = self.max_running - len(decodes)  # prompts that may start decoding
         if not decodes:
             budget = self.prefill_step_size
@@ -180,17 +200,12 @@ class RaggedRunner:
         decodes, chunks = self.plan()
         if not decodes and not chunks:
             return [], []
-        tokens: list[int] = []
+        tokens = [seq.next_token for seq in decodes]
+        batch = ragged.Decodes(len(decodes), self._batch) if decodes else None
         spans: list[ragged.Span] = []
-        rows: list[int] = []
-        sampled: list[_Seq] = []
-        fed: list[tuple[_Seq, list[int]]] = []
-        for seq in decodes:
-            rows.append(len(tokens))
-            spans.append(ragged.Span(len(tokens), 1, seq.caches))
-            fed.append((seq, [seq.next_token]))
-            tokens.append(seq.next_token)
-            sampled.append(seq)
+        rows = list(range(len(decodes)))
+        sampled = list(decodes)
+        fed: list[tuple[_Seq, list[int]]] = [(seq, [seq.next_token]) for seq in decodes]
         prompt_responses = []
         for seq, n in chunks:
             chunk = seq.segments[0][:n]
@@ -208,20 +223,40 @@ class RaggedRunner:
                 sampled.append(seq)
             prompt_responses.append(PromptResponse(seq.uid, (seq.done, seq.total),
                                                    end_of_segment, end_of_prompt))
-        logits = ragged.forward(self.model, tokens, spans, rows)
+        logits = ragged.forward(self.model, tokens, batch, spans, rows)
         for seq, chunk in fed:
             seq.tokens.extend(chunk)
         states = [c.state for s in spans for c in s.caches]  # chunks not sampled too
+        if batch is not None:
+            states += [c.state for c in batch.caches]
         if not sampled:
             mx.eval(states)
             return prompt_responses, []
         new_tokens, logprobs = self._sample(sampled, logits)
         mx.eval(new_tokens, logprobs, states)
-        for seq, n in chunks:
-            if not seq.segments:
-                self._prompting.remove(seq)
-                self._decoding[seq.uid] = seq
-        return prompt_responses, self._responses(sampled, new_tokens.tolist(), logprobs)
+        started = [seq for seq, _ in chunks if not seq.segments]
+        for seq in started:
+            self._prompting.remove(seq)
+        responses = self._responses(sampled, new_tokens.tolist(), logprobs)
+        self._join([seq for seq in started if seq.uid in self._seqs])
+        return prompt_responses, responses
+
+    def _join(self, seqs: list[_Seq]) -> None:
+        """Move prompts that finished prefilling into the decode batch (their K/V is
+        copied once into the batch's left-padded caches, as mlx-lm's batches do)."""
+        if not seqs:
+            return
+        merged = [BatchKVCache.merge([s.caches[i] for s in seqs])
+                  for i in range(len(seqs[0].caches))]
+        if self._batch is None:
+            self._batch = merged
+        else:
+            for mine, new in zip(self._batch, merged):
+                mine.extend(new)
+        for s in seqs:
+            s.caches = None
+            self._decoding.append(s)
+        mx.eval([c.state for c in self._batch])
 
     def _sample(self, seqs: list[_Seq], logits: mx.array) -> tuple[mx.array, mx.array]:
         """As ``GenerationBatch._step``: processors per row, normalise, one batched
@@ -253,16 +288,18 @@ class RaggedRunner:
     def _responses(self, seqs: list[_Seq], tokens: list[int], logprobs: mx.array
                    ) -> list[GenerationResponse]:
         out = []
+        finished = {}
         for e, (seq, token) in enumerate(zip(seqs, tokens)):
             seq.generated += 1
             reason = "length" if seq.generated >= seq.max_tokens else None
             if seq.matcher.advance(token):
                 reason = "stop"
             r = GenerationResponse(seq.uid, token, logprobs[e], reason)
-            if reason is None:
-                seq.next_token = token
-            else:
-                r.prompt_cache, r.all_tokens = seq.caches, seq.tokens
-                self.remove([seq.uid])
+            seq.next_token = token
+            if reason is not None:
+                finished[seq.uid] = r
             out.append(r)
+        if finished:  # one filter of the decode batch for all of them
+            for uid, (cache, tokens_) in self.remove(list(finished), True).items():
+                finished[uid].prompt_cache, finished[uid].all_tokens = cache, tokens_
         return out
