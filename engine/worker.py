@@ -160,7 +160,13 @@ class EngineWorker:
             raise RuntimeError("the engine thread has stopped")
         done: queue.Queue = queue.Queue()
         self._commands.put(("call", (fn, done)))
-        ok, value = done.get()
+        while True:  # the thread may end between the check above and the put
+            try:
+                ok, value = done.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the engine thread has stopped") from None
         if not ok:
             raise value
         return value

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load
 
@@ -18,6 +18,14 @@ from tests.engine_harness import reference_tokens
 
 MODELS = ["demo:tiny", "demo:tiny-llama"]
 N = 10
+
+
+@pytest.fixture(autouse=True)
+def _stream():
+    """MLX work on mlx-lm's generation stream, as mlx-lm's own generation runs: work on
+    this thread's default stream can hang a later test's engine thread at its exit."""
+    with mx.stream(generation_stream):
+        yield
 
 
 @pytest.fixture(scope="module", params=MODELS)
