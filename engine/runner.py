@@ -3,7 +3,10 @@
 Each ``next()`` is ONE forward pass over a ragged batch (``engine.ragged``): first the
 decode token of every running sequence, then prefill chunks of waiting prompts, in
 arrival order, until the step's token budget is spent. So no stream waits a whole
-prompt between two tokens, and a step's length is bounded by the budget.
+prompt between two tokens, and a step's length is bounded by the budget. A prompt's
+K/V lives in its own mlx-lm ``KVCache`` while it prefills (so checkpoints read it
+directly); when it starts decoding it is copied once into the decode batch, mlx-lm's
+left-padded ``BatchKVCache``, so all decodes share one attention call per layer.
 
 It speaks ``BatchGenerator``'s interface as the worker uses it (``insert_segments``,
 ``next``, ``extract_cache``, ``remove``, ``prompt_cache_nbytes``, ``close``) and its

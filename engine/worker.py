@@ -1,4 +1,5 @@
-"""The batch thread: one thread owns mlx-lm's ``BatchGenerator`` and runs every MLX call.
+"""The batch thread: one thread owns the runner (ours, ``engine.runner``, for the families
+it covers; mlx-lm's ``BatchGenerator`` for the rest) and runs every MLX call.
 
 MLX streams and ``BatchGenerator`` are not thread-safe, so the scheduler never calls
 them directly: it queues commands (insert, abort), and this thread reports tokens,
