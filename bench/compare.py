@@ -139,9 +139,22 @@ def _row(workload: str, server: str, s: dict) -> str:
     return (f"| {workload} | {server} | {s['requests_per_s']:.2f} | "
             f"{s['output_tokens_per_s']:.1f} | {s['ttft_s']['p50']:.2f} | "
             f"{s['ttft_s']['p90']:.2f} | {(s['tpot_s']['p50'] or 0) * 1e3:.0f} | "
+            f"{_ms(s['itl_s']['p50'])} | {_ms(s['itl_s']['p99'])} | {_s(s['e2e_s']['p50'])} | "
             f"{s['hit_rate']:.2f} | {s['prompt_tokens_computed']} | "
             f"{s['distinct_prefix_tokens']} | {'n/a' if eff is None else f'{eff:.2f}'} | "
             f"{s['errors']} |")
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 1e3:.0f}"
+
+
+def _s(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "n/a"
 
 
 def _median_ttft(recs: list, skip_first: bool) -> float | None:
@@ -204,9 +217,10 @@ def main(args: argparse.Namespace) -> int:
         f"{os.cpu_count()} cores; concurrency {args.concurrency} (agent: 4 sessions); "
         f"output {args.output_tokens} tokens, greedy.", "",
         "| workload | server | req/s | out tok/s | TTFT p50 s | TTFT p90 s | TPOT p50 ms | "
+        "ITL p50 ms | ITL p99 ms | e2e p50 s | "
         "hit rate | prompt tokens computed | distinct prefix tokens | prefill efficiency | "
         "errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for workload, by_server in results.items():
         for server, s in by_server.items():
@@ -227,7 +241,11 @@ def main(args: argparse.Namespace) -> int:
                 f"<= 1), p90 TTFT ratio **{ttft:.2f}** (target <= "
                 f"{TARGETS['ttft_p90_ratio']}), blockserve prefill efficiency "
                 f"**{a['prefill_efficiency']:.2f}** (target >= "
-                f"{TARGETS['prefill_efficiency']})")
+                f"{TARGETS['prefill_efficiency']}); inter-token p50 ratio "
+                f"**{_ratio(a['itl_s']['p50'], b['itl_s']['p50'])}** (target <= 1), p99 "
+                f"**{_ratio(a['itl_s']['p99'], b['itl_s']['p99'])}** (target <= 1.5), "
+                f"end-to-end p50 **{_ratio(a['e2e_s']['p50'], b['e2e_s']['p50'])}** "
+                f"(target <= 0.8)")
         name = workload.split()[0]
         try:
             plot_ttft_cdf(records[workload], str(out / f"{args.name}-{name}-ttft.png"))

@@ -58,7 +58,15 @@ def _serve_args(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context limit in tokens (default: the model's)")
     p.add_argument("--prefill-step-size", type=int, default=256,
-                   help="prompt tokens per forward pass (256 measured best on CPU)")
+                   help="prompt tokens per forward pass while no stream decodes (256 "
+                        "measured best on CPU)")
+    p.add_argument("--token-budget", type=int, default=64,
+                   help="tokens per forward pass while streams decode: their decode tokens, "
+                        "then prefill chunks (ragged runner; BENCHMARKS.md, the step grid)")
+    p.add_argument("--runner", choices=("auto", "ragged", "batch"), default="auto",
+                   help="ragged: decodes ride along with prefill chunks in one forward "
+                        "(llama, mistral, qwen2, qwen3, gemma); batch: mlx-lm's "
+                        "BatchGenerator; auto: ragged where the model family allows")
     p.add_argument("--prompt-concurrency", type=int, default=None,
                    help="prompts prefilled together in one batch (default: 1 on the CPU, "
                         "where batching only delays the first tokens; 8 on a GPU)")
@@ -121,6 +129,7 @@ def stack_config(args: argparse.Namespace) -> StackConfig:
         active_kv_memory_bytes=args.active_kv_memory_bytes, max_num_seqs=args.max_num_seqs,
         max_queue=args.max_queue, max_model_len=args.max_model_len,
         prefill_step_size=args.prefill_step_size, prompt_concurrency=args.prompt_concurrency,
+        token_budget=args.token_budget, runner=args.runner,
         default_max_tokens=args.max_tokens, api_keys=api_keys(args),
         admin_key=args.admin_key or os.environ.get("BLOCKSERVE_ADMIN_KEY") or None,
         share_inflight=not args.no_inflight_sharing,

@@ -33,6 +33,8 @@ class StackConfig:
     max_model_len: int | None = None  # None: the model's own context length
     prefill_step_size: int = 256
     prompt_concurrency: int | None = None  # None: by device (engine.worker)
+    token_budget: int = 64  # tokens a step while streams decode (engine.runner)
+    runner: str = "auto"  # "ragged" | "batch" | "auto" (engine.worker)
     default_max_tokens: int = 512
     api_keys: list[str] = field(default_factory=list)  # each one a tenant
     admin_key: str | None = None  # flushes and sees the whole cache
@@ -49,7 +51,8 @@ def start_worker(config: StackConfig) -> EngineWorker:
     return EngineWorker(config.model, block_size=config.block_size,
                         max_running=config.max_num_seqs,
                         prefill_batch_size=config.prompt_concurrency,
-                        prefill_step_size=config.prefill_step_size, revision=config.revision)
+                        prefill_step_size=config.prefill_step_size, revision=config.revision,
+                        runner=config.runner, token_budget=config.token_budget)
 
 
 @dataclass

@@ -6,7 +6,6 @@ import asyncio
 import threading
 
 import pytest
-from mlx_lm.generate import BatchGenerator
 from mlx_lm.utils import load
 
 import blockserve.engine.runtime.sampling as sampling
@@ -19,9 +18,11 @@ MODEL = "demo:tiny"
 VICTIM = [5, 17, 99, 3, 250, 12, 8, 40, 7, 61, 33, 2, 90, 14, 77, 21, 6, 18]
 
 
-@pytest.fixture(scope="module")
-def worker():
-    w = EngineWorker(MODEL, block_size=16, max_running=8)
+@pytest.fixture(scope="module", params=["ragged", "batch"])
+def worker(request):
+    """Both runners: ours (ragged batches) and mlx-lm's BatchGenerator, the fallback."""
+    w = EngineWorker(MODEL, block_size=16, max_running=8, runner=request.param)
+    assert w.runner == request.param
     yield w
     w.close()
 
@@ -67,7 +68,8 @@ async def test_a_failed_step_rebuilds_the_batch_and_the_others_go_on_exactly(
         worker, ref_model, monkeypatch):
     """A step that raises fails the sequence that joined it; the victim, mid-decode, is
     resumed from its prompt and generated tokens and ends with mlx-lm's own tokens."""
-    real_next = BatchGenerator.next
+    runner = type(worker._bg)  # a failed step rebuilds one of the same class
+    real_next = runner.next
     poisoned = []
 
     def next_(self):
@@ -78,7 +80,7 @@ async def test_a_failed_step_rebuilds_the_batch_and_the_others_go_on_exactly(
             raise RuntimeError("a poisoned batch step")
         return real_next(self)
 
-    monkeypatch.setattr(BatchGenerator, "next", next_)
+    monkeypatch.setattr(runner, "next", next_)
     sched = make_scheduler(worker)
     victim = asyncio.create_task(run(sched, VICTIM, 48))
     await _started(sched)
@@ -95,7 +97,8 @@ async def test_an_unattributable_failure_never_shows_one_request_another_s_error
         worker, monkeypatch):
     """With several new sequences in the failed step, none is told the error text (it
     may be another's)."""
-    real_next = BatchGenerator.next
+    runner = type(worker._bg)
+    real_next = runner.next
     calls = []
 
     def next_(self):
@@ -104,7 +107,7 @@ async def test_an_unattributable_failure_never_shows_one_request_another_s_error
             raise RuntimeError("secret detail of someone's request")
         return real_next(self)
 
-    monkeypatch.setattr(BatchGenerator, "next", next_)
+    monkeypatch.setattr(runner, "next", next_)
     sched = make_scheduler(worker)
     gate = threading.Event()  # hold the engine thread so both join one step
     held = threading.Thread(target=worker.run_sync, args=(lambda m: gate.wait(10),))

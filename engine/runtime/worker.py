@@ -1,4 +1,5 @@
-"""The batch thread: one thread owns mlx-lm's ``BatchGenerator`` and runs every MLX call.
+"""The batch thread: one thread owns the runner (ours, ``engine.runner``, for the families
+it covers; mlx-lm's ``BatchGenerator`` for the rest) and runs every MLX call.
 
 MLX streams and ``BatchGenerator`` are not thread-safe, so the scheduler never calls
 them directly: it queues commands (insert, abort), and this thread reports tokens,
@@ -23,13 +24,15 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import make_prompt_cache
 
+from blockserve.engine.models.loader import LoadedModel, load_model
 from blockserve.engine.runtime import blas
 from blockserve.engine.runtime.kvblocks import (
     KVBlockCodec,
     blocks_from_cache,
     cache_from_blocks,
 )
-from blockserve.engine.models.loader import LoadedModel, load_model
+from blockserve.engine.runtime.ragged import supports as ragged_supports
+from blockserve.engine.runtime.runner import DEFAULT_TOKEN_BUDGET, RaggedRunner
 from blockserve.engine.runtime.sampling import (
     GrammarProcessor,
     Guard,
@@ -79,6 +82,11 @@ def default_prompt_concurrency() -> int:
     return 1 if mx.default_device() == mx.cpu else 8
 
 
+# "ragged": our runner, one forward per step within a token budget (engine.runner);
+# "batch": mlx-lm's BatchGenerator; "auto": ragged where the model family allows.
+RUNNERS = ("auto", "ragged", "batch")
+
+
 class EngineWorker:
     """Implements ``scheduler.protocol.Generator`` on a real mlx-lm model."""
 
@@ -91,7 +99,13 @@ class EngineWorker:
         prefill_batch_size: int | None = None,
         prefill_step_size: int = 256,
         revision: str | None = None,
+        runner: str = "auto",
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
     ):
+        if runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {RUNNERS}")
+        self._runner = runner
+        self._token_budget = token_budget
         self.block_size = block_size
         self._model_name = model
         self._revision = revision
@@ -139,8 +153,12 @@ class EngineWorker:
 
     def describe_backend(self) -> str:
         """The device and BLAS in use, for the start-up log."""
-        return (f"backend {mx.default_device()}, BLAS {blas.active_blas}, prompts prefilled "
-                f"{self._prefill_batch_size} at a time")
+        if self.runner == "ragged":
+            return (f"backend {mx.default_device()}, BLAS {blas.active_blas}, ragged runner: "
+                    f"decodes and prefill chunks in one forward, {self._token_budget} tokens "
+                    f"a step while streams decode, {self._prefill_step_size} while none does")
+        return (f"backend {mx.default_device()}, BLAS {blas.active_blas}, BatchGenerator, "
+                f"prompts prefilled {self._prefill_batch_size} at a time")
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -191,6 +209,7 @@ class EngineWorker:
     def _serve(self) -> None:
         try:
             self.loaded = load_model(self._model_name, self._revision)
+            self.runner = self._runner_kind()
         except BaseException as e:  # reported to the constructor's caller
             self._load_error = e
             self._ready.set()
@@ -227,7 +246,20 @@ class EngineWorker:
         del self._bg
         mx.synchronize(stream)
 
-    def _new_batch_generator(self, stream) -> BatchGenerator:
+    def _runner_kind(self) -> str:
+        """The runner this model gets: ragged where ``engine.ragged`` covers it."""
+        ok = ragged_supports(self.loaded.model, make_prompt_cache(self.loaded.model))
+        if self._runner == "ragged" and not ok:
+            raise ValueError(f"{self.loaded.model_id}: the ragged runner does not cover "
+                             "this model family")
+        return "ragged" if ok and self._runner != "batch" else "batch"
+
+    def _new_batch_generator(self, stream) -> BatchGenerator | RaggedRunner:
+        if self.runner == "ragged":
+            # The step's token budget: decode tokens first, prefill chunks fill the rest.
+            return RaggedRunner(self.loaded.model, token_budget=self._token_budget,
+                                prefill_step_size=self._prefill_step_size,
+                                max_running=self.max_running)
         return BatchGenerator(
             self.loaded.model,
             completion_batch_size=self.max_running,
