@@ -129,3 +129,28 @@ def test_families_the_runner_covers():
     hybrid = load(resolve("demo:tiny-qwen3_next")[1])[0]
     assert ragged.supports(covered, make_prompt_cache(covered))
     assert not ragged.supports(hybrid, make_prompt_cache(hybrid))
+
+
+@pytest.mark.parametrize("family,extra", [
+    ("qwen2", {"tie_word_embeddings": False}),  # biased q/k/v projections
+    ("gemma", {"head_dim": 16}),  # scaled embeddings, 1 + weight norms, GELU MLP
+    ("llama", {"model_type": "mistral", "tie_word_embeddings": False}),
+])
+def test_other_families_match_the_model_s_own_forward(family, extra):
+    """Families with no demo model: random tiny ones, the ragged forward in two chunks
+    against the model's own forward of the whole prompt."""
+    import importlib
+
+    mod = importlib.import_module(f"mlx_lm.models.{family}")
+    args = {"model_type": family, "hidden_size": 64, "num_hidden_layers": 2,
+            "intermediate_size": 128, "num_attention_heads": 4, "rms_norm_eps": 1e-6,
+            "vocab_size": 300, "num_key_value_heads": 2, **extra}
+    net = mod.Model(mod.ModelArgs(**args))
+    mx.eval(net.parameters())
+    tokens = [(i * 37) % 300 for i in range(40)]
+    ref = net(mx.array([tokens]), cache=make_prompt_cache(net))[0, -1]
+    cache = make_prompt_cache(net)
+    assert ragged.supports(net, cache)
+    ragged.forward(net, tokens[:30], None, [ragged.Span(0, 30, cache)], [])
+    got = ragged.forward(net, tokens[30:], None, [ragged.Span(0, 10, cache)], [9])[0]
+    assert mx.abs(ref - got).max().item() < 1e-4
