@@ -50,4 +50,10 @@ def assert_idle(sched: Scheduler, worker: EngineWorker) -> None:
     assert s.blocks_pinned == 0
     assert sched.num_running == 0 and sched.num_waiting == 0
     assert worker.run_sync(lambda m: 0) == 0  # the engine thread is responsive
-    assert worker.active_sequences() == (0, 0)
+    assert active_sequences(worker) == (0, 0)
+
+
+def active_sequences(worker: EngineWorker) -> tuple[int, int]:
+    """(sequences the worker tracks, bytes of KV its batch still holds), read on its
+    thread: a test's look inside, kept out of the production class."""
+    return worker.run_sync(lambda _: (len(worker._seqs), worker._bg.prompt_cache_nbytes))

@@ -13,7 +13,7 @@ from mlx_lm.utils import load
 
 from blockserve.engine.models.loader import resolve
 from blockserve.engine.runtime.worker import EngineWorker
-from tests.engine_harness import reference_tokens
+from tests.engine_harness import active_sequences, reference_tokens
 from tests.server_harness import metrics, serve
 
 MODEL = "demo:tiny"
@@ -261,7 +261,7 @@ async def test_client_disconnect_mid_stream_frees_everything(worker):
         m = await wait_idle(srv.url)
         assert m['blockserve_requests_total{finish_reason="abort"}'] == 1
         assert srv.scheduler.stats.finished["abort"] == 1
-        assert worker.active_sequences() == (0, 0)
+        assert active_sequences(worker) == (0, 0)
 
 
 async def test_sixteen_concurrent_streams_finish_correctly(worker, ref_model):
@@ -322,7 +322,7 @@ async def test_client_disconnect_while_waiting_for_a_non_streamed_reply(worker):
         writer.close()  # gone before any byte of the reply
         await wait_idle(srv.url)
         assert srv.scheduler.stats.finished["abort"] == 1
-        assert worker.active_sequences() == (0, 0)
+        assert active_sequences(worker) == (0, 0)
 
 
 async def test_anthropic_tool_blocks_become_messages(worker):

@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Union
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
@@ -71,6 +71,32 @@ class _Sequence:
     grammar: GrammarProcessor | None = None
     generated: int = 0  # every generated token, a stop token included
     tokens: list[int] = field(default_factory=list)  # generated tokens fed to the model
+
+
+@dataclass(frozen=True)
+class _Insert:
+    spec: SequenceSpec
+
+
+@dataclass(frozen=True)
+class _Abort:
+    seq_id: str
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Run ``fn`` on the engine thread; its result (or error) goes to ``done``."""
+
+    fn: Callable[[LoadedModel], object]
+    done: queue.Queue
+
+
+@dataclass(frozen=True)
+class _Close:
+    pass
+
+
+_Command = Union[_Insert, _Abort, _Call, _Close]
 
 
 def default_prompt_concurrency() -> int:
@@ -142,10 +168,10 @@ class EngineWorker:
         self._emit = emit  # the engine thread reads it on its next event
 
     def insert(self, spec: SequenceSpec) -> None:
-        self._commands.put(("insert", spec))
+        self._commands.put(_Insert(spec))
 
     def abort(self, seq_id: str) -> None:
-        self._commands.put(("abort", seq_id))
+        self._commands.put(_Abort(seq_id))
 
     def block_codec(self) -> KVBlockCodec:
         """Block payloads <-> bytes, for the disk tier (``kvpool.DiskTier``)."""
@@ -162,7 +188,7 @@ class EngineWorker:
 
     def close(self) -> None:
         if self._thread.is_alive():
-            self._commands.put(("close", None))
+            self._commands.put(_Close())
             self._thread.join()
 
     def run_sync(self, fn: Callable[[LoadedModel], object]) -> object:
@@ -171,15 +197,11 @@ class EngineWorker:
         with self._stop_lock:
             if self._stopped:
                 raise RuntimeError("the engine thread has stopped")
-            self._commands.put(("call", (fn, done)))
+            self._commands.put(_Call(fn, done))
         ok, value = done.get()
         if not ok:
             raise value
         return value
-
-    def active_sequences(self) -> tuple[int, int]:
-        """(sequences this worker tracks, bytes of KV the BatchGenerator still holds)."""
-        return self.run_sync(lambda _: (len(self._seqs), self._bg.prompt_cache_nbytes))
 
     # ---- the engine thread ----------------------------------------------------
 
@@ -200,11 +222,11 @@ class EngineWorker:
             self._stopped = True
         while True:
             try:
-                cmd, arg = self._commands.get_nowait()
+                cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if cmd == "call":
-                arg[1].put((False, RuntimeError("the engine thread has stopped")))
+            if isinstance(cmd, _Call):
+                cmd.done.put((False, RuntimeError("the engine thread has stopped")))
 
     def _serve(self) -> None:
         try:
@@ -225,14 +247,14 @@ class EngineWorker:
             block = not self._seqs
             while True:
                 try:
-                    cmd, arg = self._commands.get(block=block)
+                    cmd = self._commands.get(block=block)
                 except queue.Empty:
                     break
                 block = False
-                if cmd == "close":
+                if isinstance(cmd, _Close):
                     running = False
                     break
-                self._handle(cmd, arg, stream)
+                self._handle(cmd, stream)
             if running and self._seqs:
                 try:
                     with mx.stream(stream):
@@ -277,16 +299,16 @@ class EngineWorker:
             log.debug("dropped an event for %s: the scheduler's loop is closed",
                       event.seq_id)
 
-    def _handle(self, cmd: str, arg, stream) -> None:
-        if cmd == "insert":
+    def _handle(self, cmd: _Command, stream) -> None:
+        if isinstance(cmd, _Insert):
             try:
                 with mx.stream(stream):
-                    self._insert(arg)
+                    self._insert(cmd.spec)
             except Exception as e:
                 log.exception("insert failed")
-                self._send(ErrorEvent(arg.seq_id, f"could not start generation: {e}"))
-        elif cmd == "abort":
-            uid = self._uids.pop(arg, None)
+                self._send(ErrorEvent(cmd.spec.seq_id, f"could not start generation: {e}"))
+        elif isinstance(cmd, _Abort):
+            uid = self._uids.pop(cmd.seq_id, None)
             if uid is not None:
                 self._seqs.pop(uid, None)
                 self._fresh.discard(uid)
@@ -294,13 +316,12 @@ class EngineWorker:
                     self._bg.remove([uid])
                 except Exception:  # a broken batch: the next failed step rebuilds it
                     log.exception("could not remove an aborted sequence")
-        elif cmd == "call":
-            fn, done = arg
+        elif isinstance(cmd, _Call):
             try:
                 with mx.stream(stream):
-                    done.put((True, fn(self.loaded)))
+                    cmd.done.put((True, cmd.fn(self.loaded)))
             except Exception as e:
-                done.put((False, e))
+                cmd.done.put((False, e))
 
     def _insert(self, spec: SequenceSpec) -> None:
         bs = self.block_size
