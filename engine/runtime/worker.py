@@ -308,14 +308,9 @@ class EngineWorker:
                 log.exception("insert failed")
                 self._send(ErrorEvent(cmd.spec.seq_id, f"could not start generation: {e}"))
         elif isinstance(cmd, _Abort):
-            uid = self._uids.pop(cmd.seq_id, None)
+            uid = self._uids.get(cmd.seq_id)
             if uid is not None:
-                self._seqs.pop(uid, None)
-                self._fresh.discard(uid)
-                try:
-                    self._bg.remove([uid])
-                except Exception:  # a broken batch: the next failed step rebuilds it
-                    log.exception("could not remove an aborted sequence")
+                self._drop(uid)
         elif isinstance(cmd, _Call):
             try:
                 with mx.stream(stream):
@@ -381,16 +376,20 @@ class EngineWorker:
         self._seqs[uid] = seq
         self._fresh.add(uid)
 
-    def _fail(self, uid: int, message: str) -> None:
-        """End one sequence with its own error; the rest of the batch goes on."""
+    def _drop(self, uid: int) -> _Sequence:
+        """Take a sequence out of the batch and out of every index (an abort, a failure)."""
         seq = self._seqs.pop(uid)
         self._uids.pop(seq.spec.seq_id, None)
         self._fresh.discard(uid)
         try:
             self._bg.remove([uid])
         except Exception:  # a broken batch: the next failed step rebuilds it
-            log.exception("could not remove a failed sequence")
-        self._send(ErrorEvent(seq.spec.seq_id, message))
+            log.exception("could not remove sequence %s from the batch", seq.spec.seq_id)
+        return seq
+
+    def _fail(self, uid: int, message: str) -> None:
+        """End one sequence with its own error; the rest of the batch goes on."""
+        self._send(ErrorEvent(self._drop(uid).spec.seq_id, message))
 
     def _recover(self, error: Exception, stream) -> None:
         """A step raised: fail the sequences that may have caused it, with its error, and
