@@ -67,18 +67,19 @@ ScopeFn = Callable[[Namespace], bool]
 
 @dataclass(frozen=True)
 class Scope:
-    """A ``ScopeFn`` as data: one model, and/or the cache salts that start with
-    ``salt_prefix`` (a tenant's salt and the request salts nested inside it, as
-    ``server.admin.tenant_scope`` also builds). No fields: every namespace."""
+    """A ``ScopeFn`` as data: one model, and/or the cache ``salt`` and the salts nested
+    inside it (a request's own salt follows its tenant's after a NUL, as the server
+    nests them). No fields: every namespace."""
 
     model: str | None = None
-    salt_prefix: str | None = None
+    salt: str | None = None
 
     def __call__(self, ns: Namespace) -> bool:
         if self.model is not None and ns.model != self.model:
             return False
-        if self.salt_prefix is not None:
-            return ns.cache_salt is not None and ns.cache_salt.startswith(self.salt_prefix)
+        if self.salt is not None:
+            own = ns.cache_salt
+            return own is not None and (own == self.salt or own.startswith(self.salt + "\0"))
         return True
 
 

@@ -182,7 +182,7 @@ class PrefixCache:
     # ---- admin -------------------------------------------------------------------
 
     def reset(self, scope: ScopeFn | None = None) -> bool:
-        """Flush ``scope`` (everything by default; e.g. ``Scope(salt_prefix=...)`` or
+        """Flush ``scope`` (everything by default; e.g. ``Scope(salt=...)`` or
         ``server.admin.tenant_scope``) from RAM and disk. Refused (False)
         while any of its RAM blocks is pinned."""
         if not self.pool.reset(scope):

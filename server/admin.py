@@ -9,7 +9,7 @@ from typing import Callable
 
 from aiohttp import web
 
-from blockserve.kvpool import Namespace
+from blockserve.kvpool import Namespace, Scope
 from blockserve.server.errors import ApiError
 from blockserve.server.runtime import ADMIN, CONFIG, FRONTEND, METRICS, SCHEDULER, TENANT
 
@@ -66,10 +66,9 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
-def tenant_scope(tenant: str) -> Callable[[Namespace], bool]:
+def tenant_scope(tenant: str) -> Scope:
     """The namespaces of one tenant: its salt, and the salts nested inside it."""
-    own = f"tenant:{tenant}"
-    return lambda ns: ns.cache_salt == own or (ns.cache_salt or "").startswith(own + "\0")
+    return Scope(salt=f"tenant:{tenant}")
 
 
 def _scope(request: web.Request) -> Callable[[Namespace], bool] | None:

@@ -241,11 +241,11 @@ async def test_a_scoped_reset_flushes_that_tenant_on_disk_only(tmp_path):
     fill(cache, t1, list(range(1, 9)), TIER_SYSTEM)
     fill(cache, t2, list(range(1, 9)), TIER_SYSTEM)
     cache.disk.flush()
-    assert cache.disk.stats(Scope(salt_prefix="tenant:b")).files == 2
-    assert cache.reset(Scope(salt_prefix="tenant:b"))
+    assert cache.disk.stats(Scope(salt="tenant:b")).files == 2
+    assert cache.reset(Scope(salt="tenant:b"))
     cache.disk.flush()
-    assert cache.disk.stats(Scope(salt_prefix="tenant:b")).files == 0
-    assert cache.disk.stats(Scope(salt_prefix="tenant:a")).files == 2
+    assert cache.disk.stats(Scope(salt="tenant:b")).files == 0
+    assert cache.disk.stats(Scope(salt="tenant:a")).files == 2
     assert {os.path.basename(os.path.dirname(f)) for f in files(tmp_path)} == \
         {t1.root_key().hex()}
     cache.close(spill=False)
@@ -442,9 +442,9 @@ def test_a_flush_drops_writes_still_queued_for_its_scope(tmp_path):
     cache = PrefixCache(BlockPool(BS, 1 << 20), d)
     fill(cache, t1, list(range(1, 9)), TIER_SYSTEM)  # queued behind a slow codec
     fill(cache, t2, list(range(1, 9)), TIER_SYSTEM)
-    assert cache.reset(Scope(salt_prefix="tenant:a"))
+    assert cache.reset(Scope(salt="tenant:a"))
     d.flush()
-    assert d.stats().files == 2 == d.stats(Scope(salt_prefix="tenant:b")).files
+    assert d.stats().files == 2 == d.stats(Scope(salt="tenant:b")).files
     assert {os.path.basename(os.path.dirname(f)) for f in files(tmp_path)} == \
         {t2.root_key().hex()}
     assert d._resets == []  # nothing left queued: the flush record is gone too

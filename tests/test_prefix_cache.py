@@ -136,8 +136,8 @@ def test_scoped_stats_and_reset_touch_one_tenant_only():
     c = cache.prompt(t2, list(range(9)))
     cache.acquire(c)  # a hit for tenant b
     cache.release(c)
-    b_scope = Scope(salt_prefix="tenant:bbbb")
-    sb, sa = cache.stats(b_scope), cache.stats(Scope(salt_prefix="tenant:aaaa"))
+    b_scope = Scope(salt="tenant:bbbb")
+    sb, sa = cache.stats(b_scope), cache.stats(Scope(salt="tenant:aaaa"))
     assert sb.blocks_stored == 2 and sa.blocks_stored == 2
     assert sb.hit_tokens == 8 and sa.hit_tokens == 0
     assert sb.queried_tokens == 18 and sa.queried_tokens == 9
@@ -153,20 +153,21 @@ def test_a_scoped_reset_is_refused_only_by_pins_in_its_scope():
     t1, _ = _two_tenants(cache)
     held = cache.prompt(t1, list(range(9)))
     cache.acquire(held)
-    assert cache.reset(Scope(salt_prefix="tenant:aaaa")) is False
-    assert cache.reset(Scope(salt_prefix="tenant:bbbb")) is True
+    assert cache.reset(Scope(salt="tenant:aaaa")) is False
+    assert cache.reset(Scope(salt="tenant:bbbb")) is True
     assert cache.reset() is False
     cache.release(held)
     assert cache.reset() is True and len(cache.pool) == 0
 
 
 @pytest.mark.parametrize("scope,covered", [
-    (Scope(), [True, True, True]),
-    (Scope(model="m2"), [False, False, True]),
-    (Scope(salt_prefix="tenant:a"), [False, True, False]),
+    (Scope(), [True, True, True, True]),
+    (Scope(model="m2"), [False, False, True, False]),
+    (Scope(salt="tenant:a"), [False, True, False, False]),  # not tenant "ab"'s
 ])
 def test_scope_covers(scope, covered):
-    nss = [Namespace("m1"), Namespace("m1", "tenant:a\0salt:z"), Namespace("m2", "x")]
+    nss = [Namespace("m1"), Namespace("m1", "tenant:a\0salt:z"), Namespace("m2", "x"),
+           Namespace("m1", "tenant:ab")]
     assert [scope(ns) for ns in nss] == covered
 
 
@@ -181,6 +182,6 @@ def test_per_namespace_counters_are_bounded(monkeypatch):
         cache.acquire(c)
         cache.release(c)
     assert len(cache.pool._ns_counters) == 8
-    assert cache.stats(Scope(salt_prefix="salt-49")).lookups == 1
-    assert cache.stats(Scope(salt_prefix="salt-0")).lookups == 0  # forgotten, not wrong
+    assert cache.stats(Scope(salt="salt-49")).lookups == 1
+    assert cache.stats(Scope(salt="salt-0")).lookups == 0  # forgotten, not wrong
     assert cache.stats().lookups == 50
