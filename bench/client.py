@@ -80,7 +80,8 @@ async def _one(http: aiohttp.ClientSession, target: Target, session: Session, s_
                turn: int, records: list[Record]) -> None:
     msgs = session.messages_for(turn)
     rec = Record(s_idx, turn, messages=msgs, tools=session.tools)
-    body = {"model": target.model, "messages": msgs, "stream": True, "temperature": 0,
+    body = {"model": target.model, "messages": msgs, "stream": True,
+            "temperature": session.turns[turn].temperature,
             "max_tokens": session.turns[turn].max_tokens,
             "stream_options": {"include_usage": True}}
     if session.tools:

@@ -9,6 +9,11 @@ OpenBLAS: blockserve loads it itself, the peers through LD_PRELOAD. vllm-mlx pin
 older mlx-lm and pulls torch, so it lives in its own venv (``python -m venv v &&
 v/bin/pip install vllm-mlx 'mlx[cpu]'``) and is run with ``--continuous-batching`` and
 its prefix cache on (its default).
+
+``--blockserve-variants spec=--speculative-lookup,nospec=--no-speculative-lookup`` runs
+blockserve once per variant, each with its own server arguments, and reports each variant
+against the peers and against the variants after it; ``--workloads edit`` is the edit
+workload (a ~1.5K-token file sent back with one change, greedy) alone and 4 at a time.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,6 +32,7 @@ from pathlib import Path
 
 import aiohttp
 
+from blockserve.bench.client import Record
 from blockserve.bench.plots import plot_ttft_cdf
 from blockserve.bench.run import bench_once, make_target
 from blockserve.bench.stats import records_json
@@ -33,23 +40,53 @@ from blockserve.bench.tokens import LocalTokenizer
 from blockserve.bench.workloads import (
     agent_sessions,
     claude_code_sessions,
+    edit_sessions,
     no_sharing,
     shared_prefix,
 )
 
-TARGETS = {"ttft_p90_ratio": 0.5, "requests_per_s_ratio": 1.5, "prefill_efficiency": 0.9}
+TARGETS = {"ttft_p90_ratio": 0.5, "requests_per_s_ratio": 1.5, "prefill_efficiency": 0.9,
+           "edit_decode_ratio": 1.5}
+
+
+def parse_variants(spec: str) -> list[tuple[str, list[str]]]:
+    """``name=args,name=args`` as [(server label, args split as a shell would)], so that
+    one compare runs blockserve with and without a flag; empty: plain ``blockserve``."""
+    if not spec.strip():
+        return [("blockserve", [])]
+    out: list[tuple[str, list[str]]] = []
+    for part in spec.split(","):
+        name, _, extra = part.partition("=")
+        name = name.strip()
+        label = name if name.startswith("blockserve") else f"blockserve {name}"
+        if not name or label in (n for n, _ in out):
+            raise argparse.ArgumentTypeError(
+                f"blockserve variant {part!r}: want a unique name, then = and its arguments")
+        out.append((label, shlex.split(extra)))
+    return out
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo:bench")
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--port", type=int, default=8310, help="first of two ports")
+    p.add_argument("--port", type=int, default=8310, help="first of the servers' ports")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--system-tokens", type=int, default=1024)
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--max-seconds", type=float, default=900)
     p.add_argument("--workloads", default="shared-prefix,agent",
-                   help="comma list of: shared-prefix, agent, claude-code, cached-prefix")
+                   help="comma list of: shared-prefix, agent, claude-code, cached-prefix, edit")
+    p.add_argument("--edit-concurrency", default="1,4",
+                   help="edit: comma list of concurrencies, a row each (max(4, c) requests)")
+    p.add_argument("--edit-file-tokens", type=int, default=1500,
+                   help="edit: each request's source file, in tokens")
+    p.add_argument("--edit-output-tokens", type=int, default=400)
+    p.add_argument("--blockserve-variants", type=parse_variants, default="",
+                   metavar="NAME=ARGS,...",
+                   help="run blockserve once per variant with these extra serve arguments, "
+                        "e.g. 'spec=--speculative-lookup,nospec=--no-speculative-lookup' "
+                        "(default: one plain blockserve); each variant is reported against "
+                        "the peers and against the variants after it")
     p.add_argument("--claude-code-tokens", type=int, default=18000,
                    help="claude-code replay: system prompt and 24 tools, in tokens")
     p.add_argument("--claude-code-turns", type=int, default=4)
@@ -75,18 +112,26 @@ def _workloads(args, trim):
         out.append((claude_code_sessions(1, args.claude_code_turns, args.claude_code_tokens,
                                          output_tokens=args.output_tokens, seed=3, trim=trim),
                     1))
+    if "edit" in chosen:  # other files at each level: none is in a cache from the last
+        for i, c in enumerate(int(x) for x in args.edit_concurrency.split(",")):
+            w = edit_sessions(max(4, c), args.edit_file_tokens, args.edit_output_tokens,
+                              seed=4 + i, trim=trim)
+            w.name = f"edit x{c}"
+            out.append((w, c))
     return out
 
 
-def _server_command(server: str, args, model_path: str | None, port: int
+def _server_command(server: str, args, model_path: str | None, port: int,
+                    extra: list[str] | None = None
                     ) -> tuple[list[str], str, dict]:
-    """(command line, model name to send, environment) of one server."""
+    """(command line, model name to send, environment) of one server; ``extra``: a
+    blockserve variant's arguments."""
     env = dict(os.environ)
     n = str(args.concurrency)
     if server == "blockserve":
         return ([sys.executable, "-m", "blockserve.cli", "serve", "--model", args.model,
-                 "--port", str(port), "--max-num-seqs", n, "--log-level", "WARNING"],
-                args.model, env)
+                 "--port", str(port), "--max-num-seqs", n, "--log-level", "WARNING",
+                 *(extra or [])], args.model, env)
     # This machine runs MLX anyway (every server does): give the peers the same BLAS.
     from blockserve.engine.runtime.blas import find_openblas
 
@@ -139,6 +184,7 @@ def _row(workload: str, server: str, s: dict) -> str:
     return (f"| {workload} | {server} | {s['requests_per_s']:.2f} | "
             f"{s['output_tokens_per_s']:.1f} | {s['ttft_s']['p50']:.2f} | "
             f"{s['ttft_s']['p90']:.2f} | {(s['tpot_s']['p50'] or 0) * 1e3:.0f} | "
+            f"{_tps(s['decode_tokens_per_s']['p50'])} | "
             f"{_ms(s['itl_s']['p50'])} | {_ms(s['itl_s']['p99'])} | {_s(s['e2e_s']['p50'])} | "
             f"{s['hit_rate']:.2f} | {s['prompt_tokens_computed']} | "
             f"{s['distinct_prefix_tokens']} | {'n/a' if eff is None else f'{eff:.2f}'} | "
@@ -147,6 +193,10 @@ def _row(workload: str, server: str, s: dict) -> str:
 
 def _ms(x: float | None) -> str:
     return "n/a" if x is None else f"{x * 1e3:.0f}"
+
+
+def _tps(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f}"
 
 
 def _s(x: float | None) -> str:
@@ -163,24 +213,95 @@ def _median_ttft(recs: list, skip_first: bool) -> float | None:
     return sorted(ttfts)[len(ttfts) // 2] if ttfts else None
 
 
-def _cached_prefix_lines(records: dict[str, dict[str, list]]) -> list[str]:
+def _cached_prefix_lines(records: dict[str, dict[str, list]], ours: str = "blockserve"
+                         ) -> list[str]:
     """The cached-2K-prefix target: its TTFT (the first request, which cached the
-    prefix, left out) against a cold 32-token prompt, and against each peer."""
+    prefix, left out) against a cold 32-token prompt, and against each peer (``ours``:
+    the blockserve variant they are set against)."""
     cached = next((v for k, v in records.items() if k.startswith("shared-prefix 1x5")), None)
     cold = next((v for k, v in records.items() if k.startswith("no-sharing")), None)
     if not cached or not cold:
         return []
     out = ["", "Cached 2K-token prefix + 32 new tokens (median TTFT, one request at a time):",
            "", "| server | cold 32 tokens s | cached 2K + 32 s | ratio (target <= 1.5) | "
-           "blockserve / this server |", "|---|---|---|---|---|"]
-    ours = _median_ttft(cached.get("blockserve", []), True)
+           f"{ours} / this server |", "|---|---|---|---|---|"]
+    mine = _median_ttft(cached.get(ours, []), True)
     for server, recs in cached.items():
         warm, c = _median_ttft(recs, True), _median_ttft(cold.get(server, []), False)
         if warm is None or c is None:
             continue
-        vs = f"{ours / warm:.2f}" if ours else "n/a"
+        vs = f"{mine / warm:.2f}" if mine else "n/a"
         out.append(f"| {server} | {c:.3f} | {warm:.3f} | {warm / c:.2f} | {vs} |")
     return out
+
+
+def _peer_line(workload: str, mine: str, peer: str, a: dict, b: dict, who: str) -> str:
+    """One blockserve variant against one peer, with the targets of its workload."""
+    if workload.startswith("edit"):
+        return (f"- {workload},{who} against {peer}: decode tok/s p50 ratio "
+                f"**{_ratio(a['decode_tokens_per_s']['p50'], b['decode_tokens_per_s']['p50'])}x**"
+                f" (target >= {TARGETS['edit_decode_ratio']}x with speculation), mean "
+                f"**{_ratio(a['decode_tokens_per_s']['mean'], b['decode_tokens_per_s']['mean'])}x**"
+                f", out tok/s ratio "
+                f"**{_ratio(a['output_tokens_per_s'], b['output_tokens_per_s'])}x**")
+    rps = a["requests_per_s"] / b["requests_per_s"]
+    ttft = a["ttft_s"]["p90"] / b["ttft_s"]["p90"]
+    p50 = a["ttft_s"]["p50"] / b["ttft_s"]["p50"]
+    return (f"- {workload},{who} against {peer}: requests/s ratio **{rps:.2f}x** (target >= "
+            f"{TARGETS['requests_per_s_ratio']}x), p50 TTFT ratio **{p50:.2f}** (target "
+            f"<= 1), p90 TTFT ratio **{ttft:.2f}** (target <= "
+            f"{TARGETS['ttft_p90_ratio']}), {mine} prefill efficiency "
+            f"**{a['prefill_efficiency']:.2f}** (target >= "
+            f"{TARGETS['prefill_efficiency']}); inter-token p50 ratio "
+            f"**{_ratio(a['itl_s']['p50'], b['itl_s']['p50'])}** (target <= 1), p99 "
+            f"**{_ratio(a['itl_s']['p99'], b['itl_s']['p99'])}** (target <= 1.5), "
+            f"end-to-end p50 **{_ratio(a['e2e_s']['p50'], b['e2e_s']['p50'])}** "
+            f"(target <= 0.8)")
+
+
+def same_outputs(a: list[Record], b: list[Record]) -> tuple[int, int]:
+    """(requests whose reply is the same text in both runs, requests both answered):
+    greedy replies with and without speculation must match token for token."""
+    ta = {(r.session, r.turn): r.text for r in a if r.error is None}
+    tb = {(r.session, r.turn): r.text for r in b if r.error is None}
+    both = [k for k in ta if k in tb]
+    return sum(ta[k] == tb[k] for k in both), len(both)
+
+
+def _variant_line(workload: str, x: str, y: str, a: dict, b: dict, ra: list, rb: list
+                  ) -> str:
+    """One blockserve variant against a later one: issue 23's speculation targets
+    (decode tok/s, requests/s, the same greedy output)."""
+    same, n = same_outputs(ra, rb)
+    return (f"- {workload}, {x} against {y}: decode tok/s p50 ratio "
+            f"**{_ratio(a['decode_tokens_per_s']['p50'], b['decode_tokens_per_s']['p50'])}x**,"
+            f" requests/s ratio **{_ratio(a['requests_per_s'], b['requests_per_s'])}x**, "
+            f"same output on **{same} of {n}** requests")
+
+
+def ratio_lines(results: dict[str, dict[str, dict]], records: dict[str, dict[str, list]],
+                ours: list[str], peers: list[str]) -> list[str]:
+    """Each blockserve variant against each peer, then against each variant after it."""
+    lines = []
+    for workload, by_server in results.items():
+        for mine in ours:
+            who = "" if len(ours) == 1 else f" {mine}"
+            for peer in peers:
+                a, b = by_server.get(mine), by_server.get(peer)
+                if a and b:
+                    lines.append(_peer_line(workload, mine, peer, a, b, who))
+        for i, x in enumerate(ours):
+            for y in ours[i + 1:]:
+                if x in by_server and y in by_server:
+                    lines.append(_variant_line(workload, x, y, by_server[x], by_server[y],
+                                               records[workload][x], records[workload][y]))
+    return lines
+
+
+def _plot_stem(workload: str) -> str:
+    """A workload's plot file stem: its kind, and an edit row's concurrency too."""
+    kind, _, rest = workload.partition(" ")
+    return f"{kind}-{rest}" if kind == "edit" else kind
 
 
 def main(args: argparse.Namespace) -> int:
@@ -189,10 +310,14 @@ def main(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, dict]] = {}
     records: dict[str, dict[str, list]] = {}
     model_path, tok = None, None
-    servers = ["blockserve", "mlx_lm server"] + (["vllm-mlx"] if args.vllm_mlx else [])
-    for i, server in enumerate(servers):
+    variants = args.blockserve_variants
+    ours = [label for label, _ in variants]
+    peers = ["mlx_lm server"] + (["vllm-mlx"] if args.vllm_mlx else [])
+    servers = [("blockserve", label, extra) for label, extra in variants] + [
+        (peer, peer, []) for peer in peers]
+    for i, (kind, server, extra) in enumerate(servers):
         port = args.port + i
-        cmd, model_name, env = _server_command(server, args, model_path, port)
+        cmd, model_name, env = _server_command(kind, args, model_path, port, extra)
         url = f"http://127.0.0.1:{port}"
         print(f"starting {server}: {' '.join(cmd)}", flush=True)
         proc = subprocess.Popen(cmd, env=env)
@@ -200,7 +325,7 @@ def main(args: argparse.Namespace) -> int:
             asyncio.run(_wait_ready(url, proc))
             if model_path is None:
                 model_path = asyncio.run(_model_path(url))
-                tok = LocalTokenizer(model_path)  # one tokenizer for both servers
+                tok = LocalTokenizer(model_path)  # one tokenizer for every server
             target = make_target(url, model_name, tok)
             for workload, concurrency in _workloads(args, tok.trim):
                 summary, recs = asyncio.run(bench_once(target, workload, concurrency, None,
@@ -208,50 +333,40 @@ def main(args: argparse.Namespace) -> int:
                 results.setdefault(workload.name, {})[server] = summary
                 records.setdefault(workload.name, {})[server] = recs
                 print(f"  {workload.name}: {summary['requests_per_s']:.2f} req/s, "
-                      f"TTFT p90 {summary['ttft_s']['p90']:.2f} s, "
+                      f"TTFT p90 {summary['ttft_s']['p90']:.2f} s, decode p50 "
+                      f"{_tps(summary['decode_tokens_per_s']['p50'])} tok/s, "
                       f"efficiency {summary['prefill_efficiency']}")
         finally:
             _stop(proc)
+    head = (f"Model `{args.model}`, {platform.machine()} {platform.system()}, "
+            f"{os.cpu_count()} cores; concurrency {args.concurrency} (agent: 4 sessions); "
+            f"output {args.output_tokens} tokens, greedy.")
+    if "edit" in args.workloads.split(","):
+        head += (f" Edit: a ~{args.edit_file_tokens}-token file each, "
+                 f"{args.edit_output_tokens} output tokens, {args.edit_concurrency} at a time.")
+    if len(variants) > 1 or variants[0][1]:
+        head += " " + "; ".join(f"{label}: `{shlex.join(extra)}`" for label, extra in variants)
+        head += "."
     lines = [
-        f"Model `{args.model}`, {platform.machine()} {platform.system()}, "
-        f"{os.cpu_count()} cores; concurrency {args.concurrency} (agent: 4 sessions); "
-        f"output {args.output_tokens} tokens, greedy.", "",
+        head, "",
         "| workload | server | req/s | out tok/s | TTFT p50 s | TTFT p90 s | TPOT p50 ms | "
-        "ITL p50 ms | ITL p99 ms | e2e p50 s | "
+        "decode tok/s p50 | ITL p50 ms | ITL p99 ms | e2e p50 s | "
         "hit rate | prompt tokens computed | distinct prefix tokens | prefill efficiency | "
         "errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for workload, by_server in results.items():
         for server, s in by_server.items():
             lines.append(_row(workload, server, s))
     lines.append("")
-    for workload, by_server in results.items():
-        a = by_server.get("blockserve")
-        for peer in servers[1:]:
-            b = by_server.get(peer)
-            if not (a and b):
-                continue
-            rps = a["requests_per_s"] / b["requests_per_s"]
-            ttft = a["ttft_s"]["p90"] / b["ttft_s"]["p90"]
-            p50 = a["ttft_s"]["p50"] / b["ttft_s"]["p50"]
-            lines.append(
-                f"- {workload}, against {peer}: requests/s ratio **{rps:.2f}x** (target >= "
-                f"{TARGETS['requests_per_s_ratio']}x), p50 TTFT ratio **{p50:.2f}** (target "
-                f"<= 1), p90 TTFT ratio **{ttft:.2f}** (target <= "
-                f"{TARGETS['ttft_p90_ratio']}), blockserve prefill efficiency "
-                f"**{a['prefill_efficiency']:.2f}** (target >= "
-                f"{TARGETS['prefill_efficiency']}); inter-token p50 ratio "
-                f"**{_ratio(a['itl_s']['p50'], b['itl_s']['p50'])}** (target <= 1), p99 "
-                f"**{_ratio(a['itl_s']['p99'], b['itl_s']['p99'])}** (target <= 1.5), "
-                f"end-to-end p50 **{_ratio(a['e2e_s']['p50'], b['e2e_s']['p50'])}** "
-                f"(target <= 0.8)")
-        name = workload.split()[0]
+    lines += ratio_lines(results, records, ours, peers)
+    for workload in results:
         try:
-            plot_ttft_cdf(records[workload], str(out / f"{args.name}-{name}-ttft.png"))
+            plot_ttft_cdf(records[workload],
+                          str(out / f"{args.name}-{_plot_stem(workload)}-ttft.png"))
         except ImportError:
             pass
-    lines += _cached_prefix_lines(records)
+    lines += _cached_prefix_lines(records, ours[0])
     for workload, by_server in results.items():
         if all(len(s["per_turn"]) > 1 for s in by_server.values()):
             lines += ["", f"Per turn, {workload}:", "",
@@ -263,7 +378,7 @@ def main(args: argparse.Namespace) -> int:
     table = "\n".join(lines) + "\n"
     (out / f"{args.name}.md").write_text(table)
     (out / f"{args.name}.json").write_text(json.dumps(
-        {"summaries": results,
+        {"variants": {label: extra for label, extra in variants}, "summaries": results,
          "records": {w: {s: records_json(r) for s, r in by.items()}
                      for w, by in records.items()}}, indent=1))
     print(table)

@@ -47,6 +47,7 @@ def build_workload(args: argparse.Namespace, tok: BenchTokenizer) -> Workload:
         return WORKLOADS[args.workload](args.sessions, args.turns, args.system_tokens,
                                         tools=args.tools, output_tokens=args.output_tokens,
                                         seed=args.seed, trim=trim)
+    # no-sharing; edit: --prompt-tokens is the size of each request's source file
     return WORKLOADS[args.workload](args.requests, args.prompt_tokens, args.output_tokens,
                                     args.seed, trim)
 
@@ -74,7 +75,8 @@ def format_summary(name: str, s: dict) -> str:
     return (f"{name}: {s['requests']} requests ({s['errors']} errors) in {s['wall_s']:.1f} s | "
             f"{s['requests_per_s']:.2f} req/s, {s['output_tokens_per_s']:.1f} out tok/s | "
             f"TTFT p50 {s['ttft_s']['p50'] or 0:.3f} s p90 {s['ttft_s']['p90'] or 0:.3f} s | "
-            f"TPOT p50 {(s['tpot_s']['p50'] or 0) * 1e3:.0f} ms | hit rate {s['hit_rate']:.2f} | "
+            f"TPOT p50 {(s['tpot_s']['p50'] or 0) * 1e3:.0f} ms, decode p50 "
+            f"{s['decode_tokens_per_s']['p50'] or 0:.1f} tok/s | hit rate {s['hit_rate']:.2f} | "
             f"prefill efficiency {'n/a' if eff is None else f'{eff:.2f}'} "
             f"({s['prompt_tokens_computed']} computed, from {s['computed_from']})")
 
@@ -98,8 +100,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--sessions", type=int, default=4)
     p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--requests", type=int, default=32, help="requests (no-sharing, edit)")
+    p.add_argument("--prompt-tokens", type=int, default=512,
+                   help="prompt (no-sharing) or source file (edit) in tokens; the issue's "
+                        "edit runs are --requests 4 --prompt-tokens 1500 --output-tokens 400")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concurrency", default="8",
                    help="closed-loop concurrency; a comma list sweeps it")

@@ -1,9 +1,10 @@
 """Summaries of a load-generator run, with vLLM ``bench serve``'s metric definitions.
 
 TTFT is the time to the first content chunk; ITL the gaps between content chunks;
-TPOT (e2e - TTFT) / (output tokens - 1); prefill efficiency the distinct prefix tokens
-of the workload (a token trie of the rendered prompts) over the prompt tokens the server
-actually computed (from its /metrics when it exposes blockserve's, else prompt - cached
+TPOT (e2e - TTFT) / (output tokens - 1); decode tokens/s its inverse, per request (the rate
+that speculative decoding raises, prefill left out); prefill efficiency the distinct prefix
+tokens of the workload (a token trie of the rendered prompts) over the prompt tokens the
+server actually computed (from its /metrics when it exposes blockserve's, else prompt - cached
 tokens from ``usage``).
 """
 
@@ -42,6 +43,14 @@ def latency_stats(xs: list[float]) -> dict[str, float | None]:
     return {"mean": sum(xs) / len(xs), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
 
 
+def decode_tokens_per_s(r: Record) -> float | None:
+    """Tokens a second after the first, (output tokens - 1) / (e2e - TTFT): the decode
+    rate, which speculation raises, without the prefill."""
+    if r.e2e is None or r.ttft is None or r.completion_tokens < 2 or r.e2e <= r.ttft:
+        return None
+    return (r.completion_tokens - 1) / (r.e2e - r.ttft)
+
+
 COMPUTED_METRIC = "blockserve_prompt_tokens_computed_total"
 
 
@@ -63,6 +72,7 @@ def summarize(records: list[Record], wall: float, before: dict | None = None,
         "output_tokens_per_s": sum(r.completion_tokens for r in ok) / wall if wall else 0.0,
         "ttft_s": latency_stats([r.ttft for r in ok]),
         "tpot_s": latency_stats([r.tpot for r in ok]),
+        "decode_tokens_per_s": latency_stats([decode_tokens_per_s(r) for r in ok]),
         "itl_s": latency_stats([x for r in ok for x in r.itl]),
         "e2e_s": latency_stats([r.e2e for r in ok]),
         "prompt_tokens": prompt, "cached_tokens": cached,
@@ -93,6 +103,7 @@ def records_json(records: list[Record]) -> list[dict]:
         d.pop("messages")
         d.pop("tools")
         d["tpot"] = r.tpot
+        d["decode_tokens_per_s"] = decode_tokens_per_s(r)
         out.append(d)
     return out
 

@@ -8,7 +8,9 @@ the turn's new message). Single-request workloads have one turn per session.
 from __future__ import annotations
 
 import json
+import keyword
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +27,7 @@ class Turn:
     # A recorded trace's assistant turn (e.g. a tool call) before ``message``: replayed
     # instead of the server's reply to the previous turn.
     replayed: dict | None = None
+    temperature: float = 0.0  # sent with the request: greedy unless a workload says so
 
 
 @dataclass
@@ -159,5 +162,223 @@ def claude_code_sessions(sessions: int = 1, turns: int = 6, system_tokens: int =
     return Workload(f"claude-code {sessions}x{turns}", out)
 
 
+# The edit workload's source files: a few kinds of functions (and classes) that call one
+# another, with docstrings, loops and returns, so a reply that copies the file copies code.
+_NOUNS = [w for w in _WORDS if w != "the" and not keyword.iskeyword(w)]
+_SEP = "\n\n\n"  # between top-level blocks, as PEP 8 has it
+Funcs = dict[str, list[str]]  # a kind's function names, in the order defined
+_APPROX_TOKEN = re.compile(r"\s*(?:\w+|[^\w\s])")  # a word or a symbol: ~ a BPE token
+
+
+def _approx_trim(text: str, n: int) -> str:
+    """``text`` cut to about ``n`` tokens without a tokenizer (a word or symbol each)."""
+    end = 0
+    for i, m in enumerate(_APPROX_TOKEN.finditer(text)):
+        if i == n:
+            break
+        end = m.end()
+    return text[:end]
+
+
+def _a(word: str) -> str:
+    """The word with its article, so docstrings read as English."""
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _read_fn(rng: random.Random, name: str, a: str, b: str, funcs: Funcs) -> list[str]:
+    return [f"def {name}(path: str) -> list[dict]:",
+            f'    """Read the {a} rows of the JSON file at path (those with {_a(b)})."""',
+            "    if not os.path.exists(path):",
+            "        return []",
+            "    with open(path) as f:",
+            "        data = json.load(f)",
+            f'    return [row for row in data.get("{a}", []) if row.get("{b}")]']
+
+
+def _filter_fn(rng: random.Random, name: str, a: str, b: str, funcs: Funcs) -> list[str]:
+    return [f"def {name}(rows: list[dict], limit: int = {rng.choice((8, 16, 32, 64))}"
+            ") -> list[dict]:",
+            f'    """Check each {a} row for {_a(b)}, keeping at most limit of them."""',
+            "    out = []",
+            "    for row in rows:",
+            "        if len(out) >= limit:",
+            "            break",
+            f'        if not row.get("{b}"):',
+            "            continue",
+            f'        row["{a}"] = row.get("{a}", 0) + 1',
+            "        out.append(row)",
+            "    return out"]
+
+
+def _count_fn(rng: random.Random, name: str, a: str, b: str, funcs: Funcs) -> list[str]:
+    return [f'def {name}(rows: list[dict], key: str = "{a}") -> dict[str, int]:',
+            f'    """Count the {b} rows by the value of their key."""',
+            "    counts: dict[str, int] = {}",
+            "    for row in rows:",
+            '        value = str(row.get(key, ""))',
+            "        counts[value] = counts.get(value, 0) + 1",
+            "    return counts"]
+
+
+def _format_fn(rng: random.Random, name: str, a: str, b: str, funcs: Funcs) -> list[str]:
+    return [f"def {name}(row: dict) -> str:",
+            f'    """One line of text for {_a(a)} row."""',
+            f'    name = row.get("name", "{a}")',
+            f'    size = row.get("{b}", 0)',
+            f'    return f"{{name}}: {{size}} {b} items"']
+
+
+def _sort_fn(rng: random.Random, name: str, a: str, b: str, funcs: Funcs) -> list[str]:
+    return [f"def {name}(rows: list[dict], reverse: bool = False) -> list[dict]:",
+            f'    """The {a} rows ordered by their {b}, largest first when reverse."""',
+            f'    keyed = [(row.get("{b}", 0), i, row) for i, row in enumerate(rows)]',
+            "    keyed.sort(reverse=reverse)",
+            "    return [row for _, _, row in keyed]"]
+
+
+def _write_fn(rng: random.Random, name: str, a: str, b: str, funcs: Funcs) -> list[str]:
+    return [f"def {name}(path: str, rows: list[dict]) -> int:",
+            f'    """Write the {a} rows to the JSON file at path; how many were written."""',
+            '    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)',
+            '    with open(path, "w") as f:',
+            f'        json.dump({{"{a}": rows, "{b}": len(rows)}}, f, indent=2)',
+            "    return len(rows)"]
+
+
+def _pipeline_fn(rng: random.Random, name: str, a: str, b: str, funcs: Funcs) -> list[str]:
+    read, check, count, fmt = (rng.choice(funcs[k]) for k in ("read", "filter", "count",
+                                                               "format"))
+    return [f"def {name}(path: str, limit: int = {rng.choice((16, 32, 128))}) -> str:",
+            f'    """Run the {a} {b}: read, check, count and format the rows at path."""',
+            f"    rows = {read}(path)",
+            f"    rows = {check}(rows, limit)",
+            f'    counts = {count}(rows, "{b}")',
+            f"    lines = [{fmt}(row) for row in rows]",
+            '    lines.append(f"{len(counts)} distinct values")',
+            '    return "\\n".join(lines)']
+
+
+def _class(rng: random.Random, name: str, a: str, b: str, funcs: Funcs) -> list[str]:
+    read, check, fmt = (rng.choice(funcs[k]) for k in ("read", "filter", "format"))
+    return [f"class {name}:",
+            f'    """{_a(a).capitalize()} {b}: the rows read from its path, at most limit."""',
+            "",
+            f"    def __init__(self, path: str, limit: int = {rng.choice((64, 256))}):",
+            "        self.path = path",
+            "        self.limit = limit",
+            "        self.rows: list[dict] = []",
+            "",
+            "    def load(self) -> int:",
+            '        """Read the rows from the path; how many were kept."""',
+            f"        self.rows = {check}({read}(self.path), self.limit)",
+            "        return len(self.rows)",
+            "",
+            "    def add(self, row: dict) -> None:",
+            f'        """Add one {b} row, dropping the oldest past the limit."""',
+            "        self.rows.append(row)",
+            "        if len(self.rows) > self.limit:",
+            "            self.rows.pop(0)",
+            "",
+            "    def lines(self) -> list[str]:",
+            f'        """The rows as text, one line per {a}."""',
+            f"        return [{fmt}(row) for row in self.rows]"]
+
+
+# kind: (verbs its functions' names start with, its template)
+_KINDS = {"read": (("read", "open", "load", "query"), _read_fn),
+          "filter": (("check", "parse", "update", "select"), _filter_fn),
+          "count": (("index", "count", "group"), _count_fn),
+          "format": (("format", "render", "print"), _format_fn),
+          "sort": (("sort", "order", "rank"), _sort_fn),
+          "write": (("write", "save", "dump"), _write_fn),
+          "pipeline": (("run", "build", "start", "stream"), _pipeline_fn),
+          "class": ((), _class)}
+
+
+def _block(rng: random.Random, kind: str, funcs: Funcs, used: list[str]) -> tuple[str, str]:
+    """(a new top-level function or class of ``kind``, its name); names are unique."""
+    verbs, make = _KINDS[kind]
+    while True:
+        a, b = rng.sample(_NOUNS, 2)
+        name = a.title() + b.title() if kind == "class" else f"{rng.choice(verbs)}_{a}_{b}"
+        if name not in used:
+            break
+    used.append(name)
+    funcs.setdefault(kind, []).append(name)
+    return "\n".join(make(rng, name, a, b, funcs)), name
+
+
+def _python_file(rng: random.Random, n_tokens: int, trim: Trim | None
+                 ) -> tuple[str, str, list[tuple[int, str, str]]]:
+    """(file name, a Python module of whole top-level blocks, at most ``n_tokens`` long,
+    its functions as (offset, kind, name))."""
+    a, b = rng.sample(_NOUNS, 2)
+    header = "\n".join([f'"""The {a} {b} module: read, check, count and format {a} rows."""',
+                        "", "from __future__ import annotations", "", "import json", "import os"])
+    consts = "\n".join(f"DEFAULT_{w.upper()}_{v.upper()} = {rng.choice((4, 16, 512, 4096))}"
+                       for w, v in zip(rng.sample(_NOUNS, 3), rng.sample(_NOUNS, 3)))
+    blocks: list[tuple[str, str, str]] = [(header, "", ""), (consts, "", "")]
+    funcs: Funcs = {}
+    used: list[str] = []
+    kinds = ["read", "filter", "count", "format"]
+    rng.shuffle(kinds)  # one of each first: pipelines and classes call them
+    cut = trim or _approx_trim
+    approx, target = 0, n_tokens * 3 // 2
+    while True:
+        while approx < target:
+            kind = kinds.pop(0) if kinds else rng.choice(
+                ["read", "filter", "count", "format", "sort", "write", "pipeline", "pipeline",
+                 "class"])
+            text, name = _block(rng, kind, funcs, used)
+            blocks.append((text, kind, name))
+            approx += len(_APPROX_TOKEN.findall(text))
+        whole = _SEP.join(t for t, _, _ in blocks) + "\n"
+        budget = len(cut(whole, n_tokens).rstrip())
+        if budget < len(whole.rstrip()):  # cut short: there is enough
+            break
+        target *= 2  # the tokenizer packs code tighter than the estimate: make more
+    kept, end, defs = [], 0, []
+    for text, kind, name in blocks:
+        start = end + (len(_SEP) if kept else 0)
+        if defs and start + len(text) > budget:  # one function at least
+            break
+        if kind and kind != "class":
+            defs.append((start, kind, name))
+        kept.append(text)
+        end = start + len(text)
+    return f"{a}_{b}.py", _SEP.join(kept) + "\n", defs
+
+
+def _rename(rng: random.Random, src: str, defs: list[tuple[int, str, str]], within: float
+            ) -> tuple[str, str]:
+    """(a function of ``src`` defined in its first ``within`` fraction, so the change
+    comes early in the reply; a new name for it that ``src`` doesn't use)."""
+    early = [d for d in defs if d[0] <= within * len(src)] or defs[:1]
+    _, kind, old = rng.choice(early)
+    verb, rest = old.split("_", 1)
+    for v in rng.sample(_KINDS[kind][0], len(_KINDS[kind][0])):
+        if v != verb and f"{v}_{rest}" not in src:
+            return old, f"{v}_{rest}"
+    return old, f"{old}_{rng.choice(_NOUNS)}"
+
+
+def edit_sessions(requests: int = 4, file_tokens: int = 1500, output_tokens: int = 400,
+                  seed: int = 4, trim: Trim | None = None) -> Workload:
+    """Each request sends its own Python file of ~``file_tokens`` and asks for it back
+    with one function renamed, greedy: replies that copy their prompt, the case of
+    prompt-lookup speculation."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(requests):
+        name, src, defs = _python_file(rng, file_tokens, trim)
+        old, new = _rename(rng, src, defs, min(1.0, output_tokens / file_tokens) / 2)
+        msg = (f"Here is `{name}`:\n\n```python\n{src}```\n\nRewrite the whole file with one "
+               f"change: rename the function `{old}` to `{new}`, in its definition and "
+               "every call. Reply with the complete file only, in one code block.")
+        out.append(Session(None, [Turn({"role": "user", "content": msg}, output_tokens,
+                                       temperature=0.0)], group=i))
+    return Workload(f"edit x{requests}", out)
+
+
 WORKLOADS = {"shared-prefix": shared_prefix, "agent": agent_sessions, "no-sharing": no_sharing,
-             "claude-code": claude_code_sessions}
+             "claude-code": claude_code_sessions, "edit": edit_sessions}

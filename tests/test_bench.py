@@ -1,15 +1,19 @@
 """The load generator: metric definitions, workload determinism, and a short run."""
 
+import argparse
+import ast
 import asyncio
+import re
 
 import pytest
 
 from blockserve.bench.client import Record, record_stream, run_workload, scrape
-from blockserve.bench.run import bench_once, make_target
-from blockserve.bench.stats import distinct_prefix_tokens, summarize
+from blockserve.bench.run import bench_once, format_summary, make_target
+from blockserve.bench.stats import decode_tokens_per_s, distinct_prefix_tokens, records_json, \
+    summarize
 from blockserve.bench.tokens import ServerTokenizer
-from blockserve.bench.workloads import agent_sessions, claude_code_sessions, no_sharing, \
-    shared_prefix
+from blockserve.bench.workloads import agent_sessions, claude_code_sessions, edit_sessions, \
+    no_sharing, shared_prefix
 from blockserve.engine.runtime.worker import EngineWorker
 from tests.server_harness import serve
 
@@ -161,3 +165,91 @@ def test_the_cached_prefix_target_leaves_out_the_request_that_cached_it():
     assert rows["blockserve"][:3] == ["0.200", "0.300", "1.50"]
     assert rows["mlx_lm server"][:3] == ["0.100", "0.600", "6.00"]
     assert rows["mlx_lm server"][3].startswith("0.50")
+
+
+def _chunks(text, n):
+    """A simple tokenizer's trim: the first n whitespace-separated chunks, spacing kept."""
+    return "".join(re.findall(r"\s*\S+", text)[:n])
+
+
+def test_the_edit_workload_sends_distinct_python_files_of_about_n_tokens_greedy():
+    w = edit_sessions(requests=4, file_tokens=600, output_tokens=100, seed=7, trim=_chunks)
+    assert _shape(w) == _shape(edit_sessions(4, 600, 100, seed=7, trim=_chunks))
+    assert _shape(w) != _shape(edit_sessions(4, 600, 100, seed=8, trim=_chunks))
+    assert w.name == "edit x4" and w.num_requests == 4
+    files = []
+    for s in w.sessions:
+        (turn,) = s.turns
+        assert s.system is None and turn.temperature == 0 and turn.max_tokens == 100
+        text = turn.message["content"]
+        src = text.split("```python\n")[1].split("```")[0]
+        ast.parse(src)  # whole top-level blocks, so the file is valid Python
+        assert 0.8 * 600 <= len(re.findall(r"\S+", src)) <= 600
+        assert src.count("def ") >= 5 and src.count("    return ") >= 5  # code, repeating
+        old, new = re.search(r"rename the function `(\w+)` to `(\w+)`", text).groups()
+        assert src.index(f"def {old}(") < len(src) // 2 and new not in src
+        files.append(src)
+    assert len(set(files)) == 4
+    # Without a tokenizer the file is cut by an estimate (a word or a symbol a token).
+    assert 1000 < len(edit_sessions(1).sessions[0].turns[0].message["content"]) // 3 < 2500
+
+
+def test_decode_tokens_per_s_leaves_the_prefill_out():
+    fast = Record(0, 0, ttft=2.0, e2e=4.0, completion_tokens=401)  # 400 tokens in 2 s
+    slow = Record(1, 0, ttft=0.5, e2e=10.5, completion_tokens=101)  # 100 tokens in 10 s
+    one = Record(2, 0, ttft=1.0, e2e=1.0, completion_tokens=1)  # no decode: left out
+    assert decode_tokens_per_s(fast) == pytest.approx(200.0)
+    assert decode_tokens_per_s(one) is None
+    s = summarize([fast, slow, one], wall=10.5)
+    assert s["decode_tokens_per_s"]["mean"] == pytest.approx(105.0)
+    assert s["decode_tokens_per_s"]["p50"] == pytest.approx(105.0)
+    assert s["output_tokens_per_s"] == pytest.approx(503 / 10.5)
+    assert records_json([fast])[0]["decode_tokens_per_s"] == pytest.approx(200.0)
+    assert "decode p50 105.0 tok/s" in format_summary("edit", s)
+
+
+def test_blockserve_variants_become_servers_with_their_own_arguments():
+    from blockserve.bench.compare import _server_command, _workloads, add_args, parse_variants
+
+    assert parse_variants("") == [("blockserve", [])]
+    assert parse_variants("spec=--speculative-lookup,nospec=--no-speculative-lookup "
+                          "--max-num-seqs 4") == [
+        ("blockserve spec", ["--speculative-lookup"]),
+        ("blockserve nospec", ["--no-speculative-lookup", "--max-num-seqs", "4"])]
+    for bad in ("=--x", "a=--x,a=--y"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_variants(bad)
+    p = argparse.ArgumentParser()
+    add_args(p)
+    assert p.parse_args([]).blockserve_variants == [("blockserve", [])]
+    args = p.parse_args(["--blockserve-variants", "spec=--speculative-lookup",
+                         "--workloads", "edit"])
+    (label, extra), = args.blockserve_variants
+    cmd, model, _ = _server_command("blockserve", args, None, 8400, extra)
+    assert label == "blockserve spec" and cmd[-1] == "--speculative-lookup"
+    rows = _workloads(args, _chunks)
+    assert [(w.name, c, w.num_requests) for w, c in rows] == [("edit x1", 1, 4),
+                                                              ("edit x4", 4, 4)]
+    assert _shape(rows[0][0]) != _shape(rows[1][0])  # nothing cached from the x1 row
+
+
+def test_variants_are_set_against_the_peers_and_against_each_other():
+    from blockserve.bench.compare import ratio_lines
+
+    def run(rate, texts):  # 400 tokens after the first at ``rate`` tokens/s
+        recs = [Record(i, 0, ttft=1.0, e2e=1.0 + 400 / rate, completion_tokens=401, text=t)
+                for i, t in enumerate(texts)]
+        return summarize(recs, 10.0), recs
+
+    runs = {"blockserve spec": run(200, ["a", "b"]), "blockserve nospec": run(100, ["a", "c"]),
+            "mlx_lm server": run(80, ["a", "b"])}
+    lines = ratio_lines({"edit x1": {k: v[0] for k, v in runs.items()}},
+                        {"edit x1": {k: v[1] for k, v in runs.items()}},
+                        ["blockserve spec", "blockserve nospec"], ["mlx_lm server"])
+    assert len(lines) == 3
+    assert lines[0].startswith("- edit x1, blockserve spec against mlx_lm server: decode "
+                               "tok/s p50 ratio **2.50x**")
+    assert lines[1].startswith("- edit x1, blockserve nospec against mlx_lm server: decode "
+                               "tok/s p50 ratio **1.25x**")
+    assert "blockserve spec against blockserve nospec: decode tok/s p50 ratio **2.00x**" \
+        in lines[2] and "same output on **1 of 2** requests" in lines[2]

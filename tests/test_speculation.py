@@ -1,0 +1,224 @@
+"""Prompt-lookup speculative decoding: drafts from the sequence's own context, verified
+in the ragged batch, leave every output exactly as plain decoding gives it."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import StopSequences, generation_stream
+from mlx_lm.models.cache import KVCache
+from mlx_lm.utils import load
+
+from blockserve.engine.models.loader import resolve
+from blockserve.engine.runtime import lookup
+from blockserve.engine.runtime.lookup import Drafting, PromptLookup
+from blockserve.engine.runtime.runner import RaggedRunner
+from blockserve.engine.runtime.sampling import greedy, logits_processors, make_sampler
+from blockserve.scheduler import SamplingParams
+from tests.engine_harness import reference_tokens
+
+# A prompt that repeats itself: its continuation is worth drafting from the context.
+BASE = [(i * 17) % 300 + 3 for i in range(40)]
+PROMPTS = [BASE * 3, [(i * 7) % 50 + 5 for i in range(60)], list(range(10, 90))]
+N = 48
+
+
+@pytest.fixture(autouse=True)
+def _stream():
+    with mx.stream(generation_stream):
+        yield
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load(resolve("demo:tiny")[1])[0]
+
+
+def generate(model, prompts, n, *, speculative, samplers=None, stops=None, processors=None,
+             budget=64):
+    """Run prompts to the end: (tokens, logprob of each, finish caches) per prompt."""
+    runner = RaggedRunner(model, token_budget=budget, prefill_step_size=budget,
+                          speculative=speculative)
+    uids = runner.insert_segments([[p] for p in prompts], max_tokens=[n] * len(prompts),
+                                  samplers=samplers, stop_sequences=stops,
+                                  logits_processors=processors)
+    tokens: dict[int, list[int]] = {u: [] for u in uids}
+    logprobs: dict[int, list[float]] = {u: [] for u in uids}
+    ends = {}
+    while True:
+        p, g = runner.next()
+        if not p and not g:
+            break
+        for r in g:
+            tokens[r.uid].append(r.token)
+            logprobs[r.uid].append(r.logprobs[r.token].item())
+            if r.finish_reason:
+                ends[r.uid] = (r.prompt_cache, r.all_tokens)
+    return [tokens[u] for u in uids], [logprobs[u] for u in uids], \
+        [ends[u] for u in uids], runner.draft_stats
+
+
+# ---- the lookup -----------------------------------------------------------------------
+
+def test_the_longest_most_recent_match_is_proposed():
+    lk = PromptLookup([1, 2, 3, 9, 9, 2, 3, 7, 8, 5, 2, 3])
+    # "2 3" ends the context; its longest earlier match is "2 3" (twice), most recent
+    # first: the one followed by 7 8; "5 2 3" occurs nowhere else
+    assert lk.propose(2) == [7, 8]
+    assert lk.propose(10) == [7, 8, 5, 2, 3]  # up to the end of the context
+    lk.extend([7])
+    assert lk.propose(3) == [8, 5, 2]  # "2 3 7" now matches, longer than "7"
+
+
+def test_no_match_no_draft_and_the_suffix_never_matches_itself():
+    assert PromptLookup([1, 2, 3, 4]).propose(4) == []
+    assert PromptLookup([5]).propose(4) == []
+    assert PromptLookup([5, 5]).propose(4) == [5]
+    assert PromptLookup([1, 2, 3]).propose(0) == []
+
+
+def test_the_lookup_grows_past_its_buffer():
+    lk = PromptLookup([])
+    seq = list(np.random.default_rng(0).integers(0, 50, 1000))
+    for t in seq:
+        lk.extend([t])
+    assert len(lk) == 1000
+    lk.extend(seq[100:103])
+    assert lk.propose(5) == seq[103:108] or len(lk.propose(5)) == 5
+
+
+def test_drafting_grows_shrinks_and_gives_up():
+    d = Drafting([1, 2, 3, 4] * 4)
+    assert d.k == lookup.FIRST_DRAFT
+    d.update([1, 2, 3, 4], 4, [1, 2, 3, 4, 1])
+    assert d.k == min(2 * lookup.FIRST_DRAFT, lookup.MAX_DRAFT)
+    d.update([1, 2, 3, 4, 5, 6], 1, [1, 9])
+    assert d.k == 2 and d.on
+    for _ in range(Drafting.WINDOW):
+        d.update([1, 2], 0, [7])
+    assert not d.on and d.draft(8) == []
+
+
+# ---- exactness in the runner ----------------------------------------------------------
+
+def test_greedy_output_is_unchanged_and_drafts_were_verified(model):
+    plain, plain_lp, _, none = generate(model, PROMPTS, N, speculative=False)
+    spec, spec_lp, ends, stats = generate(model, PROMPTS, N, speculative=True)
+    assert none.steps == 0
+    assert stats.accepted > 0 and stats.drafted > stats.accepted  # accepts and rejects
+    assert spec == plain
+    assert spec[0] == reference_tokens(model, PROMPTS[0], N)
+    assert np.allclose(spec_lp, plain_lp, atol=1e-4)
+    for (cache, tokens), prompt, out in zip(ends, PROMPTS, spec):
+        # the cache holds the prompt and every output token but the last (never fed)
+        assert tokens == prompt + out[:-1]
+        assert all(c.offset == len(tokens) for c in cache)
+
+
+def test_a_cache_that_is_not_trimmed_changes_the_output(model, monkeypatch):
+    """The exactness test can fail: rejected drafts left in the cache corrupt it."""
+    monkeypatch.setattr(KVCache, "trim", lambda self, n: 0)
+    spec, _, _, stats = generate(model, PROMPTS[2:], N, speculative=True)
+    assert stats.drafted > stats.accepted
+    assert spec[0] != reference_tokens(model, PROMPTS[2], N)
+
+
+def test_seeded_sampling_draws_the_same_tokens_with_and_without_speculation(model):
+    params = [SamplingParams(temperature=0.1, seed=s, max_tokens=N) for s in (1, 2, 3)]
+    outs = []
+    for speculative in (False, True):
+        samplers = [make_sampler(p) for p in params]
+        tokens, _, _, stats = generate(model, PROMPTS, N, speculative=speculative,
+                                       samplers=samplers)
+        outs.append(tokens)
+    assert stats.accepted > 0 and stats.drafted > stats.accepted
+    assert outs[0] == outs[1]
+    unseeded = generate(model, PROMPTS[:1], N, speculative=True,
+                        samplers=[make_sampler(SamplingParams(temperature=0.4))])[0]
+    assert len(unseeded[0]) == N
+
+
+def test_a_stop_token_inside_an_accepted_draft_ends_the_sequence_there(model):
+    prompt, n = PROMPTS[2], 32
+    ref = reference_tokens(model, prompt, n)
+    inside = 0
+    for stop in dict.fromkeys(ref[8:]):  # each distinct token, in order of appearance
+        cut = ref.index(stop) + 1
+        spec, _, ends, stats = generate(model, [prompt], n, speculative=True,
+                                        stops=[StopSequences([[stop]])])
+        assert spec[0] == ref[:cut]
+        cache, tokens = ends[0]
+        assert tokens == prompt + ref[: cut - 1]
+        assert all(c.offset == len(tokens) for c in cache)
+        inside += stats.accepted > 0
+    assert inside  # some stops came while drafts were being accepted
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 9])
+def test_max_tokens_bounds_the_drafts(model, n):
+    spec, _, ends, _ = generate(model, PROMPTS, n, speculative=True)
+    assert spec == [reference_tokens(model, p, n) for p in PROMPTS]
+
+
+def test_processors_keep_a_sequence_in_the_batch(model):
+    params = SamplingParams(repetition_penalty=1.3)
+    spec, _, _, stats = generate(model, PROMPTS, 16, speculative=True,
+                                 samplers=[greedy] * 3,
+                                 processors=[logits_processors(params) for _ in PROMPTS])
+    plain = generate(model, PROMPTS, 16, speculative=False, samplers=[greedy] * 3,
+                     processors=[logits_processors(params) for _ in PROMPTS])[0]
+    assert stats.steps == 0 and spec == plain
+
+
+def test_a_sequence_whose_drafts_fail_joins_the_batch_exactly(model, monkeypatch):
+    monkeypatch.setattr(Drafting, "WINDOW", 3)
+    monkeypatch.setattr(Drafting, "MIN_SAVED", 100)  # no sequence keeps drafting
+    joined = []
+    real_join = RaggedRunner._join
+
+    def spy(self, seqs):
+        joined.extend(s.uid for s in seqs if s.drafting is not None)
+        real_join(self, seqs)
+
+    monkeypatch.setattr(RaggedRunner, "_join", spy)
+    spec = generate(model, PROMPTS, N, speculative=True)[0]
+    assert len(joined) == len(PROMPTS)  # each left speculation for the batch
+    assert spec == [reference_tokens(model, p, N) for p in PROMPTS]
+
+
+# ---- through the engine thread and the scheduler --------------------------------------
+
+async def test_stop_strings_cut_a_speculating_stream_as_a_plain_one(tmp_path):
+    """Several tokens a step reach the worker's stop strings, text and finish: every
+    stop string cuts the speculating stream where it cuts the plain one, and blocks
+    are published and freed as usual."""
+    from blockserve.engine.runtime.worker import EngineWorker
+    from blockserve.scheduler import Request
+    from tests.engine_harness import assert_idle, make_scheduler
+
+    async def text_of(sched, params):
+        outs = [o async for o in sched.submit(Request(list(PROMPTS[2]), params))]
+        return "".join(o.text for o in outs), outs[-1]
+
+    workers = [EngineWorker("demo:tiny", block_size=16, max_running=4, speculative=s)
+               for s in (False, True)]
+    try:
+        scheds = [make_scheduler(w) for w in workers]
+        params = SamplingParams(max_tokens=32, ignore_eos=True)
+        full = [(await text_of(s, params))[0] for s in scheds]
+        assert full[0] == full[1]
+        text = full[0]
+        for start in range(4, len(text) - 3, max(len(text) // 12, 1)):
+            stop = text[start: start + 3]
+            params = SamplingParams(max_tokens=32, ignore_eos=True, stop=(stop,))
+            cuts = [await text_of(s, params) for s in scheds]
+            assert cuts[1][0] == cuts[0][0] == text[: text.index(stop)]
+            assert cuts[1][1].finish_reason == cuts[0][1].finish_reason == "stop"
+            assert cuts[1][1].usage.completion_tokens == cuts[0][1].usage.completion_tokens
+        assert workers[1].draft_stats.accepted > 0
+        for s, w in zip(scheds, workers):
+            assert_idle(s, w)
+    finally:
+        for w in workers:
+            w.close()
