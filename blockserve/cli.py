@@ -67,6 +67,13 @@ def _serve_args(sub) -> None:
                    help="ragged: decodes ride along with prefill chunks in one forward "
                         "(llama, mistral, qwen2, qwen3, gemma); batch: mlx-lm's "
                         "BatchGenerator; auto: ragged where the model family allows")
+    p.add_argument("--speculative-lookup", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="prompt-lookup speculative decoding: a sequence drafts its next "
+                        "tokens from its own context (an edit copies its file) and one "
+                        "forward verifies them; greedy and seeded outputs are unchanged, "
+                        "and it turns itself off per sequence when drafts don't pay "
+                        "(ragged runner)")
     p.add_argument("--prompt-concurrency", type=int, default=None,
                    help="prompts prefilled together in one batch (default: 1 on the CPU, "
                         "where batching only delays the first tokens; 8 on a GPU)")
@@ -130,7 +137,7 @@ def stack_config(args: argparse.Namespace) -> StackConfig:
         max_queue=args.max_queue, max_model_len=args.max_model_len,
         prefill_step_size=args.prefill_step_size, prompt_concurrency=args.prompt_concurrency,
         token_budget=args.token_budget, runner=args.runner,
-        default_max_tokens=args.max_tokens, api_keys=api_keys(args),
+        speculative_lookup=args.speculative_lookup, default_max_tokens=args.max_tokens, api_keys=api_keys(args),
         admin_key=args.admin_key or os.environ.get("BLOCKSERVE_ADMIN_KEY") or None,
         share_inflight=not args.no_inflight_sharing,
         served_model_names=args.served_model_name or [],

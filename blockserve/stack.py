@@ -35,6 +35,7 @@ class StackConfig:
     prompt_concurrency: int | None = None  # None: by device (engine.worker)
     token_budget: int = 64  # tokens a step while streams decode (engine.runner)
     runner: str = "auto"  # "ragged" | "batch" | "auto" (engine.worker)
+    speculative_lookup: bool = True  # prompt-lookup drafts (engine.lookup, ragged runner)
     default_max_tokens: int = 512
     api_keys: list[str] = field(default_factory=list)  # each one a tenant
     admin_key: str | None = None  # flushes and sees the whole cache
@@ -52,7 +53,8 @@ def start_worker(config: StackConfig) -> EngineWorker:
                         max_running=config.max_num_seqs,
                         prefill_batch_size=config.prompt_concurrency,
                         prefill_step_size=config.prefill_step_size, revision=config.revision,
-                        runner=config.runner, token_budget=config.token_budget)
+                        runner=config.runner, token_budget=config.token_budget,
+                        speculative=config.speculative_lookup)
 
 
 @dataclass

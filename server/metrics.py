@@ -55,6 +55,18 @@ class _StateCollector:
              "Requests that waited for another request's blocks", None,
              {(): sched.stats.inflight_shares}),
         ]
+        drafts = getattr(sched.generator, "draft_stats", None)
+        if drafts is not None:
+            families += [
+                (CounterMetricFamily, "blockserve_spec_decode_drafts",
+                 "Speculative verify steps that carried a prompt-lookup draft", None,
+                 {(): drafts.steps}),
+                (CounterMetricFamily, "blockserve_spec_decode_draft_tokens",
+                 "Draft tokens proposed", None, {(): drafts.drafted}),
+                (CounterMetricFamily, "blockserve_spec_decode_accepted_tokens",
+                 "Draft tokens accepted (mean accepted length: 1 + accepted / drafts)",
+                 None, {(): drafts.accepted}),
+            ]
         disk = sched.prefix.disk_stats()
         if disk is not None:
             families += [

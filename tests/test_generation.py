@@ -61,3 +61,21 @@ async def test_seeded_sampling_is_reproducible(worker):
                                                                 ignore_eos=True))
     assert a == b and a != greedy
     assert_idle(sched, worker)
+
+
+async def test_a_stop_string_completed_by_the_last_allowed_token(worker):
+    """The runner ends the sequence for its length on the very token whose text
+    completes a stop string: the worker still finishes it once, as a stop."""
+    sched = make_scheduler(worker)
+    prompt = worker.tokenizer.encode("The cache block of the model returns a value")
+    text, tokens, _ = await generate(sched, prompt, SamplingParams(max_tokens=24,
+                                                                   ignore_eos=True))
+    pieces = [worker.tokenizer.decode(tokens[:i]) for i in range(len(tokens) + 1)]
+    k = next(k for k in range(8, 24) if pieces[k + 1][len(pieces[k]):].strip()
+             and pieces[k + 1][len(pieces[k]):] not in pieces[k])
+    stop = pieces[k + 1][len(pieces[k]):]
+    cut, _, last = await generate(sched, prompt, SamplingParams(
+        max_tokens=k + 1, stop=(stop,), ignore_eos=True))
+    assert last.finish_reason == "stop"
+    assert cut == pieces[k + 1][: pieces[k + 1].index(stop)]
+    assert_idle(sched, worker)

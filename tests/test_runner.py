@@ -43,8 +43,8 @@ def drain(runner, steps: list | None = None) -> tuple[dict[int, list[int]], list
     prompts = []
     while True:
         if steps is not None and isinstance(runner, RaggedRunner):
-            decodes, chunks = runner.plan()
-            steps.append((len(decodes), sum(n for _, n in chunks)))
+            plan = runner.plan()
+            steps.append((len(plan.decodes), sum(n for _, n in plan.chunks)))
         p, g = runner.next()
         if not p and not g:
             return out, prompts

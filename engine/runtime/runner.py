@@ -14,6 +14,17 @@ response fields, so the worker's checkpoints, finishes, guards and recovery work
 unchanged. Two differences, both harmless there: a prompt's first token is sampled in
 the step that computes its last chunk (one step sooner), and the last sampled token is
 never fed, so a finished sequence's cache ends one token before ``BatchGenerator``'s.
+
+Speculation (prompt lookup, ``engine.lookup``): a sequence with no logits processors
+decodes outside the batch, in its own ``KVCache``, for as long as drafting pays. Each
+step it feeds its last token plus a draft of up to k tokens found in its own context
+(one span: a verify of k+1 tokens), samples every position with its own sampler,
+keeps the drafts up to the first that differs from the sample there, plus that sample,
+and trims its cache to what it kept. A deterministic draft is accepted with the
+probability the model gives it, and a rejection's sample is the model's distribution
+without the draft, so greedy replies are unchanged and sampled ones keep their
+distribution (and, seeded, their tokens: ``sampling.make_sampler``). When its drafts
+stop paying, the sequence joins the batch.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from mlx_lm.generate import StopSequences
 from mlx_lm.models.cache import BatchKVCache, KVCache, TokenBuffer, make_prompt_cache
 
 from blockserve.engine.runtime import ragged
+from blockserve.engine.runtime.lookup import Drafting, DraftStats
 from blockserve.engine.runtime.sampling import greedy
 
 log = logging.getLogger(__name__)
@@ -74,6 +86,23 @@ class _Seq:
     next_token: int | None = None  # sampled, fed by the next step
     generated: int = 0
     context: TokenBuffer | None = field(default=None, repr=False)  # processors' tokens
+    drafting: Drafting | None = None  # while it speculates (outside the decode batch)
+    rewind: int = 0  # positions its sampler drew last step that were thrown away
+
+
+@dataclass
+class StepPlan:
+    """One step: the batch's decodes, the speculating sequences' verifies (their
+    drafts), and prefill chunks (a sequence and its token count)."""
+
+    decodes: list[_Seq]
+    verifies: list[tuple[_Seq, list[int]]]
+    chunks: list[tuple[_Seq, int]]
+
+    @property
+    def tokens(self) -> int:
+        return (len(self.decodes) + sum(1 + len(d) for _, d in self.verifies)
+                + sum(n for _, n in self.chunks))
 
 
 class RaggedRunner:
@@ -81,8 +110,11 @@ class RaggedRunner:
 
     def __init__(self, model: Any, *, token_budget: int = DEFAULT_TOKEN_BUDGET,
                  prefill_step_size: int = DEFAULT_PREFILL_STEP, max_running: int = 16,
-                 fallback_sampler: Callable | None = None):
+                 fallback_sampler: Callable | None = None, speculative: bool = False,
+                 draft_stats: DraftStats | None = None):
         self.model = model
+        self.speculative = speculative
+        self.draft_stats = draft_stats if draft_stats is not None else DraftStats()
         self.token_budget = token_budget
         self.prefill_step_size = prefill_step_size
         self.max_running = max_running
@@ -91,6 +123,7 @@ class RaggedRunner:
         self._prompting: deque[_Seq] = deque()  # arrival order
         self._decoding: list[_Seq] = []  # the rows of the decode batch, in order
         self._batch: list[BatchKVCache] | None = None  # their caches, one per layer
+        self._speculating: list[_Seq] = []  # decoding in their own caches
         self._seqs: dict[int, _Seq] = {}
 
     # ---- BatchGenerator's interface ---------------------------------------------
@@ -149,6 +182,7 @@ class RaggedRunner:
         for u in gone:
             self._seqs.pop(u, None)
         self._prompting = deque(s for s in self._prompting if s.uid not in gone)
+        self._speculating = [s for s in self._speculating if s.uid not in gone]
         keep = [i for i, s in enumerate(self._decoding) if s.uid not in gone]
         if len(keep) < len(self._decoding):
             self._decoding = [self._decoding[i] for i in keep]
@@ -169,21 +203,28 @@ class RaggedRunner:
         self._decoding.clear()
         self._batch = None
         self._prompting.clear()
+        self._speculating.clear()
 
     # ---- one step -------------------------------------------------------------------
 
-    def plan(self) -> tuple[list[_Seq], list[tuple[_Seq, int]]]:
-        """This step's decodes (all running sequences), then prefill chunks, within
-        the token budget; a chunk never crosses a segment (checkpoint) boundary. With
-        no stream decoding, a step takes ``prefill_step_size`` prompt tokens instead:
-        on a compute-bound CPU a step's length is what its streams wait between two
-        tokens, and with none waiting a longer step only saves per-step overhead."""
+    def plan(self) -> StepPlan:
+        """This step's decodes (all running sequences, a speculating one with its
+        draft), then prefill chunks, within the token budget; a chunk never crosses a
+        segment (checkpoint) boundary. With no stream decoding, a step takes
+        ``prefill_step_size`` prompt tokens instead: on a compute-bound CPU a step's
+        length is what its streams wait between two tokens, and with none waiting a
+        longer step only saves per-step overhead."""
         decodes = list(self._decoding)
-        room = self.max_running - len(decodes)  # prompts that may start decoding
-        if not decodes:
+        # A draft never runs past the sequence's budget: at most ``left`` tokens emitted.
+        verifies = [(s, s.drafting.draft(s.max_tokens - s.generated - 1))
+                    for s in self._speculating]
+        running = len(decodes) + len(verifies)
+        room = self.max_running - running  # prompts that may start decoding
+        if not running:
             budget = self.prefill_step_size
         else:
-            budget = max(self.token_budget - len(decodes), MIN_CHUNK)
+            used = len(decodes) + sum(1 + len(d) for _, d in verifies)
+            budget = max(self.token_budget - used, MIN_CHUNK)
         chunks = []
         for seq in self._prompting:
             if budget <= 0:
@@ -195,20 +236,29 @@ class RaggedRunner:
             chunks.append((seq, n))
             budget -= n
             room -= finishing
-        return decodes, chunks
+        return StepPlan(decodes, verifies, chunks)
 
     def next(self) -> tuple[list[PromptResponse], list[GenerationResponse]]:
-        """One forward pass: a token for each decoding sequence and each prompt that
-        completes, and a prefill chunk for the prompts that don't yet."""
-        decodes, chunks = self.plan()
-        if not decodes and not chunks:
+        """One forward pass: a token for each decoding sequence (several for a
+        speculating one whose draft is accepted) and each prompt that completes, and a
+        prefill chunk for the prompts that don't yet."""
+        plan = self.plan()
+        decodes, verifies, chunks = plan.decodes, plan.verifies, plan.chunks
+        if not decodes and not verifies and not chunks:
             return [], []
         tokens = [seq.next_token for seq in decodes]
         batch = ragged.Decodes(len(decodes), self._batch) if decodes else None
         spans: list[ragged.Span] = []
         rows = list(range(len(decodes)))
-        sampled = list(decodes)
+        groups = [(seq, 1) for seq in decodes]  # the sampled rows, per sequence
         fed: list[tuple[_Seq, list[int]]] = [(seq, [seq.next_token]) for seq in decodes]
+        for seq, draft in verifies:
+            span = [seq.next_token, *draft]
+            spans.append(ragged.Span(len(tokens), len(span), seq.caches))
+            rows.extend(range(len(tokens), len(tokens) + len(span)))
+            groups.append((seq, len(span)))
+            fed.append((seq, span))
+            tokens.extend(span)
         prompt_responses = []
         for seq, n in chunks:
             chunk = seq.segments[0][:n]
@@ -223,7 +273,7 @@ class RaggedRunner:
             end_of_prompt = not seq.segments
             if end_of_prompt:
                 rows.append(len(tokens) - 1)
-                sampled.append(seq)
+                groups.append((seq, 1))
             prompt_responses.append(PromptResponse(seq.uid, (seq.done, seq.total),
                                                    end_of_segment, end_of_prompt))
         logits = ragged.forward(self.model, tokens, batch, spans, rows)
@@ -232,17 +282,85 @@ class RaggedRunner:
         states = [c.state for s in spans for c in s.caches]  # chunks not sampled too
         if batch is not None:
             states += [c.state for c in batch.caches]
-        if not sampled:
+        if not groups:
             mx.eval(states)
             return prompt_responses, []
-        new_tokens, logprobs = self._sample(sampled, logits)
+        new_tokens, logprobs = self._sample(groups, logits)
         mx.eval(new_tokens, logprobs, states)
+        sampled = new_tokens.tolist()
         started = [seq for seq, _ in chunks if not seq.segments]
         for seq in started:
             self._prompting.remove(seq)
-        responses = self._responses(sampled, new_tokens.tolist(), logprobs)
-        self._join([seq for seq in started if seq.uid in self._seqs])
+        drafts = {seq.uid: draft for seq, draft in verifies}
+        responses, finished, row = [], {}, 0
+        for seq, n in groups:
+            draft = drafts.get(seq.uid)
+            if draft is None:
+                emitted = sampled[row: row + 1]
+            else:
+                emitted = self._accept(seq, draft, sampled[row: row + n])
+            for i, token in enumerate(emitted):
+                r = self._emit(seq, token, logprobs[row + i])
+                responses.append(r)
+                if r.finish_reason is not None:
+                    finished[seq.uid] = r
+                    emitted = emitted[: i + 1]
+                    break
+            if draft is not None:
+                self._trim(seq, draft, emitted)
+            row += n
+        if finished:  # one filter of the decode batch for all of them
+            for uid, (cache, tokens_) in self.remove(list(finished), True).items():
+                finished[uid].prompt_cache, finished[uid].all_tokens = cache, tokens_
+        self._start_decoding([seq for seq in started if seq.uid in self._seqs])
+        self._join([seq for seq in self._speculating if not seq.drafting.on])
         return prompt_responses, responses
+
+    @staticmethod
+    def _accept(seq: _Seq, draft: list[int], samples: list[int]) -> list[int]:
+        """The tokens a verify emits: the drafts up to the first that differs from the
+        sample at its position, then the sample there."""
+        m = 0
+        while m < len(draft) and samples[m] == draft[m]:
+            m += 1
+        return samples[: m + 1]
+
+    def _trim(self, seq: _Seq, draft: list[int], emitted: list[int]) -> None:
+        """After a verify: the cache keeps the fed token and the drafts that were
+        emitted, not the last emitted token (it is fed next step) nor the rest."""
+        kept = len(emitted) - 1  # drafts kept (each equals the emitted token there)
+        thrown = len(draft) - kept
+        if thrown:
+            for c in seq.caches:
+                c.trim(thrown)
+            del seq.tokens[len(seq.tokens) - thrown:]
+        seq.rewind = thrown  # the sampler drew len(draft)+1 positions, kept kept+1
+        if draft:
+            self.draft_stats.add(len(draft), kept)
+        seq.drafting.update(draft, kept, emitted)
+
+    def _emit(self, seq: _Seq, token: int, logprobs: mx.array) -> GenerationResponse:
+        """One sampled token of ``seq``: its finish, and the token fed next step."""
+        seq.generated += 1
+        reason = "length" if seq.generated >= seq.max_tokens else None
+        if seq.matcher.advance(token):
+            reason = "stop"
+        seq.next_token = token
+        return GenerationResponse(seq.uid, token, logprobs, reason)
+
+    def _start_decoding(self, seqs: list[_Seq]) -> None:
+        """Prompts that finished prefilling: speculating ones keep their own caches,
+        the others join the decode batch."""
+        if not seqs:
+            return
+        rest = []
+        for seq in seqs:
+            if self.speculative and not seq.processors:
+                seq.drafting = Drafting(seq.tokens + [seq.next_token])
+                self._speculating.append(seq)
+            else:
+                rest.append(seq)
+        self._join(rest)
 
     def _join(self, seqs: list[_Seq]) -> None:
         """Move prompts that finished prefilling into the decode batch (their K/V is
@@ -258,15 +376,20 @@ class RaggedRunner:
                 mine.extend(new)
         for s in seqs:
             s.caches = None
+            s.drafting = None
             self._decoding.append(s)
+        gone = {s.uid for s in seqs}
+        self._speculating = [s for s in self._speculating if s.uid not in gone]
         mx.eval([c.state for c in self._batch])
 
-    def _sample(self, seqs: list[_Seq], logits: mx.array) -> tuple[mx.array, mx.array]:
+    def _sample(self, groups: list[tuple[_Seq, int]], logits: mx.array
+                ) -> tuple[mx.array, mx.array]:
         """As ``GenerationBatch._step``: processors per row, normalise, one batched
-        sampler call when the rows share one."""
-        if any(s.processors for s in seqs):
+        sampler call when the rows share one (a sequence's verify rows go to its own
+        sampler in one call, as positions ``[0, n)`` after its last kept one)."""
+        if any(seq.processors for seq, _ in groups):  # one row each: never speculating
             rows = []
-            for e, seq in enumerate(seqs):
+            for e, (seq, _) in enumerate(groups):
                 row = logits[e: e + 1]
                 if seq.processors:
                     context = self._context(seq)
@@ -275,11 +398,17 @@ class RaggedRunner:
                 rows.append(row)
             logits = mx.concatenate(rows, axis=0)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        samplers = [s.sampler for s in seqs]
-        if all(f is samplers[0] for f in samplers):
-            return samplers[0](logprobs), logprobs
-        return mx.concatenate([f(logprobs[e: e + 1]) for e, f in enumerate(samplers)],
-                              axis=0), logprobs
+        samplers = [seq.sampler for seq, _ in groups]
+        if len(groups) > 1 and all(f is samplers[0] for f in samplers):
+            return samplers[0](logprobs), logprobs  # greedy: one call for the batch
+        out, row = [], 0
+        for seq, n in groups:
+            rows = logprobs[row: row + n]
+            # ``rewind``: our samplers' second argument (sampling.make_sampler)
+            out.append(seq.sampler(rows, seq.rewind) if seq.rewind else seq.sampler(rows))
+            seq.rewind = 0
+            row += n
+        return mx.concatenate(out, axis=0), logprobs
 
     @staticmethod
     def _context(seq: _Seq) -> mx.array:
@@ -287,22 +416,3 @@ class RaggedRunner:
         if seq.context is None:
             seq.context = TokenBuffer(seq.tokens[:-1])
         return seq.context.update_and_fetch(mx.array(seq.tokens[-1:], dtype=mx.int32))
-
-    def _responses(self, seqs: list[_Seq], tokens: list[int], logprobs: mx.array
-                   ) -> list[GenerationResponse]:
-        out = []
-        finished = {}
-        for e, (seq, token) in enumerate(zip(seqs, tokens)):
-            seq.generated += 1
-            reason = "length" if seq.generated >= seq.max_tokens else None
-            if seq.matcher.advance(token):
-                reason = "stop"
-            r = GenerationResponse(seq.uid, token, logprobs[e], reason)
-            seq.next_token = token
-            if reason is not None:
-                finished[seq.uid] = r
-            out.append(r)
-        if finished:  # one filter of the decode batch for all of them
-            for uid, (cache, tokens_) in self.remove(list(finished), True).items():
-                finished[uid].prompt_cache, finished[uid].all_tokens = cache, tokens_
-        return out

@@ -9,6 +9,7 @@ import llguidance as llg
 import llguidance.numpy as llg_np
 import mlx.core as mx
 import numpy as np
+import xxhash
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from blockserve.engine.text.structured import Constraint, JsonCloser
@@ -17,32 +18,48 @@ from blockserve.scheduler.protocol import SamplingParams
 log = logging.getLogger(__name__)
 
 
-def greedy(logprobs: mx.array) -> mx.array:
+def greedy(logprobs: mx.array, rewind: int = 0) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
-def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
+def _position_key(seed: int, position: int) -> mx.array:
+    """The PRNG key of a seeded request's ``position``-th generated token."""
+    return mx.random.key(xxhash.xxh3_64_intdigest(
+        seed.to_bytes(8, "little") + position.to_bytes(8, "little")))
+
+
+def make_sampler(params: SamplingParams) -> Callable[..., mx.array]:
     """Greedy when temperature is 0 (one shared function, so mlx-lm batches the call).
 
-    A ``seed`` gives the request its own PRNG key chain, so its samples do not depend on
-    what else runs in the batch.
+    Called with ``[rows, vocab]`` log probabilities, one row per generated position
+    from where the last call ended, less ``rewind`` positions that call drew and the
+    caller threw away (a speculative verify's rejected tail). A ``seed`` draws each
+    position's token with a key of its own (the seed and the position), so a seeded
+    reply depends on nothing else in the batch, and not on speculation either: a
+    verify step that samples positions and then throws some away draws the same token
+    at each position as plain decoding does.
     """
     if params.temperature <= 0:
         return greedy
-    key = [mx.random.key(params.seed)] if params.seed is not None else None
     inv_temp = 1.0 / params.temperature
+    drawn = [0]  # positions sampled so far
 
-    def sample(logprobs: mx.array) -> mx.array:
+    def sample(logprobs: mx.array, rewind: int = 0) -> mx.array:
         if 0 < params.top_k < logprobs.shape[-1]:  # top_k >= the vocabulary: all tokens
             logprobs = apply_top_k(logprobs, params.top_k)
         if 0.0 < params.top_p < 1.0:
             logprobs = apply_top_p(logprobs, params.top_p)
         if params.min_p > 0.0:
             logprobs = apply_min_p(logprobs, params.min_p)
-        if key is None:
-            return mx.random.categorical(logprobs * inv_temp)
-        key[0], sub = mx.random.split(key[0])
-        return mx.random.categorical(logprobs * inv_temp, key=sub)
+        scaled = logprobs * inv_temp
+        if params.seed is None:
+            return mx.random.categorical(scaled)
+        rows = scaled.reshape(-1, scaled.shape[-1])
+        first = drawn[0] - rewind
+        drawn[0] = first + rows.shape[0]
+        return mx.concatenate([
+            mx.random.categorical(rows[i: i + 1], key=_position_key(params.seed, first + i))
+            for i in range(rows.shape[0])]).reshape(scaled.shape[:-1])
 
     return sample
 
@@ -89,11 +106,11 @@ class Guard:
     def __init__(self) -> None:
         self.error: str | None = None
 
-    def sampler(self, fn: Callable[[mx.array], mx.array]) -> Callable[[mx.array], mx.array]:
-        def guarded(logprobs: mx.array) -> mx.array:
+    def sampler(self, fn: Callable[..., mx.array]) -> Callable[..., mx.array]:
+        def guarded(logprobs: mx.array, rewind: int = 0) -> mx.array:
             if self.error is None:
                 try:
-                    return fn(logprobs)
+                    return fn(logprobs, rewind) if rewind else fn(logprobs)
                 except Exception as e:
                     self.error = str(e) or type(e).__name__
             return greedy(logprobs)

@@ -31,6 +31,7 @@ from blockserve.engine.runtime.kvblocks import (
     blocks_from_cache,
     cache_from_blocks,
 )
+from blockserve.engine.runtime.lookup import DraftStats
 from blockserve.engine.runtime.ragged import supports as ragged_supports
 from blockserve.engine.runtime.runner import DEFAULT_TOKEN_BUDGET, RaggedRunner
 from blockserve.engine.runtime.sampling import (
@@ -127,10 +128,13 @@ class EngineWorker:
         revision: str | None = None,
         runner: str = "auto",
         token_budget: int = DEFAULT_TOKEN_BUDGET,
+        speculative: bool = True,
     ):
         if runner not in RUNNERS:
             raise ValueError(f"runner must be one of {RUNNERS}")
         self._runner = runner
+        self._speculative = speculative
+        self.draft_stats = DraftStats()  # read by /metrics; kept across batch rebuilds
         self._token_budget = token_budget
         self.block_size = block_size
         self._model_name = model
@@ -180,11 +184,15 @@ class EngineWorker:
     def describe_backend(self) -> str:
         """The device and BLAS in use, for the start-up log."""
         if self.runner == "ragged":
+            lookup = "on" if self._speculative else "off"
             return (f"backend {mx.default_device()}, BLAS {blas.active_blas}, ragged runner: "
                     f"decodes and prefill chunks in one forward, {self._token_budget} tokens "
-                    f"a step while streams decode, {self._prefill_step_size} while none does")
+                    f"a step while streams decode, {self._prefill_step_size} while none does; "
+                    f"prompt-lookup speculation {lookup}")
+        why = ("; prompt-lookup speculation off: it runs in the ragged runner, which does "
+               "not cover this model's caches" if self._speculative else "")
         return (f"backend {mx.default_device()}, BLAS {blas.active_blas}, BatchGenerator, "
-                f"prompts prefilled {self._prefill_batch_size} at a time")
+                f"prompts prefilled {self._prefill_batch_size} at a time{why}")
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -281,7 +289,8 @@ class EngineWorker:
             # The step's token budget: decode tokens first, prefill chunks fill the rest.
             return RaggedRunner(self.loaded.model, token_budget=self._token_budget,
                                 prefill_step_size=self._prefill_step_size,
-                                max_running=self.max_running)
+                                max_running=self.max_running,
+                                speculative=self._speculative, draft_stats=self.draft_stats)
         return BatchGenerator(
             self.loaded.model,
             completion_batch_size=self.max_running,
@@ -437,9 +446,12 @@ class EngineWorker:
                 cache, tokens = self._bg.extract_cache([r.uid])[r.uid]
                 self._publish(seq, cache, list(tokens), tier, snapshot=True)
         finished_by_string: list[int] = []
-        for r in gen_responses:
+        ended = {}  # the runner's finish caches: it has already let these sequences go
+        for r in gen_responses:  # a speculating sequence may have several in a row
+            if r.finish_reason is not None:
+                ended[r.uid] = (r.prompt_cache, r.all_tokens)
             seq = self._seqs.get(r.uid)
-            if seq is None:
+            if seq is None or r.uid in finished_by_string:
                 continue
             if seq.guard.error is not None:  # its sampler or a processor raised
                 self._fail(r.uid, f"generation failed: {seq.guard.error}")
@@ -451,7 +463,11 @@ class EngineWorker:
                 log.exception("sequence %s failed", seq.spec.seq_id)
                 self._fail(r.uid, f"generation failed: {e}")
         if finished_by_string:
-            caches = self._bg.remove(finished_by_string, return_prompt_caches=True)
+            # A stop string may end a sequence on a token the runner also finished (its
+            # last allowed one, or before a stop token later in the same step).
+            caches = self._bg.remove([u for u in finished_by_string if u not in ended],
+                                     return_prompt_caches=True)
+            caches.update((u, ended[u]) for u in finished_by_string if u in ended)
             for uid in finished_by_string:
                 cache, tokens = caches[uid]
                 self._finish(self._seqs[uid], uid, cache, tokens, "stop")
