@@ -30,6 +30,13 @@ def _stream():
         yield
 
 
+@pytest.fixture
+def keep_drafting(monkeypatch):
+    """Every window pays: a random model's sequences draft to the end, so the tests of
+    the verify see many drafts, accepted and rejected."""
+    monkeypatch.setattr(Drafting, "MIN_SAVED", 0)
+
+
 @pytest.fixture(scope="module")
 def model():
     return load(resolve("demo:tiny")[1])[0]
@@ -95,14 +102,33 @@ def test_drafting_grows_shrinks_and_gives_up():
     assert d.k == min(2 * lookup.FIRST_DRAFT, lookup.MAX_DRAFT)
     d.update([1, 2, 3, 4, 5, 6], 1, [1, 9])
     assert d.k == 2 and d.on
+    for _ in range(Drafting.WINDOW - 2):  # the first window saved 5 steps: it paid
+        d.update([1, 2], 0, [7])
+    assert d.on and d.draft(8)
+    for strike in range(1, Drafting.MAX_STRIKES + 1):  # windows that fail: pauses
+        for _ in range(Drafting.WINDOW):
+            d.update([1, 2], 0, [7])
+        assert d.on
+        for _ in range(Drafting.WINDOW << (strike - 1)):
+            assert d.draft(8) == []
+            d.update([], 0, [7])
+        assert d.draft(8)
     for _ in range(Drafting.WINDOW):
         d.update([1, 2], 0, [7])
     assert not d.on and d.draft(8) == []
 
 
+def test_text_that_never_repeats_stops_drafting_after_one_window():
+    d = Drafting(list(range(100)))
+    for i in range(Drafting.WINDOW):
+        assert d.on
+        d.update([5], 0, [1000 + i])
+    assert not d.on
+
+
 # ---- exactness in the runner ----------------------------------------------------------
 
-def test_greedy_output_is_unchanged_and_drafts_were_verified(model):
+def test_greedy_output_is_unchanged_and_drafts_were_verified(model, keep_drafting):
     plain, plain_lp, _, none = generate(model, PROMPTS, N, speculative=False)
     spec, spec_lp, ends, stats = generate(model, PROMPTS, N, speculative=True)
     assert none.steps == 0
@@ -116,7 +142,7 @@ def test_greedy_output_is_unchanged_and_drafts_were_verified(model):
         assert all(c.offset == len(tokens) for c in cache)
 
 
-def test_a_cache_that_is_not_trimmed_changes_the_output(model, monkeypatch):
+def test_a_cache_that_is_not_trimmed_changes_the_output(model, keep_drafting, monkeypatch):
     """The exactness test can fail: rejected drafts left in the cache corrupt it."""
     monkeypatch.setattr(KVCache, "trim", lambda self, n: 0)
     spec, _, _, stats = generate(model, PROMPTS[2:], N, speculative=True)
@@ -124,7 +150,7 @@ def test_a_cache_that_is_not_trimmed_changes_the_output(model, monkeypatch):
     assert spec[0] != reference_tokens(model, PROMPTS[2], N)
 
 
-def test_seeded_sampling_draws_the_same_tokens_with_and_without_speculation(model):
+def test_seeded_sampling_draws_the_same_tokens_with_and_without_speculation(model, keep_drafting):
     params = [SamplingParams(temperature=0.1, seed=s, max_tokens=N) for s in (1, 2, 3)]
     outs = []
     for speculative in (False, True):
@@ -139,7 +165,7 @@ def test_seeded_sampling_draws_the_same_tokens_with_and_without_speculation(mode
     assert len(unseeded[0]) == N
 
 
-def test_a_stop_token_inside_an_accepted_draft_ends_the_sequence_there(model):
+def test_a_stop_token_inside_an_accepted_draft_ends_the_sequence_there(model, keep_drafting):
     prompt, n = PROMPTS[2], 32
     ref = reference_tokens(model, prompt, n)
     inside = 0
@@ -156,7 +182,7 @@ def test_a_stop_token_inside_an_accepted_draft_ends_the_sequence_there(model):
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 9])
-def test_max_tokens_bounds_the_drafts(model, n):
+def test_max_tokens_bounds_the_drafts(model, keep_drafting, n):
     spec, _, ends, _ = generate(model, PROMPTS, n, speculative=True)
     assert spec == [reference_tokens(model, p, n) for p in PROMPTS]
 
@@ -173,7 +199,7 @@ def test_processors_keep_a_sequence_in_the_batch(model):
 
 def test_a_sequence_whose_drafts_fail_joins_the_batch_exactly(model, monkeypatch):
     monkeypatch.setattr(Drafting, "WINDOW", 3)
-    monkeypatch.setattr(Drafting, "MIN_SAVED", 100)  # no sequence keeps drafting
+    monkeypatch.setattr(Drafting, "MIN_SAVED", 100)  # no window pays: drafting stops
     joined = []
     real_join = RaggedRunner._join
 
@@ -189,7 +215,7 @@ def test_a_sequence_whose_drafts_fail_joins_the_batch_exactly(model, monkeypatch
 
 # ---- through the engine thread and the scheduler --------------------------------------
 
-async def test_stop_strings_cut_a_speculating_stream_as_a_plain_one(tmp_path):
+async def test_stop_strings_cut_a_speculating_stream_as_a_plain_one(keep_drafting):
     """Several tokens a step reach the worker's stop strings, text and finish: every
     stop string cuts the speculating stream where it cuts the plain one, and blocks
     are published and freed as usual."""

@@ -86,34 +86,55 @@ class Drafting:
 
     k grows to ``MAX_DRAFT`` while whole drafts are accepted and shrinks to one past
     the accepted length when a draft fails part way, so a verify rarely computes many
-    tokens that are thrown away. Over any ``WINDOW`` steps the drafts must have saved
-    at least ``MIN_SAVED`` steps, or drafting ends for the sequence: text that doesn't
-    repeat then decodes in the shared batch, as it would without speculation.
+    tokens that are thrown away. Every ``WINDOW`` drafting steps the drafts must have
+    saved ``MIN_SAVED`` steps. A sequence that never managed it stops drafting at once:
+    text that doesn't repeat then decodes in the shared batch, as it would without
+    speculation. One that did (it copies, then writes something new) pauses instead, for
+    ``WINDOW`` steps doubling with each window in a row that fails, and stops after
+    ``MAX_STRIKES`` of them.
     """
 
-    WINDOW = 16
-    MIN_SAVED = 4
+    WINDOW = 8
+    MIN_SAVED = 2
+    MAX_STRIKES = 3
 
     def __init__(self, tokens: list[int]):
         self.lookup = PromptLookup(tokens)
         self.k = FIRST_DRAFT
         self.on = True
-        self._recent: deque[int] = deque(maxlen=self.WINDOW)
+        self._window: list[int] = []  # tokens accepted at each drafting step
+        self._paid = False  # some window saved enough
+        self._strikes = 0  # windows in a row that didn't
+        self._pause = 0  # steps left without drafting
 
     def draft(self, limit: int) -> list[int]:
         """The next draft, at most ``limit`` tokens (what the sequence may still emit)."""
-        return self.lookup.propose(min(self.k, limit)) if self.on else []
+        if not self.on or self._pause:
+            return []
+        return self.lookup.propose(min(self.k, limit))
 
     def update(self, drafted: list[int], accepted: int, emitted: list[int]) -> None:
         """After a step: its draft, how many of the draft's tokens were accepted, and
         the tokens the step emitted (the lookup holds every token of the sequence, the
         sampled one not yet fed included)."""
         self.lookup.extend(emitted)
+        if self._pause:
+            self._pause -= 1
+            return
         if drafted:
             if accepted == len(drafted):
                 self.k = min(2 * self.k, MAX_DRAFT)
             else:
                 self.k = max(accepted + 1, 1)
-        self._recent.append(accepted)
-        if len(self._recent) == self.WINDOW and sum(self._recent) < self.MIN_SAVED:
-            self.on = False
+        self._window.append(accepted)
+        if len(self._window) < self.WINDOW:
+            return
+        if sum(self._window) >= self.MIN_SAVED:
+            self._paid, self._strikes = True, 0
+        else:
+            self._strikes += 1
+            if not self._paid or self._strikes > self.MAX_STRIKES:
+                self.on = False
+            else:
+                self._pause = self.WINDOW << (self._strikes - 1)
+        self._window = []
