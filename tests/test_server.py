@@ -123,6 +123,32 @@ async def test_greedy_over_http_equals_mlx_lm(worker, ref_model):
             assert r.choices[0].message.content == worker.tokenizer.decode(ref)
 
 
+async def test_speculated_streams_equal_mlx_lm_and_are_counted(worker, ref_model,
+                                                               monkeypatch):
+    """A reply drafted from its own context streams several tokens a step, equal to
+    mlx-lm's, and the drafts show in /metrics."""
+    from blockserve.engine.runtime.lookup import Drafting
+
+    monkeypatch.setattr(Drafting, "MIN_SAVED", 0)  # a random model: draft to the end
+    prompt = list(range(10, 90))
+    ref = reference_tokens(ref_model, prompt, 40)
+    async with serve(worker) as srv:
+        before = await metrics(srv.url)
+        stream = await oa(srv.url).completions.create(
+            model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stream=True,
+            extra_body={"ignore_eos": True})
+        text = "".join([c.choices[0].text async for c in stream])
+        assert text == worker.tokenizer.decode(ref, skip_special_tokens=True)
+        after = await wait_idle(srv.url)
+    drafted = (after["blockserve_spec_decode_draft_tokens_total"]
+               - before["blockserve_spec_decode_draft_tokens_total"])
+    accepted = (after["blockserve_spec_decode_accepted_tokens_total"]
+                - before["blockserve_spec_decode_accepted_tokens_total"])
+    assert drafted >= accepted > 0
+    assert after["blockserve_spec_decode_drafts_total"] > before[
+        "blockserve_spec_decode_drafts_total"]
+
+
 async def raw_post(srv, body: dict):
     """A chat request over a bare socket, so a test can vanish mid-request."""
     reader, writer = await asyncio.open_connection("127.0.0.1",

@@ -90,6 +90,15 @@ class _Seq:
     rewind: int = 0  # positions its sampler drew last step that were thrown away
 
 
+def accepted(draft: list[int], samples: list[int]) -> list[int]:
+    """The tokens a verify emits: the drafts up to the first that differs from the
+    sample at its position, then the sample there (``samples``: one per position)."""
+    m = 0
+    while m < len(draft) and samples[m] == draft[m]:
+        m += 1
+    return samples[: m + 1]
+
+
 @dataclass
 class StepPlan:
     """One step: the batch's decodes, the speculating sequences' verifies (their
@@ -215,7 +224,7 @@ class RaggedRunner:
         length is what its streams wait between two tokens, and with none waiting a
         longer step only saves per-step overhead."""
         decodes = list(self._decoding)
-        # A draft never runs past the sequence's budget: at most ``left`` tokens emitted.
+        # A verify emits at most len(draft) + 1 tokens: never past max_tokens.
         verifies = [(s, s.drafting.draft(s.max_tokens - s.generated - 1))
                     for s in self._speculating]
         running = len(decodes) + len(verifies)
@@ -291,14 +300,21 @@ class RaggedRunner:
         started = [seq for seq, _ in chunks if not seq.segments]
         for seq in started:
             self._prompting.remove(seq)
-        drafts = {seq.uid: draft for seq, draft in verifies}
+        responses = self._emit_step(groups, {s.uid: d for s, d in verifies}, sampled,
+                                    logprobs)
+        self._start_decoding([seq for seq in started if seq.uid in self._seqs])
+        self._join([seq for seq in self._speculating if not seq.drafting.on])
+        return prompt_responses, responses
+
+    def _emit_step(self, groups: list[tuple[_Seq, int]], drafts: dict[int, list[int]],
+                   sampled: list[int], logprobs: mx.array) -> list[GenerationResponse]:
+        """The step's tokens, in row order: one per sequence, or a verify's accepted
+        drafts and its sample, cut at a finish; finished sequences leave the runner."""
         responses, finished, row = [], {}, 0
         for seq, n in groups:
             draft = drafts.get(seq.uid)
-            if draft is None:
-                emitted = sampled[row: row + 1]
-            else:
-                emitted = self._accept(seq, draft, sampled[row: row + n])
+            emitted = sampled[row: row + 1] if draft is None else \
+                accepted(draft, sampled[row: row + n])
             for i, token in enumerate(emitted):
                 r = self._emit(seq, token, logprobs[row + i])
                 responses.append(r)
@@ -310,20 +326,9 @@ class RaggedRunner:
                 self._trim(seq, draft, emitted)
             row += n
         if finished:  # one filter of the decode batch for all of them
-            for uid, (cache, tokens_) in self.remove(list(finished), True).items():
-                finished[uid].prompt_cache, finished[uid].all_tokens = cache, tokens_
-        self._start_decoding([seq for seq in started if seq.uid in self._seqs])
-        self._join([seq for seq in self._speculating if not seq.drafting.on])
-        return prompt_responses, responses
-
-    @staticmethod
-    def _accept(seq: _Seq, draft: list[int], samples: list[int]) -> list[int]:
-        """The tokens a verify emits: the drafts up to the first that differs from the
-        sample at its position, then the sample there."""
-        m = 0
-        while m < len(draft) and samples[m] == draft[m]:
-            m += 1
-        return samples[: m + 1]
+            for uid, (cache, tokens) in self.remove(list(finished), True).items():
+                finished[uid].prompt_cache, finished[uid].all_tokens = cache, tokens
+        return responses
 
     def _trim(self, seq: _Seq, draft: list[int], emitted: list[int]) -> None:
         """After a verify: the cache keeps the fed token and the drafts that were
