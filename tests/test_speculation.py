@@ -74,15 +74,19 @@ def test_the_longest_most_recent_match_is_proposed():
     # first: the one followed by 7 8; "5 2 3" occurs nowhere else
     assert lk.propose(2) == [7, 8]
     assert lk.propose(10) == [7, 8, 5, 2, 3]  # up to the end of the context
-    lk.extend([7])
-    assert lk.propose(3) == [8, 5, 2]  # "2 3 7" now matches, longer than "7"
+    lk.extend([1, 2, 3])
+    assert lk.propose(3) == [9, 9, 2]  # "1 2 3" now matches, longer than "2 3"
+    # a longer match wins over a more recent shorter one: "7 8 5" -> 1, not "8 5" -> 2
+    assert PromptLookup([7, 8, 5, 1, 0, 8, 5, 2, 7, 8, 5]).propose(1) == [1]
+    assert lookup.MIN_NGRAM == 2 and PromptLookup([4, 6, 8, 4]).propose(4) == []
 
 
 def test_no_match_no_draft_and_the_suffix_never_matches_itself():
     assert PromptLookup([1, 2, 3, 4]).propose(4) == []
-    assert PromptLookup([5]).propose(4) == []
-    assert PromptLookup([5, 5]).propose(4) == [5]
-    assert PromptLookup([1, 2, 3]).propose(0) == []
+    assert PromptLookup([5, 5]).propose(4) == []
+    assert PromptLookup([5, 5, 5]).propose(4) == [5]
+    assert PromptLookup([5, 6, 5, 6]).propose(4) == [5, 6]
+    assert PromptLookup([1, 2, 3, 1, 2]).propose(0) == []
 
 
 def test_the_lookup_grows_past_its_buffer():

@@ -4,7 +4,7 @@ A coding agent's reply mostly copies text it was given (a file rewritten with on
 the lines around an edit, the error being fixed). So the tokens that followed the last
 few generated tokens the last time they occurred in the context are a good guess for
 what comes next. ``PromptLookup`` finds that occurrence (the longest match of the last
-``MAX_NGRAM`` .. 1 tokens, the most recent one) with one vectorised comparison over the
+``MAX_NGRAM`` .. ``MIN_NGRAM`` tokens, the most recent one) with one vectorised comparison over the
 context, and proposes up to k of the tokens after it; ``Drafting`` sizes k from the
 sequence's recent acceptance and turns drafting off for text that doesn't repeat.
 """
@@ -16,8 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MAX_NGRAM = 4  # the longest suffix matched
-MIN_NGRAM = 1  # the shortest
+# The suffix matched: the longest from 8 tokens down to 2. Measured on recorded edit
+# replies (BENCHMARKS.md): a longer match picks the right one of a file's repeated
+# lines, and a one-token match proposes a wrong continuation more often than not.
+MAX_NGRAM = 8
+MIN_NGRAM = 2
 MAX_DRAFT = 8  # tokens proposed at most: a verify of 9 tokens still costs about a step
 FIRST_DRAFT = 4  # k before the sequence has shown how well its drafts fare
 
@@ -47,7 +50,7 @@ class PromptLookup:
         """Up to ``k`` tokens that followed the most recent earlier occurrence of the
         longest suffix (``MAX_NGRAM`` tokens down to ``MIN_NGRAM``); [] if none."""
         n, buf = self._n, self._buf
-        if k <= 0 or n < MIN_NGRAM + 1:
+        if k <= 0 or n <= MIN_NGRAM:
             return []
         # Candidate ends: positions p < n-1 holding the last token, so a continuation
         # buf[p+1] exists and the match is not the suffix itself.
