@@ -11,7 +11,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import load
 
 from blockserve.engine.models.loader import resolve
-from blockserve.engine.runtime import lookup
+from blockserve.engine.runtime import lookup, runner
 from blockserve.engine.runtime.lookup import Drafting, PromptLookup
 from blockserve.engine.runtime.runner import RaggedRunner
 from blockserve.engine.runtime.sampling import greedy, logits_processors, make_sampler
@@ -32,9 +32,11 @@ def _stream():
 
 @pytest.fixture
 def keep_drafting(monkeypatch):
-    """Every window pays: a random model's sequences draft to the end, so the tests of
-    the verify see many drafts, accepted and rejected."""
+    """Every window pays and a step costs so much that any draft is worth verifying:
+    a random model's sequences draft to the end, so the tests of the verify see many
+    drafts, accepted and rejected."""
     monkeypatch.setattr(Drafting, "MIN_SAVED", 0)
+    monkeypatch.setattr(runner, "STEP_COST_TOKENS", 1e6)
 
 
 @pytest.fixture(scope="module")
@@ -99,35 +101,85 @@ def test_the_lookup_grows_past_its_buffer():
     assert lk.propose(5) == seq[103:108] or len(lk.propose(5)) == 5
 
 
-def test_drafting_grows_shrinks_and_gives_up():
-    d = Drafting([1, 2, 3, 4] * 4)
+def test_drafting_grows_and_shrinks():
+    d = Drafting(list(range(1, 20)) * 3)
     assert d.k == lookup.FIRST_DRAFT
-    d.update([1, 2, 3, 4], 4, [1, 2, 3, 4, 1])
+    assert d.draft(8, share=1e6) == [1, 2, 3, 4]  # "... 18 19" -> what followed it
+    d.update(4, [1, 2, 3, 4, 5])  # all four accepted, and the sample after them
     assert d.k == min(2 * lookup.FIRST_DRAFT, lookup.MAX_DRAFT)
-    d.update([1, 2, 3, 4, 5, 6], 1, [1, 9])
+    assert d.draft(8, share=1e6) == list(range(6, 6 + d.k))
+    d.update(d.k, [6, 999])  # one accepted, then the model wrote something new
     assert d.k == 2 and d.on
-    for _ in range(Drafting.WINDOW - 2):  # the first window saved 5 steps: it paid
-        d.update([1, 2], 0, [7])
-    assert d.on and d.draft(8)
+
+
+def _always_proposing(seed: int = 0) -> tuple[Drafting, np.random.Generator]:
+    """A sequence whose every pair of tokens occurred before: always a proposal."""
+    rng = np.random.default_rng(seed)
+    return Drafting([int(t) for t in rng.integers(0, 5, 400)]), rng
+
+
+def _step(d: Drafting, right: int) -> None:
+    """A verify whose first ``right`` proposed tokens come true, then a wrong one."""
+    draft = d.draft(8, share=1e6)
+    wrong = (d.proposal[right] + 1) % 5 if right < len(d.proposal) else 0
+    d.update(len(draft), d.proposal[:right] + [wrong])
+
+
+def test_drafting_pauses_then_gives_up():
+    d, _ = _always_proposing()
+    for _ in range(Drafting.WINDOW):  # a window that pays
+        _step(d, 2)
     for strike in range(1, Drafting.MAX_STRIKES + 1):  # windows that fail: pauses
         for _ in range(Drafting.WINDOW):
-            d.update([1, 2], 0, [7])
-        assert d.on
+            _step(d, 0)
+        assert d.on and d._pause == Drafting.WINDOW << (strike - 1)
         for _ in range(Drafting.WINDOW << (strike - 1)):
-            assert d.draft(8) == []
-            d.update([], 0, [7])
-        assert d.draft(8)
+            assert d.draft(8, share=1e6) == []
+            d.update(0, [1])
+        assert d.draft(8, share=1e6)  # drafting again
     for _ in range(Drafting.WINDOW):
-        d.update([1, 2], 0, [7])
-    assert not d.on and d.draft(8) == []
+        _step(d, 0)
+    assert not d.on and d.draft(8, share=1e6) == []
 
 
-def test_text_that_never_repeats_stops_drafting_after_one_window():
-    d = Drafting(list(range(100)))
-    for i in range(Drafting.WINDOW):
+def test_text_whose_proposals_fail_stops_drafting_after_one_window():
+    d, _ = _always_proposing(1)
+    for _ in range(Drafting.WINDOW):
         assert d.on
-        d.update([5], 0, [1000 + i])
+        _step(d, 0)
     assert not d.on
+
+
+def test_text_with_nothing_to_propose_stops_drafting_after_a_while():
+    d = Drafting(list(range(100)))
+    for i in range(Drafting.MAX_IDLE):
+        assert d.on and d.draft(8, share=1e6) == []
+        d.update(0, [1000 + i])
+    assert not d.on
+
+
+def test_the_hit_rate_prices_the_draft(monkeypatch):
+    """A proposal is scored against what came, drafted or not; the draft keeps the
+    tokens whose chance of acceptance outweighs their cost."""
+    monkeypatch.setattr(Drafting, "MIN_SAVED", 0)  # the rate alone, never switched off
+    d = Drafting([1, 2, 3, 4, 5, 6, 7, 8, 9] * 3 + [1, 2])
+    assert d.rate == 0.5
+    assert d.draft(8, share=1.5) == []  # 0.5 * 1.5 < 1: nothing worth verifying
+    assert d.proposal == [3, 4, 5, 6]
+    d.update(0, [3])  # the proposal's first token came true
+    assert d.rate > 0.5
+    for _ in range(10):  # the text keeps copying: drafts get longer
+        d.draft(8, share=6.0)
+        d.update(0, d.proposal[:1])
+    assert d.rate > 0.9 and d.worth(1.5) >= 3 and d.worth(6.0) == lookup.MAX_DRAFT
+    # Text whose every pair of tokens occurred before, continued at random: the lookup
+    # always proposes something, and it rarely comes true.
+    rng = np.random.default_rng(0)
+    d = Drafting(list(rng.integers(0, 5, 400)))
+    for t in rng.integers(0, 5, 30):
+        assert d.draft(8, share=6.0) is not None and d.proposal
+        d.update(0, [int(t)])
+    assert d.rate < 0.35 and d.worth(1.5) == 0
 
 
 # ---- exactness in the runner ----------------------------------------------------------

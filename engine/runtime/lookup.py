@@ -11,7 +11,6 @@ sequence's recent acceptance and turns drafting off for text that doesn't repeat
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,49 +86,89 @@ class DraftStats:
 class Drafting:
     """One sequence's speculation policy.
 
+    Each step the lookup proposes up to k tokens, and the draft keeps those worth
+    verifying: the j-th draft token is accepted with probability ``rate ** j`` (the
+    lookup's hit rate on this sequence, counted on every step for free, drafts or not,
+    by comparing its proposal with the tokens the model emitted), and an accepted token
+    saves ``share`` tokens' worth of compute (a step's own cost shared by the sequences
+    running, plus its own token; ``runner``), while verifying it costs one. So a lone
+    stream drafts freely, and a full batch only drafts text it copies reliably.
+
     k grows to ``MAX_DRAFT`` while whole drafts are accepted and shrinks to one past
-    the accepted length when a draft fails part way, so a verify rarely computes many
-    tokens that are thrown away. Every ``WINDOW`` drafting steps the drafts must have
-    saved ``MIN_SAVED`` steps. A sequence that never managed it stops drafting at once:
-    text that doesn't repeat then decodes in the shared batch, as it would without
-    speculation. One that did (it copies, then writes something new) pauses instead, for
-    ``WINDOW`` steps doubling with each window in a row that fails, and stops after
+    the accepted length when a draft fails part way. Every ``WINDOW`` steps that had a
+    proposal, the proposals must have come true for ``MIN_SAVED`` tokens. A sequence
+    that never managed it stops drafting at once, as does one with nothing proposed for
+    ``MAX_IDLE`` steps in a row: it then decodes in the shared batch, as without
+    speculation. One
+    that did (it copies, then writes something new) pauses instead, for ``WINDOW``
+    steps doubling with each window in a row that fails, and stops after
     ``MAX_STRIKES`` of them.
     """
 
     WINDOW = 8
     MIN_SAVED = 2
     MAX_STRIKES = 3
+    MAX_IDLE = 32  # steps in a row with nothing proposed, before drafting stops
+    DECAY = 0.8  # weight of the hit rate's past observations, per step
 
     def __init__(self, tokens: list[int]):
         self.lookup = PromptLookup(tokens)
         self.k = FIRST_DRAFT
         self.on = True
-        self._window: list[int] = []  # tokens accepted at each drafting step
+        self.proposal: list[int] = []  # this step's, to score against what is emitted
+        self._hits, self._tries = 1.0, 2.0  # proposed tokens that came true: a 1/2 prior
+        self._window: list[int] = []  # proposed tokens that came true, each step
         self._paid = False  # some window saved enough
         self._strikes = 0  # windows in a row that didn't
         self._pause = 0  # steps left without drafting
+        self._idle = 0  # steps in a row with nothing proposed
 
-    def draft(self, limit: int) -> list[int]:
-        """The next draft, at most ``limit`` tokens (what the sequence may still emit)."""
-        if not self.on or self._pause:
-            return []
-        return self.lookup.propose(min(self.k, limit))
+    @property
+    def rate(self) -> float:
+        """How often a proposed token comes true (recent steps weigh more)."""
+        return self._hits / self._tries
 
-    def update(self, drafted: list[int], accepted: int, emitted: list[int]) -> None:
-        """After a step: its draft, how many of the draft's tokens were accepted, and
-        the tokens the step emitted (the lookup holds every token of the sequence, the
-        sampled one not yet fed included)."""
+    def worth(self, share: float) -> int:
+        """Draft tokens worth verifying when an accepted token saves ``share``."""
+        j, p = 0, self.rate
+        while j < MAX_DRAFT and p * share > 1.0:
+            j, p = j + 1, p * self.rate
+        return j
+
+    def draft(self, limit: int, share: float) -> list[int]:
+        """This step's draft: the lookup's proposal of at most ``limit`` tokens (what
+        the sequence may still emit), cut to the tokens worth verifying."""
+        self.proposal = [] if not self.on or self._pause else \
+            self.lookup.propose(min(self.k, limit))
+        return self.proposal[: self.worth(share)]
+
+    def update(self, drafted: int, emitted: list[int]) -> None:
+        """After a step: how many tokens it verified, and the tokens it emitted (the
+        lookup holds every token of the sequence, the sampled one not yet fed too)."""
         self.lookup.extend(emitted)
+        proposal, self.proposal = self.proposal, []
+        seen = min(len(proposal), len(emitted))
+        hits = 0
+        while hits < seen and proposal[hits] == emitted[hits]:
+            hits += 1
+        if seen:
+            self._hits = self.DECAY * self._hits + hits
+            self._tries = self.DECAY * self._tries + hits + (hits < seen)
         if self._pause:
             self._pause -= 1
             return
+        accepted = min(hits, drafted)
         if drafted:
-            if accepted == len(drafted):
-                self.k = min(2 * self.k, MAX_DRAFT)
-            else:
-                self.k = max(accepted + 1, 1)
-        self._window.append(accepted)
+            self.k = min(2 * self.k, MAX_DRAFT) if accepted == drafted else accepted + 1
+        if not proposal:  # nothing to judge: a reply's preamble, or text with no match
+            self._idle += 1
+            if self._idle >= self.MAX_IDLE:
+                self.on = False
+            return
+        self._idle = 0
+        # The window judges the text, not the pricing: tokens the proposal got right,
+        # drafted or not (a busy batch may verify none of them yet).
+        self._window.append(hits)
         if len(self._window) < self.WINDOW:
             return
         if sum(self._window) >= self.MIN_SAVED:

@@ -44,6 +44,10 @@ from blockserve.engine.runtime.sampling import greedy
 
 log = logging.getLogger(__name__)
 
+# A forward's cost besides its tokens', in tokens' cost: ~110 ms against ~22 ms a token
+# for SmolLM2 at 1.6K tokens of context on this CPU (BENCHMARKS.md, the verify grid).
+# It prices speculation: the larger it is, the more a draft token may cost to verify.
+STEP_COST_TOKENS = 5.0
 DEFAULT_TOKEN_BUDGET = 64  # per step while streams decode; BENCHMARKS.md, the step grid
 DEFAULT_PREFILL_STEP = 256  # per step while none does: nobody waits on a longer step
 MIN_CHUNK = 16  # prefill tokens a step always takes, so decodes never starve a prompt
@@ -120,9 +124,12 @@ class RaggedRunner:
     def __init__(self, model: Any, *, token_budget: int = DEFAULT_TOKEN_BUDGET,
                  prefill_step_size: int = DEFAULT_PREFILL_STEP, max_running: int = 16,
                  fallback_sampler: Callable | None = None, speculative: bool = False,
-                 draft_stats: DraftStats | None = None):
+                 draft_stats: DraftStats | None = None,
+                 step_cost_tokens: float | None = None):
         self.model = model
         self.speculative = speculative
+        self.step_cost_tokens = STEP_COST_TOKENS if step_cost_tokens is None \
+            else step_cost_tokens
         self.draft_stats = draft_stats if draft_stats is not None else DraftStats()
         self.token_budget = token_budget
         self.prefill_step_size = prefill_step_size
@@ -224,10 +231,12 @@ class RaggedRunner:
         length is what its streams wait between two tokens, and with none waiting a
         longer step only saves per-step overhead."""
         decodes = list(self._decoding)
-        # A verify emits at most len(draft) + 1 tokens: never past max_tokens.
-        verifies = [(s, s.drafting.draft(s.max_tokens - s.generated - 1))
+        running = len(decodes) + len(self._speculating)
+        # What an accepted draft token saves, in tokens' cost: its share of the step's
+        # own cost, and its own token. A verify emits at most len(draft) + 1 tokens.
+        share = 1.0 + self.step_cost_tokens / max(running, 1)
+        verifies = [(s, s.drafting.draft(s.max_tokens - s.generated - 1, share))
                     for s in self._speculating]
-        running = len(decodes) + len(verifies)
         room = self.max_running - running  # prompts that may start decoding
         if not running:
             budget = self.prefill_step_size
@@ -342,7 +351,7 @@ class RaggedRunner:
         seq.rewind = thrown  # the sampler drew len(draft)+1 positions, kept kept+1
         if draft:
             self.draft_stats.add(len(draft), kept)
-        seq.drafting.update(draft, kept, emitted)
+        seq.drafting.update(len(draft), emitted)
 
     def _emit(self, seq: _Seq, token: int, logprobs: mx.array) -> GenerationResponse:
         """One sampled token of ``seq``: its finish, and the token fed next step."""
