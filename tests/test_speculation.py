@@ -304,3 +304,17 @@ async def test_stop_strings_cut_a_speculating_stream_as_a_plain_one(keep_draftin
     finally:
         for w in workers:
             w.close()
+
+
+def test_the_replay_bench_counts_steps_exactly():
+    """bench.lookup_replay: a reply that copies its prompt takes fewer steps, one that
+    never repeats takes one step a token and drafts nothing."""
+    from blockserve.bench.lookup_replay import replay
+
+    prompt = [(i * 37) % 500 for i in range(300)]
+    copy = prompt[:120]
+    steps, cost, plain = replay(prompt, copy, streams=1, step_cost=5.0)
+    assert steps < len(copy) // 3 and plain / cost > 2
+    fresh = list(range(1000, 1100))
+    steps, cost, plain = replay(prompt, fresh, streams=1, step_cost=5.0)
+    assert steps == len(fresh) - 1 and cost == plain
