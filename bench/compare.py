@@ -91,6 +91,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="claude-code replay: system prompt and 24 tools, in tokens")
     p.add_argument("--claude-code-turns", type=int, default=4)
     p.add_argument("--name", default="compare", help="stem of the result files")
+    p.add_argument("--no-peers", action="store_true",
+                   help="run only blockserve's variants (e.g. a flag on and off)")
     p.add_argument("--vllm-mlx", metavar="PATH",
                    help="the vllm-mlx executable (its own venv): compare against it too")
 
@@ -312,7 +314,8 @@ def main(args: argparse.Namespace) -> int:
     model_path, tok = None, None
     variants = args.blockserve_variants
     ours = [label for label, _ in variants]
-    peers = ["mlx_lm server"] + (["vllm-mlx"] if args.vllm_mlx else [])
+    peers = [] if args.no_peers else ["mlx_lm server"] + (["vllm-mlx"] if args.vllm_mlx
+                                                          else [])
     servers = [("blockserve", label, extra) for label, extra in variants] + [
         (peer, peer, []) for peer in peers]
     for i, (kind, server, extra) in enumerate(servers):
