@@ -107,8 +107,9 @@ async def test_json_mode_always_yields_a_json_object(worker):
     document, so it parses, and the finish reason still says it was cut short."""
     async with serve(worker) as srv:
         replies = await asyncio.gather(*[oa(srv.url).chat.completions.create(
-            model=MODEL, messages=user(p), temperature=t, seed=1, max_tokens=40,
-            response_format={"type": "json_object"}) for p in PROMPTS for t in (0, 1)])
+            model=MODEL, messages=user(p), temperature=t, seed=seed, max_tokens=40,
+            response_format={"type": "json_object"})
+            for p in PROMPTS for t in (0, 1) for seed in (1, 2)])
         for r in replies:
             assert isinstance(json.loads(r.choices[0].message.content), dict)
             assert r.usage.completion_tokens <= 40
