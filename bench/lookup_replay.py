@@ -18,6 +18,7 @@ import argparse
 import json
 
 from blockserve.engine.runtime.lookup import Drafting
+from blockserve.engine.text.chat import common_prefix
 
 
 def replay(prompt: list[int], reply: list[int], streams: int, step_cost: float
@@ -29,9 +30,7 @@ def replay(prompt: list[int], reply: list[int], streams: int, step_cost: float
     while pos < len(reply):
         draft = d.draft(len(reply) - pos - 1, share)
         truth = reply[pos: pos + len(draft) + 1]
-        m = 0
-        while m < len(draft) and draft[m] == truth[m]:
-            m += 1
+        m = common_prefix(draft, truth)
         d.update(len(draft), truth[: m + 1])
         steps += 1
         cost += step_cost / streams + 1 + len(draft)
@@ -41,7 +40,7 @@ def replay(prompt: list[int], reply: list[int], streams: int, step_cost: float
 
 def record(path: str, seed: int, requests: int, tokens: int) -> None:
     """The edit workload's greedy replies on SmolLM2, as prompt and reply token ids."""
-    import mlx.core as mx  # the model only here: replays need no MLX
+    import mlx.core as mx  # the model only here: a replay runs none
     from mlx_lm.generate import StopSequences, generation_stream
     from mlx_lm.utils import load
 

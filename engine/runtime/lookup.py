@@ -4,8 +4,8 @@ A coding agent's reply mostly copies text it was given (a file rewritten with on
 the lines around an edit, the error being fixed). So the tokens that followed the last
 few generated tokens the last time they occurred in the context are a good guess for
 what comes next. ``PromptLookup`` finds that occurrence (the longest match of the last
-``MAX_NGRAM`` .. ``MIN_NGRAM`` tokens, the most recent one) with one vectorised comparison over the
-context, and proposes up to k of the tokens after it; ``Drafting`` sizes k from the
+``MAX_NGRAM`` .. ``MIN_NGRAM`` tokens, the most recent one) with one vectorised
+comparison over the context, and proposes up to k of the tokens after it; ``Drafting`` sizes k from the
 sequence's recent acceptance and turns drafting off for text that doesn't repeat.
 """
 
@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from blockserve.engine.text.chat import common_prefix
 
 # The suffix matched: the longest from 8 tokens down to 2. Measured on recorded edit
 # replies (BENCHMARKS.md): a longer match picks the right one of a file's repeated
@@ -99,9 +101,8 @@ class Drafting:
     proposal, the proposals must have come true for ``MIN_SAVED`` tokens. A sequence
     that never managed it stops drafting at once, as does one with nothing proposed for
     ``MAX_IDLE`` steps in a row: it then decodes in the shared batch, as without
-    speculation. One
-    that did (it copies, then writes something new) pauses instead, for ``WINDOW``
-    steps doubling with each window in a row that fails, and stops after
+    speculation. One that did (it copies, then writes something new) pauses instead,
+    for ``WINDOW`` steps doubling with each window in a row that fails, and stops after
     ``MAX_STRIKES`` of them.
     """
 
@@ -148,9 +149,7 @@ class Drafting:
         self.lookup.extend(emitted)
         proposal, self.proposal = self.proposal, []
         seen = min(len(proposal), len(emitted))
-        hits = 0
-        while hits < seen and proposal[hits] == emitted[hits]:
-            hits += 1
+        hits = common_prefix(proposal, emitted)
         if seen:
             self._hits = self.DECAY * self._hits + hits
             self._tries = self.DECAY * self._tries + hits + (hits < seen)

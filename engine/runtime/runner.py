@@ -41,6 +41,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, TokenBuffer, make_prompt_
 from blockserve.engine.runtime import ragged
 from blockserve.engine.runtime.lookup import Drafting, DraftStats
 from blockserve.engine.runtime.sampling import greedy
+from blockserve.engine.text.chat import common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,7 @@ class _Seq:
 def accepted(draft: list[int], samples: list[int]) -> list[int]:
     """The tokens a verify emits: the drafts up to the first that differs from the
     sample at its position, then the sample there (``samples``: one per position)."""
-    m = 0
-    while m < len(draft) and samples[m] == draft[m]:
-        m += 1
-    return samples[: m + 1]
+    return samples[: common_prefix(draft, samples) + 1]
 
 
 @dataclass
@@ -111,11 +109,6 @@ class StepPlan:
     decodes: list[_Seq]
     verifies: list[tuple[_Seq, list[int]]]
     chunks: list[tuple[_Seq, int]]
-
-    @property
-    def tokens(self) -> int:
-        return (len(self.decodes) + sum(1 + len(d) for _, d in self.verifies)
-                + sum(n for _, n in self.chunks))
 
 
 class RaggedRunner:

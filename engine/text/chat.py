@@ -18,7 +18,8 @@ class RenderedPrompt:
     # starts in reasoning, as when a template opens the assistant turn with <think>)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share (also the drafts a verify keeps)."""
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:
@@ -56,12 +57,12 @@ def render_chat(
     while n_system < len(messages) and messages[n_system]["role"] in ("system", "developer"):
         n_system += 1
     if 0 < n_system < len(messages):
-        system_end = _common_prefix(render(messages[:n_system], False), tokens)
+        system_end = common_prefix(render(messages[:n_system], False), tokens)
         if system_end > 0:
             checkpoints.append((system_end, TIER_SYSTEM))
     if not continue_final and messages and messages[-1]["role"] in (
             "user", "tool", "system", "developer"):
-        turn_end = _common_prefix(render(messages, False), tokens)
+        turn_end = common_prefix(render(messages, False), tokens)
         if 0 < turn_end < len(tokens):
             checkpoints.append((turn_end, TIER_CONVERSATION))
     return RenderedPrompt(tokens, checkpoints, _ends_in_reasoning(tokenizer, tokens))
