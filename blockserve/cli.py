@@ -22,13 +22,6 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def total_ram() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 16 << 30
-
-
 def _serve_args(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI and Anthropic APIs)")
     p.add_argument("--model", default=None,
@@ -39,18 +32,24 @@ def _serve_args(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    ram = total_ram()
-    p.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=ram // 4,
-                   help="byte budget of the prefix cache (default: 1/4 of RAM)")
+    p.add_argument("--memory-limit", type=parse_bytes, default=None, metavar="SIZE",
+                   help="the most memory the server holds, all of it: weights, runtime, a "
+                        "step's activations (measured), running requests' K/V and the "
+                        "prefix cache, which gets what running requests leave (default: "
+                        "85%% of Metal's recommended working set on a Mac, 75%% of RAM "
+                        "elsewhere; the start-up log prints the split)")
+    p.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None, metavar="SIZE",
+                   help="an optional cap on the prefix cache, inside --memory-limit")
     p.add_argument("--disk-cache-dir", default=None, metavar="DIR",
                    help="keep evicted and checkpoint KV blocks in DIR, so the prefix cache "
                         "outlives RAM and restarts (default: off)")
     p.add_argument("--disk-cache-bytes", type=parse_bytes, default=None, metavar="SIZE",
                    help="byte budget of --disk-cache-dir (default: the smaller of 10%% of "
                         "its free space and 32GiB)")
-    p.add_argument("--active-kv-memory-bytes", type=parse_bytes, default=ram // 4,
-                   help="KV budget of running requests, prompt + max_tokens "
-                        "(default: 1/4 of RAM)")
+    p.add_argument("--active-kv-memory-bytes", type=parse_bytes, default=None,
+                   metavar="SIZE",
+                   help="an optional cap on running requests' K/V, inside --memory-limit "
+                        "(they take it as they grow; past it the newest is preempted)")
     p.add_argument("--max-num-seqs", type=int, default=16,
                    help="maximum number of requests generating at once")
     p.add_argument("--max-queue", type=int, default=256,
@@ -77,8 +76,10 @@ def _serve_args(sub) -> None:
     p.add_argument("--prompt-concurrency", type=int, default=None,
                    help="prompts prefilled together in one batch (default: 1 on the CPU, "
                         "where batching only delays the first tokens; 8 on a GPU)")
-    p.add_argument("--max-tokens", type=int, default=512,
-                   help="default max_tokens when a request gives none")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="an optional cap on max_tokens, also the default when a request "
+                        "gives none (default: no cap; a request without max_tokens may "
+                        "generate to the end of the context, as with vLLM and OpenAI)")
     p.add_argument("--api-key", action="append", default=None, metavar="KEY",
                    help="require a key (Authorization: Bearer, or x-api-key); repeatable: "
                         "each key is a tenant, whose prefix cache no other tenant shares "
@@ -132,12 +133,13 @@ def stack_config(args: argparse.Namespace) -> StackConfig:
 
     return StackConfig(
         model=args.model, revision=args.revision, block_size=args.block_size,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        memory_limit=args.memory_limit, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         active_kv_memory_bytes=args.active_kv_memory_bytes, max_num_seqs=args.max_num_seqs,
         max_queue=args.max_queue, max_model_len=args.max_model_len,
         prefill_step_size=args.prefill_step_size, prompt_concurrency=args.prompt_concurrency,
         token_budget=args.token_budget, runner=args.runner,
         speculative_lookup=args.speculative_lookup, default_max_tokens=args.max_tokens,
+        max_tokens_cap=args.max_tokens,
         api_keys=api_keys(args),
         admin_key=args.admin_key or os.environ.get("BLOCKSERVE_ADMIN_KEY") or None,
         share_inflight=not args.no_inflight_sharing,
@@ -174,13 +176,11 @@ def serve(args: argparse.Namespace) -> int:
     app.on_cleanup.append(close_engine)
     loaded = stack.worker.loaded
     logging.getLogger("blockserve").info(
-        "serving %s (as %s) on http://%s:%d | %s | block size %d, KV cache budget "
-        "%.2f GiB (%d bytes/token, ~%d blocks), active KV budget %.2f GiB, context %d",
-        loaded.model_id, ", ".join(stack.frontend.model_names), args.host, args.port,
-        stack.worker.describe_backend(), config.block_size,
-        config.kv_cache_memory_bytes / 2**30, loaded.kv_bytes_per_token,
-        config.kv_cache_memory_bytes // (loaded.kv_bytes_per_token * config.block_size),
-        config.active_kv_memory_bytes / 2**30, stack.scheduler.max_prompt_tokens)
+        "serving %s (as %s) on http://%s:%d | %s | block size %d, %d K/V bytes a token, "
+        "context %d | %s", loaded.model_id, ", ".join(stack.frontend.model_names),
+        args.host, args.port, stack.worker.describe_backend(), config.block_size,
+        loaded.kv_bytes_per_token, stack.scheduler.max_prompt_tokens,
+        stack.scheduler.config.memory.describe())
     disk = stack.prefix.disk
     if disk is not None:
         ds = disk.stats()

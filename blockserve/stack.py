@@ -12,9 +12,10 @@ import blockserve.engine.runtime  # noqa: F401  (first: the BLAS preload before 
 from aiohttp import web
 
 from blockserve.engine.text.frontend import TokenizerFrontend
+from blockserve.engine.runtime import memory
 from blockserve.engine.runtime.worker import EngineWorker
 from blockserve.kvpool import BlockPool, DiskTier, PrefixCache
-from blockserve.scheduler import Scheduler, SchedulerConfig
+from blockserve.scheduler import MemoryBudget, Scheduler, SchedulerConfig
 from blockserve.server.app import ServerConfig, create_app
 from blockserve.server.limits import Limits
 
@@ -26,8 +27,11 @@ class StackConfig:
     model: str | None = None  # None: the built-in default model
     revision: str | None = None
     block_size: int = 16
-    kv_cache_memory_bytes: int = 1 << 30  # the prefix cache's byte budget
-    active_kv_memory_bytes: int = 8 << 30  # KV of running requests, prompt + max_tokens
+    # The one limit on what the process holds (weights, runtime, activations, K/V);
+    # None: ``engine.runtime.memory.default_memory_limit()``.
+    memory_limit: int | None = None
+    kv_cache_memory_bytes: int | None = None  # a cap on the prefix cache, inside the limit
+    active_kv_memory_bytes: int | None = None  # a cap on running requests' K/V, likewise
     max_num_seqs: int = 16
     max_queue: int = 256
     max_model_len: int | None = None  # None: the model's own context length
@@ -36,7 +40,8 @@ class StackConfig:
     token_budget: int = 64  # tokens a step while streams decode (engine.runner)
     runner: str = "auto"  # "ragged" | "batch" | "auto" (engine.worker)
     speculative_lookup: bool = True  # prompt-lookup drafts (engine.lookup, ragged runner)
-    default_max_tokens: int = 512
+    default_max_tokens: int | None = None  # None: what the context allows
+    max_tokens_cap: int | None = None  # --max-tokens
     api_keys: list[str] = field(default_factory=list)  # each one a tenant
     admin_key: str | None = None  # flushes and sees the whole cache
     share_inflight: bool = True
@@ -75,7 +80,27 @@ class Stack:
         c = self.config
         return create_app(self.scheduler, self.frontend, ServerConfig(
             c.default_max_tokens, c.api_keys, c.admin_key, c.limits,
-            c.stalled_stream_timeout))
+            c.stalled_stream_timeout, max_tokens_cap=c.max_tokens_cap))
+
+
+def memory_budget(config: StackConfig, worker: EngineWorker, max_context: int
+                  ) -> MemoryBudget:
+    """Split the limit with what the engine measured; refuse one that leaves no K/V."""
+    m = worker.memory
+    budget = MemoryBudget(
+        limit_bytes=config.memory_limit or memory.default_memory_limit(),
+        weights_bytes=m.weights_bytes, baseline_bytes=m.baseline_bytes,
+        activation_bytes=worker.activation_reserve(max_context),
+        kv_bytes_per_token=worker.kv_bytes_per_token, step_tokens=worker.step_tokens,
+        cache_cap_bytes=config.kv_cache_memory_bytes,
+        running_cap_bytes=config.active_kv_memory_bytes)
+    if budget.running_limit_bytes < budget.sequence_bytes(0):
+        fixed = budget.limit_bytes - budget.kv_bytes + budget.margin_bytes
+        raise ValueError(
+            f"--memory-limit {budget.limit_bytes} bytes leaves no room for K/V: the "
+            f"weights, runtime, a step's activations and one step's K/V take {fixed} "
+            f"bytes ({budget.describe()})")
+    return budget
 
 
 def build_stack(config: StackConfig, worker: EngineWorker | None = None) -> Stack:
@@ -89,7 +114,9 @@ def build_stack(config: StackConfig, worker: EngineWorker | None = None) -> Stac
     if worker.max_running < config.max_num_seqs:
         raise ValueError(f"the engine runs at most {worker.max_running} sequences, the "
                          f"config asks for {config.max_num_seqs}")
-    pool = BlockPool(config.block_size, config.kv_cache_memory_bytes)
+    max_prompt = min(config.max_model_len or worker.max_context, worker.max_context)
+    budget = memory_budget(config, worker, max_prompt)
+    pool = BlockPool(config.block_size, budget.cache_budget(0))
     disk = None
     if config.disk_cache_dir is not None:
         disk = DiskTier(config.disk_cache_dir, worker.block_codec(), config.block_size,
@@ -98,7 +125,7 @@ def build_stack(config: StackConfig, worker: EngineWorker | None = None) -> Stac
     scheduler = Scheduler(worker, prefix, SchedulerConfig(
         max_running=config.max_num_seqs, max_queue=config.max_queue,
         max_prompt_tokens=config.max_model_len,
-        active_kv_budget_bytes=config.active_kv_memory_bytes,
+        memory=budget, footprint=memory.resident_bytes,
         share_inflight=config.share_inflight,
         # Several tenants: one slot no tenant can take, so another's request starts at once.
         tenant_headroom=1 if len(config.api_keys) > 1 else 0))

@@ -211,6 +211,11 @@ class BlockPool:
     def nbytes(self) -> int:
         return self._bytes
 
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of blocks in use by requests: no eviction can free them."""
+        return self._pinned_bytes
+
     def blocks(self) -> list[Block]:
         return list(self._blocks.values())
 

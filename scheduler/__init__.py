@@ -1,8 +1,10 @@
 """The asyncio scheduler: queue, admission under budgets, cache-aware order, streams,
 aborts. No MLX: it drives a generator through ``scheduler.protocol``."""
 
+from blockserve.scheduler.memory import MemoryBudget
 from blockserve.scheduler.protocol import SamplingParams
 from blockserve.scheduler.scheduler import (
+    MemoryPressureError,
     PromptTooLongError,
     QueueFullError,
     Request,
@@ -18,6 +20,8 @@ from blockserve.scheduler.scheduler import (
 )
 
 __all__ = [
+    "MemoryBudget",
+    "MemoryPressureError",
     "PromptTooLongError",
     "QueueFullError",
     "Request",

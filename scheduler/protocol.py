@@ -53,6 +53,10 @@ class SequenceSpec:
     cached_payloads: list[Any]  # one per cached block, in order
     checkpoints: list[Checkpoint]  # strictly inside (cached_tokens, len(prompt))
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # A preempted sequence comes back: ``prompt`` is its prompt and the tokens it had
+    # generated, ``sampling.max_tokens`` what is left; the generator resumes the
+    # sequence it parked (its sampler, detokenizer and stop state go on).
+    resume: bool = False
 
 
 @dataclass
@@ -83,7 +87,7 @@ class BlocksEvent:
 class FinishEvent:
     seq_id: str
     finish_reason: str  # "stop" | "length"
-    completion_tokens: int  # every generated token, a stop token included
+    completion_tokens: int  # every generated token, a stop token included, preempted or not
     text: str = ""  # held-back text released at the end
     stop_string: str | None = None  # the stop string that ended generation, if one did
 
@@ -95,6 +99,19 @@ class ErrorEvent:
 
 
 @dataclass
+class PreemptedEvent:
+    """The sequence is parked to free memory (``Generator.preempt``): ``payloads`` are
+    blocks ``first_block..`` of ``tokens`` (what its K/V held), for the prefix cache;
+    it resumes from ``resume`` (its prompt and every token it generated)."""
+
+    seq_id: str
+    tokens: list[int]
+    first_block: int
+    payloads: list[Any]
+    resume: list[int]
+
+
+@dataclass
 class EngineFailedEvent:
     """The generator can't go on (its thread died): every request ends, and the process
     should exit so that a supervisor restarts it."""
@@ -103,7 +120,8 @@ class EngineFailedEvent:
     seq_id: str = ""
 
 
-EngineEvent = Union[TokenEvent, BlocksEvent, FinishEvent, ErrorEvent, EngineFailedEvent]
+EngineEvent = Union[TokenEvent, BlocksEvent, FinishEvent, ErrorEvent, PreemptedEvent,
+                    EngineFailedEvent]
 
 
 class Generator(Protocol):
@@ -111,7 +129,7 @@ class Generator(Protocol):
 
     namespace: Namespace  # model identity, the root of block keys
     block_size: int
-    kv_bytes_per_token: int  # for memory admission of active requests
+    kv_bytes_per_token: int  # K/V of one position: the memory budget counts in these
     max_context: int
     # Models with state layers (SSM, sliding window) resume a prefix only from a block
     # that carries a snapshot (its payload is ``resumable``, which the pool checks), so
@@ -124,6 +142,11 @@ class Generator(Protocol):
     def insert(self, spec: SequenceSpec) -> None: ...
 
     def abort(self, seq_id: str) -> None:
-        """Drop the sequence; events already emitted for it may still arrive."""
+        """Drop the sequence (running or parked); events already emitted for it may
+        still arrive."""
+
+    def preempt(self, seq_id: str) -> None:
+        """Park the sequence and free its K/V, answering with a ``PreemptedEvent``
+        (nothing if it has already ended); ``insert`` with ``resume`` brings it back."""
 
     def close(self) -> None: ...

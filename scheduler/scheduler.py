@@ -1,5 +1,5 @@
-"""The asyncio scheduler: waiting queue, admission under budgets, cache-aware order,
-in-flight prefix sharing, per-request output streams and aborts.
+"""The asyncio scheduler: waiting queue, admission under one memory limit, cache-aware
+order, in-flight prefix sharing, preemption, per-request output streams and aborts.
 
 It owns the prefix cache and runs entirely on one event loop; the generator's events
 arrive from its thread through ``loop.call_soon_threadsafe``.
@@ -11,6 +11,13 @@ disk tier live under them.
 Pins: a running request keeps its prefix hit pinned until it ends. Its blocks are in
 use for its whole life, and the finish-time insert resumes the chain from them without
 hashing or verifying it again.
+
+Memory (``scheduler.memory``): running sequences take K/V as they grow; the prefix
+cache's budget is what they leave. When they would pass the limit even with the cache
+emptied of unpinned blocks, the most recently admitted sequence is **preempted**: the
+engine publishes its computed blocks into the prefix cache and parks it, and it waits at
+the head of the queue to resume by a cache hit on its prompt and the tokens it has
+generated (vLLM recomputes instead). Its stream just pauses.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import logging
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 from blockserve.kvpool import (
     TIER_GENERATED,
@@ -30,6 +38,7 @@ from blockserve.kvpool import (
     PrefixCache,
     ScopeFn,
 )
+from blockserve.scheduler.memory import MemoryBudget
 from blockserve.scheduler.protocol import (
     BlocksEvent,
     EngineFailedEvent,
@@ -38,6 +47,7 @@ from blockserve.scheduler.protocol import (
     ErrorEvent,
     FinishEvent,
     Generator,
+    PreemptedEvent,
     SamplingParams,
     SequenceSpec,
     TokenEvent,
@@ -57,7 +67,12 @@ class PromptTooLongError(SchedulerError):
 
 
 class RequestTooLargeError(SchedulerError):
-    """Prompt + max_tokens would need more KV memory than the active budget (HTTP 400)."""
+    """The prompt alone needs more K/V than the memory limit leaves (HTTP 400)."""
+
+
+class MemoryPressureError(SchedulerError):
+    """The process is over its memory limit (another process, a leak): new requests wait
+    outside, running ones finish (HTTP 503 with Retry-After)."""
 
 
 class SchedulerClosedError(SchedulerError):
@@ -117,7 +132,9 @@ class SchedulerConfig:
     max_running: int = 16
     max_queue: int = 256
     max_prompt_tokens: int | None = None  # default: the generator's context limit
-    active_kv_budget_bytes: int = 8 << 30  # KV of running requests, prompt + max_tokens
+    memory: MemoryBudget | None = None  # None: no limit (fake generators, tools)
+    # The process's resident bytes, read when a request arrives: over the limit, 503.
+    footprint: Callable[[], int] | None = None
     aging_limit: int = 8  # a waiting request is overtaken at most this many times
     share_inflight: bool = True
     # Several tenants: running slots no single tenant may take, so that another
@@ -132,6 +149,9 @@ class SchedulerStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     inflight_shares: int = 0  # requests that waited for a running request's blocks
+    preemptions: int = 0  # sequences parked to keep the memory limit
+    resumed_cached_tokens: int = 0  # positions resumed preempted sequences hit
+    pressure_refusals: int = 0  # requests refused (503) while over the memory limit
     finished: Counter = field(default_factory=Counter)  # by finish_reason
 
 
@@ -139,12 +159,16 @@ class SchedulerStats:
 class _State:
     req: Request
     chain: Chain  # the prompt as the prefix cache sees it, and what the request holds
-    reserve_bytes: int
     arrival: int
     outputs: asyncio.Queue
     overtaken: int = 0
     usage: Usage | None = None
     done: bool = False
+    admitted: int = -1  # admission order: the most recent is preempted first
+    kv_tokens: int = 0  # positions its K/V holds while running
+    kv_bytes: int = 0  # ...as allocated (``MemoryBudget.sequence_bytes``)
+    preempting: bool = False  # asked to park; its K/V counts until the engine says so
+    resume: list[int] | None = None  # preempted: prompt + generated, to resume from
 
 
 class RequestStream:
@@ -183,7 +207,8 @@ class Scheduler:
         self._waiting: dict[str, _State] = {}  # insertion order = arrival order
         self._running: dict[str, _State] = {}
         self._arrivals = itertools.count()
-        self._reserved_bytes = 0
+        self._admissions = itertools.count()
+        self._kv_running = 0  # running sequences' K/V, as ``MemoryBudget`` counts it
         self._closed = False
         self.draining = False  # refuse new requests, let running ones finish
         self.failed: str | None = None  # the engine died: everything is refused
@@ -238,16 +263,22 @@ class Scheduler:
         max_tokens = min(req.sampling.max_tokens, limit - len(req.prompt))
         if max_tokens != req.sampling.max_tokens:
             req.sampling = replace(req.sampling, max_tokens=max_tokens)
-        reserve = (len(req.prompt) + max_tokens) * self.generator.kv_bytes_per_token
-        if reserve > self.config.active_kv_budget_bytes:
-            raise RequestTooLargeError(
-                f"prompt + max_tokens = {len(req.prompt) + max_tokens} tokens needs "
-                f"{reserve} bytes of KV; the active budget is "
-                f"{self.config.active_kv_budget_bytes} bytes"
-            )
+        mem = self.config.memory
+        if mem is not None:
+            need = mem.sequence_bytes(len(req.prompt))
+            if need > mem.running_limit_bytes:
+                raise RequestTooLargeError(
+                    f"the prompt's {len(req.prompt)} tokens need {need} bytes of KV "
+                    f"({mem.kv_bytes_per_token} a token); this server's memory limit "
+                    f"leaves {mem.running_limit_bytes} bytes for running requests "
+                    "(--memory-limit)")
+            reason = self.memory_pressure()
+            if reason is not None:
+                self.stats.pressure_refusals += 1
+                raise MemoryPressureError(reason + "; retry shortly")
         self._check_queue_share(req.tenant)
         chain = self.prefix.prompt(self.namespace(req.cache_salt), req.prompt)
-        state = _State(req, chain, reserve, next(self._arrivals), asyncio.Queue())
+        state = _State(req, chain, next(self._arrivals), asyncio.Queue())
         self._waiting[req.request_id] = state
         self.stats.submitted += 1
         self._schedule()
@@ -256,6 +287,8 @@ class Scheduler:
     def abort(self, request_id: str) -> bool:
         """Stop a request at any stage and free all it holds. False if unknown/ended."""
         state = self._waiting.pop(request_id, None)
+        if state is not None and state.resume is not None:
+            self.generator.abort(request_id)  # the engine holds it parked
         if state is None:
             state = self._running.get(request_id)
             if state is None:
@@ -277,6 +310,24 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         return not self._running and not self._waiting
+
+    @property
+    def running_kv_bytes(self) -> int:
+        """Running sequences' K/V: as counted, or as the engine allocated it (padding
+        included) if that is more."""
+        measured = getattr(getattr(self.generator, "memory", None), "kv_bytes", 0)
+        return max(self._kv_running, measured)
+
+    def memory_pressure(self) -> str | None:
+        """Why new requests are refused (the process is over its limit), or None."""
+        mem, probe = self.config.memory, self.config.footprint
+        if mem is None or probe is None:
+            return None
+        used = probe()
+        if used <= mem.limit_bytes:
+            return None
+        return (f"the server is over its memory limit: {used / 2**20:.0f} MiB resident "
+                f"of {mem.limit_bytes / 2**20:.0f} MiB")
 
     def shutdown(self) -> None:
         """Refuse new requests and abort what is left. The generator stays open: its
@@ -311,23 +362,41 @@ class Scheduler:
         if self.failed is not None:
             return
         while self._waiting and len(self._running) < self.config.max_running:
-            state = self._pick()
-            if state is None:
+            picked = self._pick()
+            if picked is None:
                 return
-            if (self._running and
-                    self._reserved_bytes + state.reserve_bytes
-                    > self.config.active_kv_budget_bytes):
+            state, n_hit = picked
+            if not self._fits(state, n_hit):
                 return  # wait for memory; running requests will free it
             self._admit(state)
 
-    def _pick(self) -> _State | None:
-        """Fair across tenants, then longest cached prefix first (SGLang's LPM).
+    def _fits(self, state: _State, n_hit: int) -> bool:
+        """Whether the request's K/V, and the blocks its hit will pin, fit beside the
+        running ones. Alone it always fits (``submit`` refused what never can)."""
+        mem = self.config.memory
+        if mem is None or not self._running:
+            return True
+        need = mem.sequence_bytes(len(state.resume or state.req.prompt))
+        hit = n_hit * self.prefix.block_size * mem.kv_bytes_per_token
+        running = self.running_kv_bytes + need
+        return (running <= mem.running_limit_bytes and
+                running + self.pool.pinned_bytes + hit <= mem.kv_bytes - mem.margin_bytes)
+
+    def _pick(self) -> tuple[_State, int] | None:
+        """A preempted request first (it waits at the head of the queue, in the order
+        they were preempted); then fair across tenants, then longest cached prefix
+        first (SGLang's LPM).
 
         Among the tenants with a request ready, the one with the fewest running goes
         first (a round robin as slots free), and no tenant takes the last
         ``tenant_headroom`` slots. Within a tenant, longest prefix first, but a request
         overtaken ``aging_limit`` times (by its own tenant's) goes next, so none waits
-        forever."""
+        forever. Returns the request and its cached blocks now."""
+        for state in self._waiting.values():
+            if state.resume is None:
+                break  # the preempted ones are at the head
+            n_hit = self.prefix.cached(state.chain)
+            return None if n_hit is None else (state, n_hit)
         running = Counter(s.req.tenant for s in self._running.values())
         cap = self.config.max_running - self.config.tenant_headroom
         eligible: list[tuple[_State, int]] = []
@@ -344,38 +413,115 @@ class Scheduler:
         eligible = [(s, n) for s, n in eligible if running[s.req.tenant] == fewest]
         aged = [s for s, _ in eligible if s.overtaken >= self.config.aging_limit]
         if aged:
-            chosen = aged[0]  # the oldest aged request, in arrival order
+            chosen = next(e for e in eligible if e[0] is aged[0])  # the oldest aged
         else:
-            chosen = max(eligible, key=lambda e: (e[1], -e[0].arrival))[0]
+            chosen = max(eligible, key=lambda e: (e[1], -e[0].arrival))
         for state, _ in eligible:
-            if state.arrival < chosen.arrival and state.req.tenant == chosen.req.tenant:
+            if state.arrival < chosen[0].arrival and state.req.tenant == chosen[0].req.tenant:
                 state.overtaken += 1
         return chosen
 
     def _admit(self, state: _State) -> None:
         req = state.req
         del self._waiting[req.request_id]
-        marks = list(req.checkpoints)
+        resume, state.resume = state.resume, None
+        prompt = resume or req.prompt
+        marks = [] if resume else list(req.checkpoints)
         if self.generator.needs_snapshots or req.share_prompt:
             # A checkpoint at the prompt's last full block lets the same prompt (a
             # sibling choice), or its next turn, resume there; for state layers also
             # because the finish can't snapshot an unaligned end.
-            marks.append((len(req.prompt) - 1, TIER_GENERATED))
+            marks.append((len(prompt) - 1, TIER_GENERATED))
         checkpoints = [Checkpoint(t, tier)
                        for t, tier in self.prefix.acquire(state.chain, marks)]
         hit = state.chain.hit
-        state.usage = Usage(len(req.prompt), hit.num_tokens, 0)
         self._running[req.request_id] = state
-        self._reserved_bytes += state.reserve_bytes
-        self.stats.prompt_tokens += len(req.prompt)
-        self.stats.cached_tokens += hit.num_tokens
-        self.stats.prefill_tokens += len(req.prompt) - hit.num_tokens
-        if state.chain.shared:
-            self.stats.inflight_shares += 1
+        state.admitted = next(self._admissions)
+        self.stats.prefill_tokens += len(prompt) - hit.num_tokens
+        sampling = req.sampling
+        if resume:
+            self.stats.resumed_cached_tokens += hit.num_tokens
+            sampling = replace(sampling,
+                               max_tokens=sampling.max_tokens - (len(resume) - len(req.prompt)))
+        else:
+            state.usage = Usage(len(req.prompt), hit.num_tokens, 0)
+            self.stats.prompt_tokens += len(req.prompt)
+            self.stats.cached_tokens += hit.num_tokens
+            if state.chain.shared:
+                self.stats.inflight_shares += 1
         self.generator.insert(SequenceSpec(
-            req.request_id, req.prompt, hit.num_tokens, hit.payloads, checkpoints,
-            req.sampling,
+            req.request_id, prompt, hit.num_tokens, hit.payloads, checkpoints, sampling,
+            resume=resume is not None,
         ))
+        self._grow(state, len(prompt))
+
+    # ---- memory -----------------------------------------------------------------
+
+    def _grow(self, state: _State, kv_tokens: int) -> None:
+        """A running sequence's K/V now holds ``kv_tokens`` positions."""
+        state.kv_tokens = kv_tokens
+        mem = self.config.memory
+        if mem is None:
+            return
+        size = mem.sequence_bytes(kv_tokens)
+        if size != state.kv_bytes:
+            self._kv_running += size - state.kv_bytes
+            state.kv_bytes = size
+            self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Give the prefix cache what the running sequences leave (it evicts down to it,
+        to the disk tier if there is one); if they would pass the limit even so,
+        preempt the most recently admitted one."""
+        mem = self.config.memory
+        if mem is None:
+            return
+        running = self.running_kv_bytes
+        budget = mem.cache_budget(running)
+        if budget != self.pool.budget_bytes:
+            self.pool.set_budget(budget)
+        if (running > mem.running_limit_bytes
+                or running + self.pool.nbytes > mem.kv_bytes - mem.margin_bytes):
+            self._preempt()
+
+    def _preempt(self) -> None:
+        if not self._running or any(s.preempting for s in self._running.values()):
+            return  # one at a time: its K/V is freed when the engine has parked it
+        if len(self._running) == 1:
+            if self.running_kv_bytes <= self.config.memory.running_limit_bytes:
+                return  # over only by the cache blocks it pins itself, until it ends
+            # Alone and still too big: the limit is the most this reply can grow.
+            (state,) = self._running.values()
+            log.warning("request %s reached the memory limit at %d positions: ended",
+                        state.req.request_id, state.kv_tokens)
+            self.generator.abort(state.req.request_id)
+            self._end(state, RequestOutput(state.req.request_id, finish_reason="length",
+                                           usage=state.usage))
+            return
+        victim = max(self._running.values(), key=lambda s: s.admitted)
+        victim.preempting = True
+        self.generator.preempt(victim.req.request_id)
+
+    def _preempted(self, state: _State, event: PreemptedEvent) -> None:
+        """The engine parked ``state``: its blocks go into the prefix cache, and it
+        waits at the head of the queue to resume from them."""
+        req = state.req
+        del self._running[req.request_id]
+        self._kv_running -= state.kv_bytes
+        state.kv_bytes = state.kv_tokens = 0
+        state.preempting = False
+        self.stats.preemptions += 1
+        self._rebalance()  # the cache's budget grows by what the sequence held
+        self.prefix.publish(state.chain, event.tokens, event.first_block, event.payloads,
+                            TIER_GENERATED)
+        self.prefix.release(state.chain)
+        state.chain = self.prefix.prompt(self.namespace(req.cache_salt), event.resume)
+        state.resume = list(event.resume)
+        preempted = [s for s in self._waiting.values() if s.resume is not None]
+        rest = [s for s in self._waiting.values() if s.resume is None]
+        self._waiting = {s.req.request_id: s for s in [*preempted, state, *rest]}
+        log.info("preempted %s at %d tokens to keep the memory limit", req.request_id,
+                 len(event.resume))
 
     # ---- generator events ----------------------------------------------------
 
@@ -393,6 +539,7 @@ class Scheduler:
             state.outputs.put_nowait(RequestOutput(event.seq_id, event.text, [event.token],
                                                    usage=replace(state.usage),
                                                    logprobs=logprobs))
+            self._grow(state, state.kv_tokens + 1)
         elif isinstance(event, BlocksEvent):
             if self.prefix.publish(state.chain, event.tokens, event.first_block,
                                    event.payloads, event.tier):
@@ -405,6 +552,9 @@ class Scheduler:
         elif isinstance(event, ErrorEvent):
             self._end(state, RequestOutput(event.seq_id, finish_reason="error",
                                            usage=state.usage, error=event.message))
+        elif isinstance(event, PreemptedEvent):
+            self._preempted(state, event)
+            self._schedule()
 
     def _engine_failed(self, message: str) -> None:
         """The engine thread died: every request ends with an error that names no other
@@ -422,9 +572,11 @@ class Scheduler:
         """Release everything a request holds and close its stream."""
         rid = state.req.request_id
         if self._running.pop(rid, None) is not None:
-            self._reserved_bytes -= state.reserve_bytes
+            self._kv_running -= state.kv_bytes
+            state.kv_bytes = 0
         self.prefix.release(state.chain)
         state.done = True
         state.outputs.put_nowait(final)
         self.stats.finished[final.finish_reason] += 1
+        self._rebalance()
         self._schedule()

@@ -49,7 +49,8 @@ def create_app(scheduler: Scheduler, frontend: TokenizerFrontend, config: Server
     app[FRONTEND] = frontend
     app[CONFIG] = config
     app[METRICS] = Metrics(scheduler)
-    app[BOUNDS] = Bounds(frontend.vocab_size, config.limits, config.default_max_tokens)
+    app[BOUNDS] = Bounds(frontend.vocab_size, config.limits, config.default_max_tokens,
+                         config.max_tokens_cap)
     app[WORKERS] = ThreadPoolExecutor(config.parse_workers,
                                       thread_name_prefix="blockserve-parse")
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)

@@ -7,6 +7,7 @@ import json
 from aiohttp import web
 
 from blockserve.scheduler import (
+    MemoryPressureError,
     PromptTooLongError,
     QueueFullError,
     RequestTooLargeError,
@@ -71,7 +72,9 @@ def from_scheduler(e: SchedulerError) -> ApiError:
     if isinstance(e, PromptTooLongError):
         return ApiError(400, str(e), param="messages", code="context_length_exceeded")
     if isinstance(e, RequestTooLargeError):
-        return ApiError(400, str(e), param="max_tokens", code="request_too_large")
+        return ApiError(400, str(e), param="messages", code="request_too_large")
+    if isinstance(e, MemoryPressureError):
+        return ApiError(503, str(e), code="memory_pressure", headers={"Retry-After": "2"})
     if isinstance(e, SchedulerClosedError):
         return ApiError(503, str(e), code="shutting_down", headers={"Retry-After": "5"})
     return ApiError(400, str(e))

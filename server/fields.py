@@ -37,7 +37,16 @@ class Bounds:
 
     vocab_size: int
     limits: Limits = field(default_factory=Limits)
-    default_max_tokens: int = 512
+    default_max_tokens: int | None = None  # None: as many as the context allows
+    max_tokens_cap: int | None = None  # --max-tokens: the most any request gets
+
+    def max_tokens(self, requested: int | None) -> int:
+        """A request's max_tokens: what it asked, or the default, within the cap. With
+        neither, the scheduler clamps ``MAX_INT`` to what the context leaves (as vLLM
+        and OpenAI do), so a reply is never cut short by a default of ours."""
+        n = self.default_max_tokens if requested is None else requested
+        n = MAX_INT if n is None else n
+        return n if self.max_tokens_cap is None else min(n, self.max_tokens_cap)
 
 
 @dataclass(frozen=True)
@@ -311,7 +320,8 @@ def sampling_params(body: dict, bounds: Bounds, logprobs: bool = False,
     limits = bounds.limits
     max_tokens = integer(body, "max_completion_tokens", 1, None)
     if max_tokens is None:
-        max_tokens = integer(body, "max_tokens", 1, bounds.default_max_tokens)
+        max_tokens = integer(body, "max_tokens", 1, None)
+    max_tokens = bounds.max_tokens(max_tokens)
     top_k = integer(body, "top_k", -1, 0)
     if top_k >= bounds.vocab_size:
         top_k = 0  # every token is in the top k: the same as off

@@ -180,7 +180,7 @@ def parse_request(body: dict, frontend: TokenizerFrontend, bounds: Bounds,
     tools = parse_tools(body.get("tools"), bounds.limits)
     choice = parse_tool_choice(body, tools)
     fmt = one_format(_text_format(body), choice.forced)
-    max_out = integer(body, "max_output_tokens", 1, bounds.default_max_tokens)
+    max_out = integer(body, "max_output_tokens", 1, None)
     sampling = sampling_params({"max_tokens": max_out, "temperature": body.get("temperature"),
                                 "top_p": body.get("top_p")}, bounds)
     thinking = _thinking(body)

@@ -27,7 +27,7 @@ log = logging.getLogger("blockserve.server")
 
 @dataclass
 class ServerConfig:
-    default_max_tokens: int = 512
+    default_max_tokens: int | None = None  # None: what the context allows
     # Each key is a tenant: its requests' prefix cache is salted by it, so tenants never
     # share (or time) each other's blocks. No keys: an open server, one tenant.
     api_keys: list[str] = field(default_factory=list)
@@ -38,6 +38,7 @@ class ServerConfig:
     # A stream whose client reads nothing for this long is aborted and its blocks freed.
     stalled_stream_timeout: float = 60.0
     parse_workers: int = 4  # threads for templates, tokenizing and grammar compiles
+    max_tokens_cap: int | None = None  # --max-tokens: the most any request gets
 
 
 def cache_salt(tenant: str | None, salt: str | None) -> str | None:

@@ -19,6 +19,7 @@ from blockserve.scheduler.protocol import (
     BlocksEvent,
     ErrorEvent,
     FinishEvent,
+    PreemptedEvent,
     SequenceSpec,
     TokenEvent,
 )
@@ -75,7 +76,10 @@ class FakeGenerator:
         self.inserted: list[SequenceSpec] = []
         self.prefilled_tokens = 0
         self.aborted: list[str] = []
+        self.preempted: list[str] = []
         self._tasks: dict[str, asyncio.Task] = {}
+        self._context: dict[str, list[int]] = {}  # a running sequence's tokens so far
+        self._generated: dict[str, int] = {}  # tokens generated before a preemption
         self._emit = None
 
     # the protocol
@@ -88,9 +92,27 @@ class FakeGenerator:
 
     def abort(self, seq_id: str) -> None:
         self.aborted.append(seq_id)
+        self._generated.pop(seq_id, None)
         task = self._tasks.pop(seq_id, None)
         if task is not None:
             task.cancel()
+
+    def preempt(self, seq_id: str) -> None:
+        """Park a sequence as the engine does: its K/V (all but the last sampled token,
+        which is never fed) comes back as blocks, and it resumes from its tokens."""
+        task = self._tasks.pop(seq_id, None)
+        if task is None:
+            return  # it has ended
+        task.cancel()
+        self.preempted.append(seq_id)
+        context = self._context.pop(seq_id)
+        spec = next(s for s in reversed(self.inserted) if s.seq_id == seq_id)
+        self._generated[seq_id] = (self._generated.get(seq_id, 0)
+                                   + len(context) - len(spec.prompt))
+        kv = context[:-1] if len(context) > len(spec.prompt) else context
+        end = len(kv) // self.block_size
+        self._emit(PreemptedEvent(seq_id, kv[: end * self.block_size], 0,
+                                  self._blocks(kv, 0, end), list(context)))
 
     def close(self) -> None:
         pass
@@ -131,10 +153,13 @@ class FakeGenerator:
             await asyncio.sleep(self.prefill_delay * (len(spec.prompt) - done))
             self.prefilled_tokens += len(spec.prompt) - done
             context = list(spec.prompt)
+            self._context[spec.seq_id] = context
             reason = "length"
-            generated = 0
+            generated = self._generated.pop(spec.seq_id, 0) if spec.resume else 0
             for _ in range(spec.sampling.max_tokens):
                 await asyncio.sleep(self.token_delay)
+                if self._tasks.get(spec.seq_id) is not asyncio.current_task():
+                    return  # preempted or aborted in the same tick
                 tok = next_token(context)
                 generated += 1
                 if tok in spec.sampling.stop_token_ids:
@@ -149,7 +174,9 @@ class FakeGenerator:
                                    self._blocks(kv_tokens, first, end), 0))
             self._emit(FinishEvent(spec.seq_id, reason, generated))
         finally:
-            self._tasks.pop(spec.seq_id, None)
+            if self._tasks.get(spec.seq_id) is asyncio.current_task():
+                self._tasks.pop(spec.seq_id, None)
+                self._context.pop(spec.seq_id, None)
 
 
 @dataclass

@@ -10,6 +10,10 @@ from blockserve.engine.runtime.blas import preload_openblas
 
 preload_openblas()
 
+from blockserve.engine.runtime.memory import release_freed_memory_to_os  # noqa: E402
+
+release_freed_memory_to_os()
+
 import mlx.core as mx  # noqa: E402  (after the preload, on purpose)
 
 # MLX asks each thread, the main one included, to destroy its streams before the

@@ -45,6 +45,9 @@ def make_sampler(params: SamplingParams) -> Callable[..., mx.array]:
     drawn = [0]  # positions sampled so far
 
     def sample(logprobs: mx.array, rewind: int = 0) -> mx.array:
+        if logprobs.shape[0] == 0:  # no rows: only give back ``rewind`` positions
+            drawn[0] -= rewind
+            return mx.zeros((0,), dtype=mx.uint32)
         if 0 < params.top_k < logprobs.shape[-1]:  # top_k >= the vocabulary: all tokens
             logprobs = apply_top_k(logprobs, params.top_k)
         if 0.0 < params.top_p < 1.0:

@@ -10,6 +10,15 @@ and logits processors run under a guard that charges an exception to it; a batch
 that still raises fails the sequences that could have caused it (those inserted since
 the last good step, or still prefilling), with their own error, and rebuilds the batch
 for the others from their prompt and the tokens they generated, so their streams go on.
+
+Preemption: the scheduler may park a sequence to keep the memory limit. Its computed
+blocks go back in a ``PreemptedEvent`` and its state (sampler, detokenizer, stop
+strings, grammar) waits here; an insert with ``resume`` restarts it from the blocks
+the prefix cache still has, as a failed batch's survivors restart.
+
+Memory: after load the worker measures the weights, the runtime's resident bytes and a
+step's activations (``engine.runtime.memory``), and keeps ``memory`` current (the
+running K/V as allocated, MLX's counters) for the scheduler's budget.
 """
 
 from __future__ import annotations
@@ -17,7 +26,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Callable, Union
 
 import mlx.core as mx
@@ -25,7 +35,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import make_prompt_cache
 
 from blockserve.engine.models.loader import LoadedModel, load_model
-from blockserve.engine.runtime import blas
+from blockserve.engine.runtime import blas, memory
 from blockserve.engine.runtime.kvblocks import (
     KVBlockCodec,
     blocks_from_cache,
@@ -51,6 +61,7 @@ from blockserve.scheduler.protocol import (
     EngineFailedEvent,
     ErrorEvent,
     FinishEvent,
+    PreemptedEvent,
     SequenceSpec,
     TokenEvent,
 )
@@ -85,6 +96,11 @@ class _Abort:
 
 
 @dataclass(frozen=True)
+class _Preempt:
+    seq_id: str
+
+
+@dataclass(frozen=True)
 class _Call:
     """Run ``fn`` on the engine thread; its result (or error) goes to ``done``."""
 
@@ -97,7 +113,9 @@ class _Close:
     pass
 
 
-_Command = Union[_Insert, _Abort, _Call, _Close]
+_Command = Union[_Insert, _Abort, _Preempt, _Call, _Close]
+
+MEMORY_REFRESH_SECONDS = 0.02  # how often a busy engine recounts its running K/V
 
 
 def default_prompt_concurrency() -> int:
@@ -143,6 +161,7 @@ class EngineWorker:
         self._prefill_batch_size = prefill_batch_size or default_prompt_concurrency()
         self._prefill_step_size = prefill_step_size
         self._commands: queue.Queue = queue.Queue()
+        self.memory = memory.EngineMemory()  # measured on the engine thread
         self._stopped = False  # the thread has ended: no command will be read again
         self._stop_lock = threading.Lock()  # orders a call's put against the thread's end
         self._emit: Callable[[EngineEvent], None] | None = None
@@ -176,6 +195,9 @@ class EngineWorker:
 
     def abort(self, seq_id: str) -> None:
         self._commands.put(_Abort(seq_id))
+
+    def preempt(self, seq_id: str) -> None:
+        self._commands.put(_Preempt(seq_id))
 
     def block_codec(self) -> KVBlockCodec:
         """Block payloads <-> bytes, for the disk tier (``kvpool.DiskTier``)."""
@@ -240,15 +262,48 @@ class EngineWorker:
         try:
             self.loaded = load_model(self._model_name, self._revision)
             self.runner = self._runner_kind()
+            self._measure()
         except BaseException as e:  # reported to the constructor's caller
             self._load_error = e
             self._ready.set()
             return
+        wired = memory.apply_mlx_limits(self._mlx_cache_limit())
         self._ready.set()
+        try:
+            self._loop()
+        finally:
+            memory.restore_wired_limit(wired)
+
+    def _measure(self) -> None:
+        """The weights, what the process holds besides them, and a step's activations."""
+        m = self.memory
+        m.weights_bytes = memory.weights_bytes(self.loaded.model)
+        m.baseline_bytes = max(memory.resident_bytes() - m.weights_bytes, 0)
+        m.activation = memory.measure_activations(self.loaded.model,
+                                                  min(self.step_tokens, 128))
+
+    @property
+    def step_tokens(self) -> int:
+        """The most tokens one forward computes."""
+        return max(self._prefill_step_size, self._token_budget)
+
+    def activation_reserve(self, max_context: int) -> int:
+        """Bytes to keep for the largest step at ``max_context`` positions (measured)."""
+        return max(self.memory.activation.peak(self.step_tokens, max_context),
+                   self.memory.step_peak_bytes)
+
+    def _mlx_cache_limit(self) -> int:
+        """MLX keeps freed buffers for reuse; bounded by one step's activations at a
+        quarter of the context, so freed K/V is given back instead of held."""
+        return max(self.activation_reserve(self.loaded.max_context // 4), 64 << 20)
+
+    def _loop(self) -> None:
         stream = mx.default_stream(mx.default_device())
         self._seqs: dict[int, _Sequence] = {}
         self._uids: dict[str, int] = {}
+        self._parked: dict[str, _Sequence] = {}  # preempted, waiting to resume
         self._fresh: set[int] = set()  # inserted since the last good step
+        self._memory_due = 0.0
         self._bg = self._new_batch_generator(stream)
         running = True
         while running:
@@ -264,6 +319,8 @@ class EngineWorker:
                     break
                 self._handle(cmd, stream)
             if running and self._seqs:
+                before = mx.get_active_memory()
+                mx.reset_peak_memory()
                 try:
                     with mx.stream(stream):
                         self._step()
@@ -271,10 +328,25 @@ class EngineWorker:
                     log.exception("batch step failed")
                     with mx.stream(stream):
                         self._recover(e, stream)
+                self._note_memory(mx.get_peak_memory() - before)
         self._bg.close()
         self._seqs.clear()
+        self._parked.clear()
         del self._bg
         mx.synchronize(stream)
+
+    def _note_memory(self, step_peak: int, force: bool = False) -> None:
+        """Keep ``memory`` current: the step's peak every step, the running K/V (a walk
+        over the caches) at most every ``MEMORY_REFRESH_SECONDS``."""
+        m = self.memory
+        m.step_peak_bytes = max(m.step_peak_bytes, step_peak)
+        now = time.monotonic()
+        if not force and now < self._memory_due:
+            return
+        self._memory_due = now + MEMORY_REFRESH_SECONDS
+        m.kv_bytes = self._bg.prompt_cache_nbytes if self._seqs else 0
+        m.mlx_active, m.mlx_cache = mx.get_active_memory(), mx.get_cache_memory()
+        m.mlx_peak = max(m.mlx_peak, mx.get_peak_memory())
 
     def _runner_kind(self) -> str:
         """The runner this model gets: ragged where ``engine.ragged`` covers it."""
@@ -317,9 +389,19 @@ class EngineWorker:
                 log.exception("insert failed")
                 self._send(ErrorEvent(cmd.spec.seq_id, f"could not start generation: {e}"))
         elif isinstance(cmd, _Abort):
+            self._parked.pop(cmd.seq_id, None)
             uid = self._uids.get(cmd.seq_id)
             if uid is not None:
                 self._drop(uid)
+        elif isinstance(cmd, _Preempt):
+            uid = self._uids.get(cmd.seq_id)
+            if uid is not None:  # else it has ended: its finish is on the way
+                try:
+                    with mx.stream(stream):
+                        self._preempt(uid)
+                except Exception as e:
+                    log.exception("preempt failed")
+                    self._fail(uid, f"generation failed: {e}")
         elif isinstance(cmd, _Call):
             try:
                 with mx.stream(stream):
@@ -328,6 +410,9 @@ class EngineWorker:
                 cmd.done.put((False, e))
 
     def _insert(self, spec: SequenceSpec) -> None:
+        if spec.resume:
+            self._resume(spec)
+            return
         bs = self.block_size
         n_prompt = len(spec.prompt)
         if not 0 <= spec.cached_tokens < n_prompt:
@@ -362,10 +447,45 @@ class EngineWorker:
         )
         self._start(seq)
 
+    def _resume(self, spec: SequenceSpec) -> None:
+        """A preempted sequence comes back, with the cached blocks of its prompt and
+        generated tokens that the prefix cache still has."""
+        seq = self._parked.pop(spec.seq_id, None)
+        if seq is None:
+            raise ValueError("no preempted sequence to resume")
+        if list(spec.prompt) != list(seq.spec.prompt) + seq.tokens:
+            raise ValueError("a resumed sequence must continue from its own tokens")
+        seq.spec = replace(seq.spec, cached_tokens=spec.cached_tokens,
+                           cached_payloads=spec.cached_payloads)
+        seq.checkpoints = {t: tier for t, tier in seq.checkpoints.items()
+                           if t > spec.cached_tokens}
+        seq.published_blocks = max(seq.published_blocks, spec.cached_tokens // self.block_size)
+        self._start(seq)
+
+    def _preempt(self, uid: int) -> None:
+        """Park a sequence: its K/V leaves the batch, its full blocks go to the prefix
+        cache, and its state waits for ``_resume``."""
+        seq = self._seqs[uid]
+        cache, tokens = self._bg.remove([uid], return_prompt_caches=True)[uid]
+        del self._seqs[uid]
+        self._uids.pop(seq.spec.seq_id, None)
+        self._fresh.discard(uid)
+        tokens = list(tokens)
+        end = len(tokens) // self.block_size
+        first = min(seq.published_blocks, end)
+        payloads = blocks_from_cache(cache, first, end, self.block_size, self.loaded.layout,
+                                     len(tokens) % self.block_size == 0)
+        seq.published_blocks = max(seq.published_blocks, end)
+        self._parked[seq.spec.seq_id] = seq
+        del cache
+        self._note_memory(0, force=True)  # the scheduler reads it on the event
+        self._send(PreemptedEvent(seq.spec.seq_id, tokens[: end * self.block_size], first,
+                                  payloads, list(seq.spec.prompt) + seq.tokens))
+
     def _start(self, seq: _Sequence) -> None:
         """Put a sequence into the batch: its cached blocks, then the rest of its prompt
-        and the tokens it already generated (when a failed batch is rebuilt), cut at the
-        checkpoints still to publish."""
+        and the tokens it already generated (when a failed batch is rebuilt, or a
+        preempted sequence resumes), cut at the checkpoints still to publish."""
         spec = seq.spec
         tokens = list(spec.prompt) + seq.tokens
         cache = cache_from_blocks(spec.cached_payloads, make_prompt_cache(self.loaded.model),
@@ -376,7 +496,7 @@ class EngineWorker:
             [segments],
             max_tokens=[spec.sampling.max_tokens - len(seq.tokens)],
             caches=[cache],
-            all_tokens=[list(spec.prompt[: spec.cached_tokens])],
+            all_tokens=[tokens[: spec.cached_tokens]],
             samplers=[seq.sampler],
             logits_processors=[seq.processors],
             stop_sequences=[StopSequences([[t] for t in sorted(seq.stop_ids)] or None)],
