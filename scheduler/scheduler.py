@@ -166,7 +166,6 @@ class _State:
     done: bool = False
     admitted: int = -1  # admission order: the most recent is preempted first
     kv_tokens: int = 0  # positions its K/V holds while running
-    kv_bytes: int = 0  # ...as allocated (``MemoryBudget.sequence_bytes``)
     preempting: bool = False  # asked to park; its K/V counts until the engine says so
     resume: list[int] | None = None  # preempted: prompt + generated, to resume from
 
@@ -208,7 +207,7 @@ class Scheduler:
         self._running: dict[str, _State] = {}
         self._arrivals = itertools.count()
         self._admissions = itertools.count()
-        self._kv_running = 0  # running sequences' K/V, as ``MemoryBudget`` counts it
+        self._longest = 0  # the most positions a running sequence holds
         self._closed = False
         self.draining = False  # refuse new requests, let running ones finish
         self.failed: str | None = None  # the engine died: everything is refused
@@ -313,10 +312,35 @@ class Scheduler:
 
     @property
     def running_kv_bytes(self) -> int:
-        """Running sequences' K/V: as counted, or as the engine allocated it (padding
-        included) if that is more."""
-        measured = getattr(getattr(self.generator, "memory", None), "kv_bytes", 0)
-        return max(self._kv_running, measured)
+        """Running sequences' K/V as a decode batch allocates it: every row padded to
+        the longest (left padding), in whole allocation steps. Sequences that prefill
+        or speculate in caches of their own hold less, so this is an upper bound;
+        ``/metrics`` shows what the engine measured beside it."""
+        return self._running_bytes(len(self._running), self._longest)
+
+    def _running_bytes(self, n: int, longest: int) -> int:
+        mem = self.config.memory
+        return 0 if mem is None or not n else n * mem.sequence_bytes(longest)
+
+    def memory_report(self) -> dict[str, int] | None:
+        """The limit and each part's bytes, for ``/metrics`` and ``/v1/cache/stats``."""
+        mem = self.config.memory
+        if mem is None:
+            return None
+        measured = getattr(self.generator, "memory", None)
+        return {
+            "limit": mem.limit_bytes, "weights": mem.weights_bytes,
+            "runtime": mem.baseline_bytes, "activation_reserve": mem.activation_bytes,
+            "activation_peak": getattr(measured, "step_peak_bytes", 0),
+            "kv": mem.kv_bytes, "running_kv": self.running_kv_bytes,
+            "running_kv_measured": getattr(measured, "kv_bytes", 0),
+            "running_kv_limit": mem.running_limit_bytes, "cache": self.pool.nbytes,
+            "cache_budget": self.pool.budget_bytes,
+            "resident": self.config.footprint() if self.config.footprint else 0,
+            "mlx_active": getattr(measured, "mlx_active", 0),
+            "mlx_cache": getattr(measured, "mlx_cache", 0),
+            "mlx_peak": getattr(measured, "mlx_peak", 0),
+        }
 
     def memory_pressure(self) -> str | None:
         """Why new requests are refused (the process is over its limit), or None."""
@@ -376,9 +400,9 @@ class Scheduler:
         mem = self.config.memory
         if mem is None or not self._running:
             return True
-        need = mem.sequence_bytes(len(state.resume or state.req.prompt))
+        longest = max(self._longest, len(state.resume or state.req.prompt))
+        running = self._running_bytes(len(self._running) + 1, longest)
         hit = n_hit * self.prefix.block_size * mem.kv_bytes_per_token
-        running = self.running_kv_bytes + need
         return (running <= mem.running_limit_bytes and
                 running + self.pool.pinned_bytes + hit <= mem.kv_bytes - mem.margin_bytes)
 
@@ -454,6 +478,7 @@ class Scheduler:
             resume=resume is not None,
         ))
         self._grow(state, len(prompt))
+        self._rebalance()  # one more row
 
     # ---- memory -----------------------------------------------------------------
 
@@ -461,13 +486,19 @@ class Scheduler:
         """A running sequence's K/V now holds ``kv_tokens`` positions."""
         state.kv_tokens = kv_tokens
         mem = self.config.memory
-        if mem is None:
+        if mem is None or kv_tokens <= self._longest:
             return
-        size = mem.sequence_bytes(kv_tokens)
-        if size != state.kv_bytes:
-            self._kv_running += size - state.kv_bytes
-            state.kv_bytes = size
+        grew = mem.sequence_bytes(kv_tokens) != mem.sequence_bytes(self._longest)
+        self._longest = kv_tokens
+        if grew:
             self._rebalance()
+
+    def _left(self, state: _State) -> None:
+        """``state`` no longer runs: its K/V is gone."""
+        del self._running[state.req.request_id]
+        if state.kv_tokens >= self._longest:
+            self._longest = max((s.kv_tokens for s in self._running.values()), default=0)
+        state.kv_tokens = 0
 
     def _rebalance(self) -> None:
         """Give the prefix cache what the running sequences leave (it evicts down to it,
@@ -506,9 +537,7 @@ class Scheduler:
         """The engine parked ``state``: its blocks go into the prefix cache, and it
         waits at the head of the queue to resume from them."""
         req = state.req
-        del self._running[req.request_id]
-        self._kv_running -= state.kv_bytes
-        state.kv_bytes = state.kv_tokens = 0
+        self._left(state)
         state.preempting = False
         self.stats.preemptions += 1
         self._rebalance()  # the cache's budget grows by what the sequence held
@@ -571,9 +600,8 @@ class Scheduler:
     def _end(self, state: _State, final: RequestOutput) -> None:
         """Release everything a request holds and close its stream."""
         rid = state.req.request_id
-        if self._running.pop(rid, None) is not None:
-            self._kv_running -= state.kv_bytes
-            state.kv_bytes = 0
+        if rid in self._running:
+            self._left(state)
         self.prefix.release(state.chain)
         state.done = True
         state.outputs.put_nowait(final)

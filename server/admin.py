@@ -51,13 +51,18 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 while serving; 503 while draining, so that load balancers move away."""
+    """200 while serving; 503 while draining or over the memory limit (saying why), so
+    that load balancers move away."""
     sched = request.app[SCHEDULER]
     if sched.failed is not None:
         return web.json_response({"status": "failed", "error": sched.failed}, status=503)
     if sched.draining:
         return web.json_response({"status": "draining"}, status=503,
                                  headers={"Retry-After": "5"})
+    pressure = sched.memory_pressure()
+    if pressure is not None:  # new requests are refused until memory comes back
+        return web.json_response({"status": "memory_pressure", "reason": pressure},
+                                 status=503, headers={"Retry-After": "2"})
     return web.json_response({"status": "ok"})
 
 
@@ -102,7 +107,11 @@ async def cache_stats(request: web.Request) -> web.Response:
         "scheduler": {"running": sched.num_running, "waiting": sched.num_waiting,
                       "submitted": s.submitted, "prompt_tokens": s.prompt_tokens,
                       "cached_tokens": s.cached_tokens, "prefill_tokens": s.prefill_tokens,
-                      "inflight_shares": s.inflight_shares, "finished": dict(s.finished)},
+                      "inflight_shares": s.inflight_shares, "finished": dict(s.finished),
+                      "preemptions": s.preemptions,
+                      "resumed_cached_tokens": s.resumed_cached_tokens,
+                      "pressure_refusals": s.pressure_refusals},
+        "memory": sched.memory_report(),
         "disk": _disk_stats(sched),
     })
 

@@ -55,6 +55,22 @@ class _StateCollector:
              "Requests that waited for another request's blocks", None,
              {(): sched.stats.inflight_shares}),
         ]
+        memory = sched.memory_report()
+        if memory is not None:
+            families += [
+                (GaugeMetricFamily, "blockserve_memory_bytes",
+                 "The memory limit and what each part holds: weights, runtime, the "
+                 "activation reserve and the largest step's peak (measured), K/V (running "
+                 "and its limit, the prefix cache and its budget), the process's resident "
+                 "set and MLX's own counters", "part",
+                 {(part,): value for part, value in memory.items()}),
+                (CounterMetricFamily, "blockserve_preemptions",
+                 "Sequences parked into the prefix cache to keep the memory limit", None,
+                 {(): sched.stats.preemptions}),
+                (CounterMetricFamily, "blockserve_memory_pressure_refusals",
+                 "Requests refused (503) while the process was over its memory limit",
+                 None, {(): sched.stats.pressure_refusals}),
+            ]
         drafts = getattr(sched.generator, "draft_stats", None)
         if drafts is not None:
             families += [

@@ -189,11 +189,7 @@ class RaggedRunner:
         out = self.extract_cache(uids) if return_prompt_caches else {}
         gone = set(uids)
         for u in gone:
-            seq = self._seqs.pop(u, None)
-            if seq is not None and seq.rewind:
-                # Its sampler drew positions a verify threw away: give them back, so a
-                # seeded sequence that resumes elsewhere draws as it would have here.
-                seq.sampler(mx.zeros((0, 1)), seq.rewind)
+            self._seqs.pop(u, None)
         self._prompting = deque(s for s in self._prompting if s.uid not in gone)
         self._speculating = [s for s in self._speculating if s.uid not in gone]
         keep = [i for i, s in enumerate(self._decoding) if s.uid not in gone]

@@ -45,9 +45,6 @@ def make_sampler(params: SamplingParams) -> Callable[..., mx.array]:
     drawn = [0]  # positions sampled so far
 
     def sample(logprobs: mx.array, rewind: int = 0) -> mx.array:
-        if logprobs.shape[0] == 0:  # no rows: only give back ``rewind`` positions
-            drawn[0] -= rewind
-            return mx.zeros((0,), dtype=mx.uint32)
         if 0 < params.top_k < logprobs.shape[-1]:  # top_k >= the vocabulary: all tokens
             logprobs = apply_top_k(logprobs, params.top_k)
         if 0.0 < params.top_p < 1.0:
@@ -64,6 +61,10 @@ def make_sampler(params: SamplingParams) -> Callable[..., mx.array]:
             mx.random.categorical(rows[i: i + 1], key=_position_key(params.seed, first + i))
             for i in range(rows.shape[0])]).reshape(scaled.shape[:-1])
 
+    # The next position to draw: a sequence that restarts (a rebuilt batch, a resumed
+    # preemption) sets it to the tokens it has, since a runner may have drawn ahead
+    # (mlx-lm's BatchGenerator samples a step early) or thrown draws away.
+    sample.position = drawn
     return sample
 
 

@@ -81,6 +81,7 @@ class _Sequence:
     stop_ids: frozenset[int]
     guard: Guard
     grammar: GrammarProcessor | None = None
+    position: list[int] | None = None  # a seeded sampler's next position (make_sampler)
     generated: int = 0  # every generated token, a stop token included
     tokens: list[int] = field(default_factory=list)  # generated tokens fed to the model
 
@@ -444,6 +445,7 @@ class EngineWorker:
             stop_ids=frozenset(stop_ids),
             guard=guard,
             grammar=grammar,
+            position=getattr(sampler, "position", None),
         )
         self._start(seq)
 
@@ -488,6 +490,8 @@ class EngineWorker:
         preempted sequence resumes), cut at the checkpoints still to publish."""
         spec = seq.spec
         tokens = list(spec.prompt) + seq.tokens
+        if seq.position is not None:
+            seq.position[0] = len(seq.tokens)  # it samples the next of its own tokens
         cache = cache_from_blocks(spec.cached_payloads, make_prompt_cache(self.loaded.model),
                                   self.loaded.layout)
         cuts = [spec.cached_tokens, *sorted(seq.checkpoints), len(tokens)]
