@@ -87,10 +87,16 @@ def memory_budget(config: StackConfig, worker: EngineWorker, max_context: int
                   ) -> MemoryBudget:
     """Split the limit with what the engine measured; refuse one that leaves no K/V."""
     m = worker.memory
+    # What the process holds besides the weights now that everything is loaded (the
+    # tokenizer's grammar tables too), not only what the engine saw after its load.
+    baseline = max(memory.resident_bytes() - m.weights_bytes, m.baseline_bytes)
+    activations = worker.activation_reserve(max_context)
+    # Freed buffers MLX keeps serve the next step's activations: as many as one step.
+    memory.set_buffer_cache_limit(activations)
     budget = MemoryBudget(
         limit_bytes=config.memory_limit or memory.default_memory_limit(),
-        weights_bytes=m.weights_bytes, baseline_bytes=m.baseline_bytes,
-        activation_bytes=worker.activation_reserve(max_context),
+        weights_bytes=m.weights_bytes, baseline_bytes=baseline,
+        activation_bytes=activations, buffer_cache_bytes=activations,
         kv_bytes_per_token=worker.kv_bytes_per_token, step_tokens=worker.step_tokens,
         cache_cap_bytes=config.kv_cache_memory_bytes,
         running_cap_bytes=config.active_kv_memory_bytes)

@@ -1,6 +1,6 @@
 """One memory limit for the whole process, and how it is split (issue 28).
 
-    limit = weights + baseline + activation reserve + KV
+    limit = weights + baseline + activation reserve + MLX buffer cache + KV
     KV    = running requests' K/V (first) + the prefix cache (whatever they leave)
 
 Weights, the baseline (the runtime and libraries, resident after load) and a step's
@@ -28,6 +28,7 @@ class MemoryBudget:
     weights_bytes: int = 0
     baseline_bytes: int = 0
     activation_bytes: int = 0  # reserve for the largest step the engine may take
+    buffer_cache_bytes: int = 0  # freed buffers MLX keeps for reuse (its cache limit)
     kv_bytes_per_token: int = 0
     step_tokens: int = 256  # the most K/V positions one step adds to the running set
     cache_cap_bytes: int | None = None  # --kv-cache-memory-bytes: a cap inside the limit
@@ -37,7 +38,7 @@ class MemoryBudget:
     def kv_bytes(self) -> int:
         """What the limit leaves for K/V, running and cached together."""
         return max(self.limit_bytes - self.weights_bytes - self.baseline_bytes
-                   - self.activation_bytes, 0)
+                   - self.activation_bytes - self.buffer_cache_bytes, 0)
 
     @property
     def margin_bytes(self) -> int:
@@ -64,7 +65,8 @@ class MemoryBudget:
         gib = 2 ** 30
         return (f"memory limit {self.limit_bytes / gib:.2f} GiB = weights "
                 f"{self.weights_bytes / gib:.2f} + runtime {self.baseline_bytes / gib:.2f} + "
-                f"activations {self.activation_bytes / gib:.2f} + KV {self.kv_bytes / gib:.2f} "
+                f"activations {self.activation_bytes / gib:.2f} + MLX buffer cache "
+                f"{self.buffer_cache_bytes / gib:.2f} + KV {self.kv_bytes / gib:.2f} "
                 f"(running first, up to {self.running_limit_bytes / gib:.2f}; the prefix "
                 f"cache takes what they leave"
                 + ("" if self.cache_cap_bytes is None else

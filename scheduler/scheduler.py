@@ -331,8 +331,10 @@ class Scheduler:
         return {
             "limit": mem.limit_bytes, "weights": mem.weights_bytes,
             "runtime": mem.baseline_bytes, "activation_reserve": mem.activation_bytes,
+            "buffer_cache_limit": mem.buffer_cache_bytes,
             "activation_peak": getattr(measured, "step_peak_bytes", 0),
-            "kv": mem.kv_bytes, "running_kv": self.running_kv_bytes,
+            "kv": mem.kv_bytes, "kv_per_token": mem.kv_bytes_per_token,
+            "running_kv": self.running_kv_bytes,
             "running_kv_measured": getattr(measured, "kv_bytes", 0),
             "running_kv_limit": mem.running_limit_bytes, "cache": self.pool.nbytes,
             "cache_budget": self.pool.budget_bytes,

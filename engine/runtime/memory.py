@@ -120,18 +120,20 @@ def measure_activations(model: Any, tokens: int) -> ActivationModel:
     return ActivationModel(first / tokens, per_pair)
 
 
-def apply_mlx_limits(cache_limit: int) -> int | None:
-    """Bound MLX's buffer cache (freed arrays MLX keeps for reuse, otherwise unbounded)
-    and, on Metal, wire the model's memory so macOS does not page it out. Returns the
-    previous wired limit, to restore on exit (None where there is none)."""
-    mx.set_cache_limit(cache_limit)
+def set_buffer_cache_limit(nbytes: int) -> None:
+    """Bound MLX's buffer cache: freed arrays it keeps for reuse, otherwise as much as
+    the device has. The budget counts this much for it."""
+    mx.set_cache_limit(nbytes)
+
+
+def wire_model_memory() -> int | None:
+    """On Metal, wire memory up to the recommended working set so macOS does not page
+    the model out. Returns the previous wired limit, to restore on exit (None where
+    there is none)."""
     if mx.default_device() != mx.gpu or not mx.metal.is_available():
         return None
-    info = mx.device_info()
-    wired = info.get("max_recommended_working_set_size")
-    if not wired:
-        return None
-    return mx.set_wired_limit(int(wired))
+    wired = mx.device_info().get("max_recommended_working_set_size")
+    return mx.set_wired_limit(int(wired)) if wired else None
 
 
 def restore_wired_limit(previous: int | None) -> None:

@@ -268,7 +268,7 @@ class EngineWorker:
             self._load_error = e
             self._ready.set()
             return
-        wired = memory.apply_mlx_limits(self._mlx_cache_limit())
+        wired = memory.wire_model_memory()
         self._ready.set()
         try:
             self._loop()
@@ -292,11 +292,6 @@ class EngineWorker:
         """Bytes to keep for the largest step at ``max_context`` positions (measured)."""
         return max(self.memory.activation.peak(self.step_tokens, max_context),
                    self.memory.step_peak_bytes)
-
-    def _mlx_cache_limit(self) -> int:
-        """MLX keeps freed buffers for reuse; bounded by one step's activations at a
-        quarter of the context, so freed K/V is given back instead of held."""
-        return max(self.activation_reserve(self.loaded.max_context // 4), 64 << 20)
 
     def _loop(self) -> None:
         stream = mx.default_stream(mx.default_device())
