@@ -5,6 +5,7 @@ context allows."""
 
 import asyncio
 import json
+import socket
 
 import aiohttp
 import numpy as np
@@ -122,12 +123,17 @@ def test_a_flood_three_times_the_limit_is_served_exactly_within_it():
     memory_flood.add_args(ap)
     # Prompts within one allocation step, replies that take each to three: whatever
     # the limit admits at first must grow past it, so something is preempted.
+    with socket.socket() as a, socket.socket() as b:  # two free ports, side by side
+        a.bind(("127.0.0.1", 0))
+        port = a.getsockname()[1]
+        b.bind(("127.0.0.1", port + 1))
     args = ap.parse_args(["--clients", "8", "--prompt-words", "100", "--reply-tokens",
-                          "600", "--port", "8761", "--timeout", "600"])
+                          "600", "--port", str(port), "--timeout", "600"])
     free, pressured = asyncio.run(memory_flood.run(args))
-    assert set(pressured.statuses) <= {200, 429, 503}
-    assert free.statuses == {200: 8}
-    assert pressured.preemptions >= 1  # the premise: the limit bit
+    report = memory_flood.report(free, pressured)
+    assert set(pressured.statuses) <= {200, 429, 503}, report
+    assert free.statuses == {200: 8}, report
+    assert pressured.preemptions >= 1, report  # the premise: the limit bit
     done = [(a, b) for a, b in zip(free.texts, pressured.texts) if b is not None]
-    assert done and all(a == b for a, b in done)
-    assert pressured.peak_rss_bytes <= 1.05 * pressured.limit_bytes
+    assert done and all(a == b for a, b in done), report
+    assert pressured.peak_rss_bytes <= 1.05 * pressured.limit_bytes, report
