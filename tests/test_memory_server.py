@@ -6,6 +6,7 @@ context allows."""
 import asyncio
 import json
 import socket
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -137,3 +138,28 @@ def test_a_flood_three_times_the_limit_is_served_exactly_within_it():
     done = [(a, b) for a, b in zip(free.texts, pressured.texts) if b is not None]
     assert done and all(a == b for a, b in done), report
     assert pressured.peak_rss_bytes <= 1.05 * pressured.limit_bytes, report
+
+
+async def test_a_codex_turn_with_a_long_reply_is_not_cut_short():
+    """Codex sends no max_output_tokens: a 1,500-token reply comes back whole (the old
+    default of 512 cut it off ``incomplete``)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from blockserve.engine.models.loader import resolve
+    from tests.server_harness import serve_scripted
+
+    tokenizer = load_tokenizer(Path(resolve(MODEL)[1]))
+    reply = " ".join(f"line {i}: the block cache keeps value {i * 7}." for i in range(160))
+    n_tokens = len(tokenizer.encode(reply, add_special_tokens=False))
+    assert n_tokens > 1500  # the premise
+    async with serve_scripted(tokenizer, MODEL, [reply], max_context=8192,
+                              default_max_tokens=None) as (url, _, _, _), \
+            aiohttp.ClientSession() as s:
+        async with s.post(url + "/v1/responses", json={
+                "model": MODEL, "input": "Write the lines.", "stream": False}) as r:
+            body = await r.json()
+    assert body["status"] == "completed", body.get("incomplete_details")
+    assert body["usage"]["output_tokens"] >= n_tokens
+    text = "".join(c["text"] for item in body["output"] if item["type"] == "message"
+                   for c in item["content"])
+    assert text == reply
