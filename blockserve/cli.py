@@ -107,6 +107,11 @@ def _serve_args(sub) -> None:
                    help="on SIGTERM/SIGINT, stop admitting and let running requests finish "
                         "for this long before aborting the rest (a second signal aborts "
                         "at once)")
+    p.add_argument("--schedule-order", choices=("finish", "prefix"), default="finish",
+                   help="which waiting request starts first, within each key's fair "
+                        "share and with aging: finish, what finishes soonest (the least "
+                        "prefill left after its cache hit, then the fewest tokens to "
+                        "generate); prefix, the longest cached prefix (SGLang's LPM)")
     p.add_argument("--no-inflight-sharing", action="store_true",
                    help="do not make requests wait for a shared prefix being computed")
     p.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
@@ -142,7 +147,7 @@ def stack_config(args: argparse.Namespace) -> StackConfig:
         max_tokens_cap=args.max_tokens,
         api_keys=api_keys(args),
         admin_key=args.admin_key or os.environ.get("BLOCKSERVE_ADMIN_KEY") or None,
-        share_inflight=not args.no_inflight_sharing,
+        share_inflight=not args.no_inflight_sharing, schedule_order=args.schedule_order,
         served_model_names=args.served_model_name or [],
         limits=replace(Limits(), max_body_bytes=args.max_body_bytes,
                        body_timeout=args.body_timeout, max_messages=args.max_messages),

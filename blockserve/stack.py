@@ -45,6 +45,7 @@ class StackConfig:
     api_keys: list[str] = field(default_factory=list)  # each one a tenant
     admin_key: str | None = None  # flushes and sees the whole cache
     share_inflight: bool = True
+    schedule_order: str = "finish"  # which waiting request goes first (scheduler.ORDERS)
     served_model_names: list[str] = field(default_factory=list)
     limits: Limits = field(default_factory=Limits)
     stalled_stream_timeout: float = 60.0
@@ -132,7 +133,7 @@ def build_stack(config: StackConfig, worker: EngineWorker | None = None) -> Stac
         max_running=config.max_num_seqs, max_queue=config.max_queue,
         max_prompt_tokens=config.max_model_len,
         memory=budget, footprint=memory.resident_bytes,
-        share_inflight=config.share_inflight,
+        share_inflight=config.share_inflight, order=config.schedule_order,
         # Several tenants: one slot no tenant can take, so another's request starts at once.
         tenant_headroom=1 if len(config.api_keys) > 1 else 0))
     names = config.served_model_names or [worker.loaded.model_id]

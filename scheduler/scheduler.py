@@ -85,6 +85,8 @@ class TenantShareError(QueueFullError):
 
 log = logging.getLogger(__name__)
 
+ORDERS = ("finish", "prefix")  # SchedulerConfig.order
+
 # What a request hears when the engine stopped under it: never another request's error.
 ENGINE_STOPPED = "the engine stopped; the server is restarting, retry shortly"
 
@@ -136,6 +138,10 @@ class SchedulerConfig:
     # The process's resident bytes, read when a request arrives: over the limit, 503.
     footprint: Callable[[], int] | None = None
     aging_limit: int = 8  # a waiting request is overtaken at most this many times
+    # Which waiting request goes first, within a tenant's fair share and aging:
+    # "finish": what finishes soonest, the least prefill left after its cache hit, then
+    # the fewest tokens to generate; "prefix": the longest cached prefix (SGLang's LPM).
+    order: str = "finish"
     share_inflight: bool = True
     # Several tenants: running slots no single tenant may take, so that another
     # tenant's request starts within a step even while one tenant fills the rest.
@@ -194,6 +200,8 @@ class RequestStream:
 class Scheduler:
     def __init__(self, generator: Generator, cache: PrefixCache | BlockPool,
                  config: SchedulerConfig):
+        if config.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}")
         if isinstance(cache, BlockPool):
             cache = PrefixCache(cache, share_inflight=config.share_inflight)
         if cache.block_size != generator.block_size:
@@ -410,12 +418,11 @@ class Scheduler:
 
     def _pick(self) -> tuple[_State, int] | None:
         """A preempted request first (it waits at the head of the queue, in the order
-        they were preempted); then fair across tenants, then longest cached prefix
-        first (SGLang's LPM).
+        they were preempted); then fair across tenants, then by ``config.order``.
 
         Among the tenants with a request ready, the one with the fewest running goes
         first (a round robin as slots free), and no tenant takes the last
-        ``tenant_headroom`` slots. Within a tenant, longest prefix first, but a request
+        ``tenant_headroom`` slots. Within a tenant, the order's first, but a request
         overtaken ``aging_limit`` times (by its own tenant's) goes next, so none waits
         forever. Returns the request and its cached blocks now."""
         for state in self._waiting.values():
@@ -440,8 +447,13 @@ class Scheduler:
         aged = [s for s, _ in eligible if s.overtaken >= self.config.aging_limit]
         if aged:
             chosen = next(e for e in eligible if e[0] is aged[0])  # the oldest aged
-        else:
+        elif self.config.order == "prefix":
             chosen = max(eligible, key=lambda e: (e[1], -e[0].arrival))
+        else:
+            bs = self.prefix.block_size
+            chosen = min(eligible, key=lambda e: (len(e[0].req.prompt) - e[1] * bs,
+                                                  e[0].req.sampling.max_tokens,
+                                                  e[0].arrival))
         for state, _ in eligible:
             if state.arrival < chosen[0].arrival and state.req.tenant == chosen[0].req.tenant:
                 state.overtaken += 1

@@ -78,7 +78,7 @@ class FakeGenerator:
         self.aborted: list[str] = []
         self.preempted: list[str] = []
         self._tasks: dict[str, asyncio.Task] = {}
-        self._context: dict[str, list[int]] = {}  # a running sequence's tokens so far
+        self._context: dict[str, list[int]] = {}  # the tokens a sequence has computed
         self._generated: dict[str, int] = {}  # tokens generated before a preemption
         self._emit = None
 
@@ -105,14 +105,14 @@ class FakeGenerator:
             return  # it has ended
         task.cancel()
         self.preempted.append(seq_id)
-        context = self._context.pop(seq_id)
+        context = self._context.pop(seq_id)  # a prefix of the prompt while prefilling
         spec = next(s for s in reversed(self.inserted) if s.seq_id == seq_id)
-        self._generated[seq_id] = (self._generated.get(seq_id, 0)
-                                   + len(context) - len(spec.prompt))
-        kv = context[:-1] if len(context) > len(spec.prompt) else context
+        generated = context[len(spec.prompt):]
+        self._generated[seq_id] = self._generated.get(seq_id, 0) + len(generated)
+        kv = context[:-1] if generated else context
         end = len(kv) // self.block_size
         self._emit(PreemptedEvent(seq_id, kv[: end * self.block_size], 0,
-                                  self._blocks(kv, 0, end), list(context)))
+                                  self._blocks(kv, 0, end), list(spec.prompt) + generated))
 
     def close(self) -> None:
         pass
@@ -143,8 +143,10 @@ class FakeGenerator:
                 self._emit(ErrorEvent(spec.seq_id, "cached prefix ends without a snapshot"))
                 return
             done = spec.cached_tokens
+            self._context[spec.seq_id] = list(spec.prompt[:done])
             for cp in spec.checkpoints:
                 await asyncio.sleep(self.prefill_delay * (cp.tokens - done))
+                self._context[spec.seq_id] = list(spec.prompt[: cp.tokens])
                 self.prefilled_tokens += cp.tokens - done
                 self._emit(BlocksEvent(spec.seq_id, spec.prompt[: cp.tokens], done // bs,
                                        self._blocks(spec.prompt, done // bs, cp.tokens // bs,

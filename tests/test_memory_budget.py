@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from blockserve.kvpool import BlockPool
+from blockserve.kvpool import TIER_SYSTEM, BlockPool
 from blockserve.scheduler import (
     MemoryBudget,
     MemoryPressureError,
@@ -174,3 +174,64 @@ async def test_the_prefix_cache_gets_what_running_requests_leave():
     await collect(stream)
     assert pool.budget_bytes == full  # given back when it ends
     assert_idle(sched, gen, pool)
+
+
+async def test_preempting_a_request_others_wait_on_lets_them_go_on():
+    # C grows past its first step; A, the newest, is prefilling a prefix that B waits
+    # for (in-flight sharing). A is parked: B must not wait for blocks nobody computes.
+    sched, gen, pool = make(budget(64, running_cap_bytes=3 * STEP), token_delay=0.001,
+                            prefill_delay=0.005)
+    prefix = list(range(300, 492))  # 192 tokens, a system checkpoint at its end
+    c = sched.submit(Request([7] * 8, SamplingParams(max_tokens=400)))
+    first = (await c.__anext__()).token_ids  # C runs before A and B arrive
+    a = sched.submit(Request(prefix + [1] * 8, SamplingParams(max_tokens=20),
+                             checkpoints=[(192, TIER_SYSTEM)]))
+    b = sched.submit(Request(prefix + [2] * 8, SamplingParams(max_tokens=20),
+                             checkpoints=[(192, TIER_SYSTEM)]))
+    results = await asyncio.gather(collect(c), collect(a), collect(b))
+    results[0] = (first + results[0][0], results[0][1])
+    assert a.request_id in gen.preempted  # the premise
+    for stream, prompt, (tokens, last) in zip((c, a, b), ([7] * 8, prefix + [1] * 8,
+                                                          prefix + [2] * 8), results):
+        n = 400 if stream is c else 20
+        assert last.finish_reason == "length" and tokens == expected_tokens(prompt, n)
+    assert_idle(sched, gen, pool)
+
+
+async def test_siblings_of_one_prompt_are_preempted_and_resume_exactly():
+    # n = 2: two choices share the prompt's blocks; the newer one is parked.
+    sched, gen, pool = make(budget(3), token_delay=0.001)
+    prompt = list(range(40, 60))
+    streams = [sched.submit(Request(prompt, SamplingParams(max_tokens=400),
+                                    share_prompt=True)) for _ in range(2)]
+    (t1, _), (t2, _) = await asyncio.gather(*(collect(s) for s in streams))
+    assert gen.preempted == [streams[1].request_id]
+    assert t1 == t2 == expected_tokens(prompt, 400)
+    assert_idle(sched, gen, pool)
+
+
+async def test_a_preempted_sequences_blocks_go_to_the_disk_tier_and_it_resumes_there(
+        tmp_path):
+    from blockserve.kvpool import DiskTier, PrefixCache
+    from tests.fakes import FakeCodec
+
+    memory = budget(4)
+    gen = FakeGenerator(block_size=BS, kv_bytes_per_token=BPT, token_delay=0.001)
+    disk = DiskTier(str(tmp_path), FakeCodec(), BS, 1 << 30)
+    cache = PrefixCache(BlockPool(BS, memory.cache_budget(0)), disk)
+    sched = Scheduler(gen, cache, SchedulerConfig(max_running=4, memory=memory))
+    sched.start()
+    try:
+        # B is parked when A passes 512 positions; as A grows on, the cache's budget
+        # goes to zero and B's blocks are evicted to disk, where B's resume finds them.
+        a = sched.submit(Request([1] * 8, SamplingParams(max_tokens=1000)))
+        b = sched.submit(Request([2] * 8, SamplingParams(max_tokens=600)))
+        (ta, _), (tb, _) = await asyncio.gather(collect(a), collect(b))
+        assert gen.preempted == [b.request_id]
+        assert ta == expected_tokens([1] * 8, 1000) and tb == expected_tokens([2] * 8, 600)
+        resumed = [s for s in gen.inserted if s.seq_id == b.request_id and s.resume]
+        assert resumed[0].cached_tokens > 0
+        assert disk.stats().hit_tokens >= resumed[0].cached_tokens > 0
+        assert_idle(sched, gen, cache.pool)
+    finally:
+        cache.close(spill=False)

@@ -80,6 +80,27 @@ async def test_stop_token_and_next_turn_hits_generated_blocks():
     assert_idle(sched, gen, pool)
 
 
+@pytest.mark.parametrize("order", ["finish", "prefix"])
+async def test_admission_order_between_a_long_hit_and_a_short_prompt(order):
+    """"finish" takes the least prefill left after the hit; "prefix" the longest hit."""
+    sched, gen, pool = make(SchedulerConfig(max_running=1, order=order), token_delay=0.001)
+    hot = list(range(100, 132))
+    await collect(sched.submit(Request(hot + [1], SamplingParams(max_tokens=1))))
+    blocker = sched.submit(Request([9] * 8, SamplingParams(max_tokens=5)))
+    long = sched.submit(Request(hot + [2] * 160, SamplingParams(max_tokens=1)))  # 160 left
+    short = sched.submit(Request([3] * 6, SamplingParams(max_tokens=1)))  # 6 left
+    few = sched.submit(Request([4] * 6, SamplingParams(max_tokens=2)))  # 6 left, 2 tokens
+    more = sched.submit(Request([5] * 6, SamplingParams(max_tokens=9)))  # 6 left, 9 tokens
+    await asyncio.gather(*(collect(s) for s in (blocker, long, short, few, more)))
+    order_seen = [s.seq_id for s in gen.inserted[2:]]
+    if order == "finish":
+        expected = [short, few, more, long]
+    else:
+        expected = [long, short, few, more]  # then arrival order among the misses
+    assert order_seen == [s.request_id for s in expected]
+    assert_idle(sched, gen, pool)
+
+
 async def test_admission_prefers_the_longest_cached_prefix():
     sched, gen, pool = make(SchedulerConfig(max_running=1), token_delay=0.001)
     long_prefix = list(range(100, 132))
