@@ -56,6 +56,29 @@ class MemoryBudget:
         steps = -(-(tokens + 1) // KV_ALLOC_STEP)
         return steps * KV_ALLOC_STEP * self.kv_bytes_per_token
 
+    def running_bytes(self, n: int, longest: int) -> int:
+        """``n`` running sequences' K/V as a decode batch allocates it: every row padded
+        to the ``longest`` (left padding), in whole allocation steps. Sequences that
+        prefill or speculate in caches of their own hold less: an upper bound."""
+        return n * self.sequence_bytes(longest) if n else 0
+
+    def admits(self, running_bytes: int, pinned_bytes: int) -> bool:
+        """Whether running requests' K/V (a new one's included) and the cache's pinned
+        blocks (its hit's included) fit: unpinned cached blocks can be evicted."""
+        return (running_bytes <= self.running_limit_bytes and
+                running_bytes + pinned_bytes <= self.kv_bytes - self.margin_bytes)
+
+    def over(self, running_bytes: int, cache_bytes: int) -> bool:
+        """Whether running requests and the cache (after eviction) pass the limit."""
+        return not self.admits(running_bytes, cache_bytes)
+
+    def pressure(self, resident_bytes: int) -> str | None:
+        """Why new requests are refused (the process is over its limit), or None."""
+        if resident_bytes <= self.limit_bytes:
+            return None
+        return (f"the server is over its memory limit: {resident_bytes / 2**20:.0f} MiB "
+                f"resident of {self.limit_bytes / 2**20:.0f} MiB")
+
     def cache_budget(self, running_bytes: int) -> int:
         """The prefix cache's share while ``running_bytes`` run."""
         room = max(self.kv_bytes - self.margin_bytes - running_bytes, 0)

@@ -320,15 +320,10 @@ class Scheduler:
 
     @property
     def running_kv_bytes(self) -> int:
-        """Running sequences' K/V as a decode batch allocates it: every row padded to
-        the longest (left padding), in whole allocation steps. Sequences that prefill
-        or speculate in caches of their own hold less, so this is an upper bound;
+        """Running sequences' K/V as counted (``MemoryBudget.running_bytes``);
         ``/metrics`` shows what the engine measured beside it."""
-        return self._running_bytes(len(self._running), self._longest)
-
-    def _running_bytes(self, n: int, longest: int) -> int:
         mem = self.config.memory
-        return 0 if mem is None or not n else n * mem.sequence_bytes(longest)
+        return 0 if mem is None else mem.running_bytes(len(self._running), self._longest)
 
     def memory_report(self) -> dict[str, int] | None:
         """The limit and each part's bytes, for ``/metrics`` and ``/v1/cache/stats``."""
@@ -355,13 +350,7 @@ class Scheduler:
     def memory_pressure(self) -> str | None:
         """Why new requests are refused (the process is over its limit), or None."""
         mem, probe = self.config.memory, self.config.footprint
-        if mem is None or probe is None:
-            return None
-        used = probe()
-        if used <= mem.limit_bytes:
-            return None
-        return (f"the server is over its memory limit: {used / 2**20:.0f} MiB resident "
-                f"of {mem.limit_bytes / 2**20:.0f} MiB")
+        return None if mem is None or probe is None else mem.pressure(probe())
 
     def shutdown(self) -> None:
         """Refuse new requests and abort what is left. The generator stays open: its
@@ -411,10 +400,9 @@ class Scheduler:
         if mem is None or not self._running:
             return True
         longest = max(self._longest, len(state.resume or state.req.prompt))
-        running = self._running_bytes(len(self._running) + 1, longest)
         hit = n_hit * self.prefix.block_size * mem.kv_bytes_per_token
-        return (running <= mem.running_limit_bytes and
-                running + self.pool.pinned_bytes + hit <= mem.kv_bytes - mem.margin_bytes)
+        return mem.admits(mem.running_bytes(len(self._running) + 1, longest),
+                          self.pool.pinned_bytes + hit)
 
     def _pick(self) -> tuple[_State, int] | None:
         """A preempted request first (it waits at the head of the queue, in the order
@@ -525,8 +513,7 @@ class Scheduler:
         budget = mem.cache_budget(running)
         if budget != self.pool.budget_bytes:
             self.pool.set_budget(budget)
-        if (running > mem.running_limit_bytes
-                or running + self.pool.nbytes > mem.kv_bytes - mem.margin_bytes):
+        if mem.over(running, self.pool.nbytes):
             self._preempt()
 
     def _preempt(self) -> None:
