@@ -5,10 +5,9 @@ thread ends every request and tells the scheduler, never hangs it."""
 import asyncio
 
 import pytest
-from mlx_lm.utils import load
 
 import blockserve.engine.runtime.sampling as sampling
-from blockserve.engine.models.loader import resolve
+from blockserve.engine.models.loader import load_weights
 from blockserve.engine.runtime.worker import EngineWorker
 from blockserve.scheduler import Request, SamplingParams
 from tests.engine_harness import (EngineHold, assert_idle, greedy, make_scheduler,
@@ -29,7 +28,7 @@ def worker(request):
 
 @pytest.fixture(scope="module")
 def ref_model():
-    return load(resolve(MODEL)[1])[0]
+    return load_weights(MODEL).model
 
 
 async def _collect(sched, req):

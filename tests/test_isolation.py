@@ -9,9 +9,8 @@ import socket
 
 import aiohttp
 import pytest
-from mlx_lm.utils import load
 
-from blockserve.engine.models.loader import resolve
+from blockserve.engine.models.loader import load_weights
 from blockserve.engine.runtime.worker import EngineWorker
 from tests.engine_harness import reference_tokens
 from tests.server_harness import serve
@@ -31,7 +30,7 @@ def worker():
 
 @pytest.fixture(scope="module")
 def expected(worker):
-    model = load(resolve(MODEL)[1])[0]
+    model = load_weights(MODEL).model
     return worker.tokenizer.decode(reference_tokens(model, VICTIM, N))
 
 

@@ -9,9 +9,8 @@ import aiohttp
 import anthropic
 import openai
 import pytest
-from mlx_lm.utils import load
 
-from blockserve.engine.models.loader import resolve
+from blockserve.engine.models.loader import load_weights
 from blockserve.engine.runtime.worker import EngineWorker
 from tests.engine_harness import active_sequences, reference_tokens
 from tests.server_harness import metrics, serve
@@ -28,7 +27,7 @@ def worker():
 
 @pytest.fixture(scope="module")
 def ref_model():
-    return load(resolve(MODEL)[1])[0]
+    return load_weights(MODEL).model
 
 
 def oa(url, key="unused"):

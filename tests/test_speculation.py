@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from mlx_lm.generate import StopSequences, generation_stream
 from mlx_lm.models.cache import KVCache
-from mlx_lm.utils import load
 
-from blockserve.engine.models.loader import resolve
+from blockserve.engine.models.loader import load_weights
 from blockserve.engine.runtime import lookup, runner
 from blockserve.engine.runtime.lookup import Drafting, PromptLookup
 from blockserve.engine.runtime.runner import RaggedRunner
@@ -41,7 +40,7 @@ def keep_drafting(monkeypatch):
 
 @pytest.fixture(scope="module")
 def model():
-    return load(resolve("demo:tiny")[1])[0]
+    return load_weights("demo:tiny").model
 
 
 def generate(model, prompts, n, *, speculative, samplers=None, stops=None, processors=None,
