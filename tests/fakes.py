@@ -75,8 +75,16 @@ class FakeGenerator:
         self.inserted: list[SequenceSpec] = []
         self.prefilled_tokens = 0
         self.aborted: list[str] = []
+        self.stage: dict[str, str] = {}  # seq id -> "prefilling", "decoding", "ended"
         self._tasks: dict[str, asyncio.Task] = {}
+        self._held: dict[str, asyncio.Event] = {}
         self._emit = None
+
+    def hold_prefill(self, seq_id: str) -> asyncio.Event:
+        """Stop ``seq_id`` inside its prefill (its checkpoints computed, the rest of
+        its prompt not) until it is aborted; the event is set once it is held there."""
+        self._held[seq_id] = asyncio.Event()
+        return self._held[seq_id]
 
     # the protocol
     def start(self, emit) -> None:
@@ -111,6 +119,7 @@ class FakeGenerator:
 
     async def _run(self, spec: SequenceSpec) -> None:
         bs = self.block_size
+        self.stage[spec.seq_id] = "prefilling"
         try:
             expected = self._blocks(spec.prompt, 0, spec.cached_tokens // bs)
             if [p.tokens for p in spec.cached_payloads] != [p.tokens for p in expected]:
@@ -128,8 +137,13 @@ class FakeGenerator:
                                        self._blocks(spec.prompt, done // bs, cp.tokens // bs,
                                                     snapshot=True), cp.tier))
                 done = cp.tokens
+            held = self._held.get(spec.seq_id)
+            if held is not None:
+                held.set()
+                await asyncio.Event().wait()  # until aborted (cancelled)
             await asyncio.sleep(self.prefill_delay * (len(spec.prompt) - done))
             self.prefilled_tokens += len(spec.prompt) - done
+            self.stage[spec.seq_id] = "decoding"
             context = list(spec.prompt)
             reason = "length"
             generated = 0
@@ -149,6 +163,7 @@ class FakeGenerator:
                                    self._blocks(kv_tokens, first, end), 0))
             self._emit(FinishEvent(spec.seq_id, reason, generated))
         finally:
+            self.stage[spec.seq_id] = "ended"
             self._tasks.pop(spec.seq_id, None)
 
 

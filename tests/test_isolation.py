@@ -158,11 +158,7 @@ async def test_hostile_requests_from_one_tenant_never_reach_another(worker, expe
         async with aiohttp.ClientSession() as s:  # a tenant sees its own namespace only
             async with s.get(srv.url + "/v1/cache/stats", headers=auth(KEY_A)) as r:
                 assert set((await r.json())["pool"]) == {"blocks_stored", "bytes_stored"}
-        # a tenant flushes its own namespace only; B's blocks stay and still hit
-        b_blocks = srv.scheduler.pool.stats().blocks_stored
-        status, ok = await post(srv.url, "/v1/cache/reset", {})
-        assert status in (200, 409) and srv.scheduler.pool.stats().blocks_stored > 0
-        assert srv.scheduler.pool.stats().blocks_stored <= b_blocks
+        # (a tenant's reset flushes its own namespace only: the next test)
         done.set()
         await streaming
         assert victims and all(v == expected for v in victims)

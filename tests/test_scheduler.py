@@ -172,6 +172,7 @@ async def test_abort_in_every_stage_frees_everything(stage):
     blocker = sched.submit(Request([3] * 6, SamplingParams(max_tokens=3)))
     victim = sched.submit(Request(shared + [2] * 30, SamplingParams(max_tokens=50),
                                   checkpoints=[(40, TIER_SYSTEM)]))
+    held = gen.hold_prefill(victim.request_id) if stage == "prefilling" else None
     if stage == "waiting":
         assert sched.num_waiting == 1
         assert sched.abort(victim.request_id)
@@ -180,10 +181,11 @@ async def test_abort_in_every_stage_frees_everything(stage):
         assert victim.request_id in {s.seq_id for s in gen.inserted}
         assert pool.stats().blocks_pinned == 10  # its shared prefix hit is pinned
         if stage == "prefilling":
-            await asyncio.sleep(0.01)
+            await asyncio.wait_for(held.wait(), 60)
         else:
             first = await victim.__anext__()
             assert first.token_ids
+        assert gen.stage[victim.request_id] == stage  # aborted in the stage it names
         assert sched.abort(victim.request_id)
         assert victim.request_id in gen.aborted
     outs = [o async for o in victim]
