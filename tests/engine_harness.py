@@ -145,3 +145,14 @@ def token_of(seq_id: str, k: int = 1) -> Callable[[EngineEvent], bool]:
         return seen[0] >= k
 
     return predicate
+
+
+async def until(cond: Callable[[], object], what: str, timeout: float = 60.0,
+                poll: float = 0.005) -> None:
+    """Wait for a state, polled; fail naming ``what`` if it never comes. The timeout is
+    a safety net far past any wait here, not a premise."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, f"never happened: {what}"
+        await asyncio.sleep(poll)
