@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import xxhash
 
@@ -175,6 +176,8 @@ class ScriptedGenerator(FakeGenerator):
 
     tokenizer: object = None
     scripts: list = field(default_factory=list)
+    # Awaited by each request before its first token (a test holds a reply there).
+    first_token_gate: Callable[[], Awaitable[object]] | None = None
 
     async def _run(self, spec: SequenceSpec) -> None:
         bs = self.block_size
@@ -189,6 +192,8 @@ class ScriptedGenerator(FakeGenerator):
             script = self.scripts.pop(0) if len(self.scripts) > 1 else self.scripts[0]
             tokens = list(self.tokenizer.encode(script, add_special_tokens=False))
             tokens = tokens[: spec.sampling.max_tokens]
+            if self.first_token_gate is not None:
+                await self.first_token_gate()
             for i, tok in enumerate(tokens):
                 await asyncio.sleep(self.token_delay)
                 text = (self.tokenizer.decode(tokens[: i + 1])
