@@ -12,7 +12,7 @@ import pytest
 
 from blockserve.engine.models.loader import load_weights
 from blockserve.engine.runtime.worker import EngineWorker
-from tests.engine_harness import reference_tokens
+from tests.engine_harness import reference_tokens, until
 from tests.server_harness import serve
 
 MODEL = "demo:tiny"
@@ -241,8 +241,8 @@ async def test_an_anthropic_reply_cut_by_shutdown_never_looks_complete(worker):
             running = await s.post(srv.url + "/v1/messages", json=body)
             assert (await running.content.readline()).startswith(b"event: message_start")
             queued = asyncio.create_task(s.post(srv.url + "/v1/messages", json=body))
-            while srv.scheduler.num_waiting == 0:
-                await asyncio.sleep(0.01)
+            await until(lambda: srv.scheduler.num_waiting == 1, "the second one waits")
+            assert srv.scheduler.num_running == 1
             srv.scheduler.shutdown()
             for resp in (running, await queued):
                 events = await _events(resp)

@@ -261,7 +261,7 @@ async def test_reset_cache_is_refused_while_requests_hold_blocks():
     prompt = list(range(1, 19))
     await collect(sched.submit(Request(prompt, SamplingParams(max_tokens=1))))
     s = sched.submit(Request(prompt, SamplingParams(max_tokens=3)))
-    await asyncio.sleep(0)
+    assert sched.num_running == 1 and pool.stats().blocks_pinned > 0  # its hit, pinned
     assert sched.reset_cache() is False
     await collect(s)
     assert sched.reset_cache() is True and len(pool) == 0
@@ -270,7 +270,8 @@ async def test_reset_cache_is_refused_while_requests_hold_blocks():
 async def test_shutdown_aborts_everything_and_refuses_new_work():
     sched, gen, pool = make(token_delay=0.01)
     s = sched.submit(Request([1] * 8, SamplingParams(max_tokens=100)))
-    await asyncio.sleep(0.02)
+    assert (await s.__anext__()).token_ids  # it is generating, 99 tokens to go
+    assert sched.num_running == 1
     sched.shutdown()
     _, last = await collect(s)
     assert last.finish_reason == "abort" and gen.aborted == [s.request_id]
@@ -345,11 +346,11 @@ async def test_one_tenant_filling_every_slot_leaves_one_for_another():
                              token_delay=0.01)
     hog = [sched.submit(Request([7, i, 1, 2], SamplingParams(max_tokens=10_000),
                                 tenant="a")) for i in range(16)]
-    await asyncio.sleep(0.03)
     assert sched.num_running_of("a") == 15 and sched.num_waiting_of("a") == 1
     short = sched.submit(Request([9, 9, 9], SamplingParams(max_tokens=2), tenant="b"))
     assert sched.num_running_of("b") == 1  # admitted on submit, no wait for a slot
-    tokens, last = await asyncio.wait_for(collect(short), 1)
+    tokens, last = await collect(short)
+    assert sched.num_running_of("a") == 15  # it ran beside the hog's streams
     assert last.finish_reason == "length" and tokens == expected_tokens([9, 9, 9], 2)
     for s in hog:
         s.cancel()
@@ -410,7 +411,7 @@ async def test_when_the_engine_dies_every_request_ends_and_nothing_more_is_taken
     sched, gen, pool = make(SchedulerConfig(max_running=1), token_delay=0.01)
     running = sched.submit(Request([1, 2, 3], SamplingParams(max_tokens=100)))
     waiting = sched.submit(Request([4, 5, 6], SamplingParams(max_tokens=100)))
-    await asyncio.sleep(0.02)
+    assert sched.num_running == 1 and sched.num_waiting == 1
     sched._on_event(EngineFailedEvent("RuntimeError: boom"))
     for s in (running, waiting):
         _, last = await collect(s)
