@@ -76,7 +76,7 @@ class FakeGenerator:
         self.inserted: list[SequenceSpec] = []
         self.prefilled_tokens = 0
         self.aborted: list[str] = []
-        self.stage: dict[str, str] = {}  # seq id -> "prefilling", "decoding", "ended"
+        self.stage: dict[str, str] = {}  # seq id -> "prefilling", then "decoding"
         self._tasks: dict[str, asyncio.Task] = {}
         self._held: dict[str, asyncio.Event] = {}
         self._emit = None
@@ -164,7 +164,6 @@ class FakeGenerator:
                                    self._blocks(kv_tokens, first, end), 0))
             self._emit(FinishEvent(spec.seq_id, reason, generated))
         finally:
-            self.stage[spec.seq_id] = "ended"
             self._tasks.pop(spec.seq_id, None)
 
 
