@@ -76,10 +76,10 @@ class FakeGenerator:
         self.inserted: list[SequenceSpec] = []
         self.prefilled_tokens = 0
         self.aborted: list[str] = []
-        self.stage: dict[str, str] = {}  # seq id -> "prefilling", then "decoding"
         self._tasks: dict[str, asyncio.Task] = {}
-        self._held: dict[str, asyncio.Event] = {}
         self._emit = None
+        self.stage: dict[str, str] = {}  # seq id -> "prefilling", then "decoding"
+        self._held: dict[str, asyncio.Event] = {}
 
     def hold_prefill(self, seq_id: str) -> asyncio.Event:
         """Stop ``seq_id`` inside its prefill (its checkpoints computed, the rest of
