@@ -56,10 +56,11 @@ def _worker_and_reference(name, tmp_path_factory=None):
             mp.setenv(GGUF_4BIT_ENV, "1")
         worker = EngineWorker(name, block_size=BS, max_running=8)
         ref_model = load_weights(name).model
+    # Like with like: the reference's weights are quantized exactly when the engine's are.
+    assert _quantized(ref_model) == worker.run_sync(lambda m: _quantized(m.model)) \
+        == ("-q4g64:" in worker.namespace.model)
     if name != DEFAULT_MODEL and not name.startswith("demo:"):
-        # The forced branch really ran, in the engine and in the reference.
-        assert _quantized(ref_model) and worker.run_sync(lambda m: _quantized(m.model))
-        assert "-q4g64:" in worker.namespace.model
+        assert _quantized(ref_model)  # the forced branch really ran
     yield worker, ref_model
     worker.close()
 
