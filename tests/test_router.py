@@ -161,7 +161,9 @@ async def test_a_draining_replica_finishes_its_stream_through_the_router(replica
     procs, urls = replicas
     proc_r, url = router(urls[:1], "cache_aware")
     try:
-        body = {"model": MODEL, "stream": True, "max_tokens": 200, "ignore_eos": True,
+        # 2000 tokens: seconds of streaming, so the drain has a stream to finish (the
+        # replica's load, read after the signal, says so).
+        body = {"model": MODEL, "stream": True, "max_tokens": 2000, "ignore_eos": True,
                 "messages": groups(4)[0][1]}
         finish = None
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
@@ -175,6 +177,9 @@ async def test_a_draining_replica_finishes_its_stream_through_the_router(replica
                     if first:
                         procs[0].send_signal(signal.SIGTERM)  # drain, mid-stream
                         first = False
+                        async with http.get(urls[0] + "/get_load") as load:
+                            assert (await load.json())["num_running_reqs"] == 1, \
+                                "the stream ended before the replica was told to drain"
                     chunk = json.loads(line[5:])
                     for c in chunk.get("choices") or []:
                         finish = c.get("finish_reason") or finish
