@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import xxhash
 
@@ -81,6 +82,14 @@ class FakeGenerator:
         self._context: dict[str, list[int]] = {}  # the tokens a sequence has computed
         self._generated: dict[str, int] = {}  # tokens generated before a preemption
         self._emit = None
+        self.stage: dict[str, str] = {}  # seq id -> "prefilling", then "decoding"
+        self._held: dict[str, asyncio.Event] = {}
+
+    def hold_prefill(self, seq_id: str) -> asyncio.Event:
+        """Stop ``seq_id`` inside its prefill (its checkpoints computed, the rest of
+        its prompt not) until it is aborted; the event is set once it is held there."""
+        self._held[seq_id] = asyncio.Event()
+        return self._held[seq_id]
 
     # the protocol
     def start(self, emit) -> None:
@@ -133,6 +142,7 @@ class FakeGenerator:
 
     async def _run(self, spec: SequenceSpec) -> None:
         bs = self.block_size
+        self.stage[spec.seq_id] = "prefilling"
         try:
             expected = self._blocks(spec.prompt, 0, spec.cached_tokens // bs)
             if [p.tokens for p in spec.cached_payloads] != [p.tokens for p in expected]:
@@ -152,8 +162,13 @@ class FakeGenerator:
                                        self._blocks(spec.prompt, done // bs, cp.tokens // bs,
                                                     snapshot=True), cp.tier))
                 done = cp.tokens
+            held = self._held.get(spec.seq_id)
+            if held is not None:
+                held.set()
+                await asyncio.Event().wait()  # until aborted (cancelled)
             await asyncio.sleep(self.prefill_delay * (len(spec.prompt) - done))
             self.prefilled_tokens += len(spec.prompt) - done
+            self.stage[spec.seq_id] = "decoding"
             context = list(spec.prompt)
             self._context[spec.seq_id] = context
             reason = "length"
@@ -189,6 +204,8 @@ class ScriptedGenerator(FakeGenerator):
 
     tokenizer: object = None
     scripts: list = field(default_factory=list)
+    # Awaited by each request before its first token (a test holds a reply there).
+    first_token_gate: Callable[[], Awaitable[object]] | None = None
 
     async def _run(self, spec: SequenceSpec) -> None:
         bs = self.block_size
@@ -203,6 +220,8 @@ class ScriptedGenerator(FakeGenerator):
             script = self.scripts.pop(0) if len(self.scripts) > 1 else self.scripts[0]
             tokens = list(self.tokenizer.encode(script, add_special_tokens=False))
             tokens = tokens[: spec.sampling.max_tokens]
+            if self.first_token_gate is not None:
+                await self.first_token_gate()
             for i, tok in enumerate(tokens):
                 await asyncio.sleep(self.token_delay)
                 text = (self.tokenizer.decode(tokens[: i + 1])

@@ -90,17 +90,27 @@ def test_sigterm_drains_running_streams_and_refuses_new_ones():
     real finish reason, while health says draining and new requests get a 503."""
     proc, url = start("--model", "demo:tiny", "--drain-timeout", "60")
     try:
-        with stream_completion(url, 300) as stream:
+        # ~2000 tokens take seconds to stream; the checks below take milliseconds, and
+        # the last one asserts the stream was still running after them.
+        with stream_completion(url, 2000) as stream:
             assert stream.readline().startswith(b"data: ")
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
-            with pytest.raises(urllib.error.HTTPError) as health:
-                urllib.request.urlopen(url + "/health", timeout=5)
-            assert health.value.code == 503
+            deadline = time.monotonic() + 60
+            while True:  # until the server has seen the signal
+                try:
+                    urllib.request.urlopen(url + "/health", timeout=5)
+                except urllib.error.HTTPError as e:
+                    assert e.code == 503
+                    break
+                assert time.monotonic() < deadline, "health never said draining"
+                time.sleep(0.01)
             code, err, headers = post(url + "/v1/completions", {"prompt": "Hi",
                                                                 "max_tokens": 2})
             assert code == 503 and headers["Retry-After"] == "5"
             assert err["error"]["code"] == "shutting_down"
+            with urllib.request.urlopen(url + "/get_load", timeout=5) as r:
+                load = json.loads(r.read())
+            assert load["num_running_reqs"] == 1, "the stream ended before the checks"
             rest = stream.read().decode()
         assert rest.rstrip().endswith("data: [DONE]")
         assert '"finish_reason": "length"' in rest and "abort" not in rest

@@ -1,7 +1,7 @@
 """Exactness across restarts: with the disk tier, greedy output after a restart equals
 mlx-lm's own generation, for cold, full, partial, multi-turn and concurrent requests, on
-an attention model, a hybrid SSM model, a sliding-window model and the real default
-model (SmolLM2-135M-Instruct). A restart here is a
+an attention model, a hybrid SSM model, a sliding-window model, the real default
+model (SmolLM2-135M-Instruct) and a GGUF with 4-bit weights (a GPU's path, forced). A restart here is a
 new pool, prefix cache and disk tier over the same directory (the engine keeps no
 cache state between requests, so it is shared to save loading it again)."""
 
@@ -14,15 +14,15 @@ import xxhash
 from blockserve.kvpool.disk import _CHECKSUM, _HEADER
 from tests.engine_harness import assert_idle, make_scheduler, reference_tokens, run, run_many
 from blockserve.engine.models.loader import DEFAULT_MODEL
-from tests.test_exactness import BS, SYSTEM, _worker_and_reference, chat
+from tests.test_exactness import BS, GGUF_4BIT, SYSTEM, _worker_and_reference, chat
 
 N = 12
 
 
 @pytest.fixture(scope="module", params=["demo:tiny-qwen3", "demo:tiny-qwen3_next",
-                                        "demo:tiny-gemma3_text", DEFAULT_MODEL])
-def engine_pair(request):
-    yield from _worker_and_reference(request.param)
+                                        "demo:tiny-gemma3_text", DEFAULT_MODEL, GGUF_4BIT])
+def engine_pair(request, tmp_path_factory):
+    yield from _worker_and_reference(request.param, tmp_path_factory)
 
 
 def restart(worker, path):
@@ -76,8 +76,6 @@ async def test_a_doctored_disk_block_changes_the_output(engine_pair, tmp_path):
     """The restart tests can fail: a block file whose K/V is another block's (with a
     valid checksum, so it verifies) is served, and the output changes."""
     worker, ref_model = engine_pair
-    if worker.loaded.model_id == DEFAULT_MODEL:
-        pytest.skip("the demo models show this; the real model only checks restarts (slow)")
     tok = worker.tokenizer
     a = chat(tok, SYSTEM, "What is in the cache block of the first file?")
     n = 4 * N
@@ -106,7 +104,7 @@ async def test_a_doctored_disk_block_changes_the_output(engine_pair, tmp_path):
     new = bytes(header) + data[_HEADER.size : start] + body
     with open(by_key[chain.keys[-1].hex()], "wb") as f:
         f.write(new + xxhash.xxh3_128_digest(new))
-    assert len(new) + _CHECKSUM > 0
+    assert new != data[:-_CHECKSUM], "the doctored block holds its own K/V still"
     s2 = restart(worker, tmp_path)
     served, out = await run(s2, a.tokens, n)
     assert out.usage.cached_tokens == len(chain.keys) * BS

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -24,6 +25,7 @@ from blockserve.kvpool import (
 )
 from blockserve.kvpool.disk import _HEADER, VERSION
 from blockserve.scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
+from tests.engine_harness import until
 from tests.fakes import FakeCodec, FakeGenerator, FakePayload, next_token
 
 BS = 4
@@ -219,19 +221,47 @@ def test_disk_eviction_takes_low_tiers_first(tmp_path):
     cache.close(spill=False)
 
 
-class SlowCodec(FakeCodec):
+class GatedCodec(FakeCodec):
+    """A codec whose encodes (or decodes) wait for ``release``: the disk tier's writes
+    (or loads) stay queued behind the first, held one as long as a test needs, and
+    ``entered`` says the first has begun. A gate never released lets go after a minute
+    and says so (``timed_out``), so a test that waited on it fails instead of hanging."""
+
+    def __init__(self, encode: bool = True, decode: bool = False):
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.timed_out = False
+        self.threads: set[int] = set()  # who encoded or decoded
+        self._encode, self._decode = encode, decode
+
+    def _gate(self) -> None:
+        self.threads.add(threading.get_ident())
+        self.entered.set()
+        if not self.release.wait(60):
+            self.timed_out = True
+
     def encode(self, p):
-        time.sleep(0.2)
+        if self._encode:
+            self._gate()
         return super().encode(p)
+
+    def decode(self, data):
+        if self._decode:
+            self._gate()
+        return super().decode(data)
 
 
 def test_a_full_write_queue_drops_writes_and_never_stalls(tmp_path):
-    d = DiskTier(str(tmp_path), SlowCodec(), BS, 1 << 30, max_queue_blocks=2)
+    codec = GatedCodec()
+    d = DiskTier(str(tmp_path), codec, BS, 1 << 30, max_queue_blocks=2)
     cache = PrefixCache(BlockPool(BS, 1 << 20), d)
-    t0 = time.perf_counter()
     fill(cache, NS, list(range(1, 41)), TIER_SYSTEM)  # 10 checkpoint blocks at once
-    assert time.perf_counter() - t0 < 0.15  # the pool's thread did not wait for the codec
+    # It returned with the codec held: the pool's thread did not wait for it.
+    assert codec.entered.wait(60) and not codec.timed_out
+    assert threading.get_ident() not in codec.threads
     assert d.stats().dropped_writes >= 7
+    codec.release.set()
     cache.close(spill=False)
 
 
@@ -267,12 +297,29 @@ def test_start_up_removes_litter_and_rebuilds_the_index_quickly(tmp_path):
     # 20K more files (empty: the index reads names and sizes, never contents).
     for i in range(20000):
         open(os.path.join(folder, f"{i:032x}.0n.kv"), "wb").close()
-    t0 = time.perf_counter()
-    d2 = disk(tmp_path)
-    elapsed = time.perf_counter() - t0
+    # Quickly: it reads names and sizes, never a block file's contents (checked by
+    # refusing every open of one while the index is built; ~0.3 s here).
+    import builtins
+
+    real_open, real_os_open = builtins.open, os.open
+
+    def no_kv(path):
+        assert not str(path).endswith(".kv"), f"start-up read a block file: {path}"
+
+    def guarded_open(path, *a, **kw):
+        no_kv(path)
+        return real_open(path, *a, **kw)
+
+    def guarded_os_open(path, *a, **kw):
+        no_kv(path)
+        return real_os_open(path, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(builtins, "open", guarded_open)
+        mp.setattr(os, "open", guarded_os_open)
+        d2 = disk(tmp_path)
     assert not os.path.exists(litter)
     assert d2.stats().files == 20003
-    assert elapsed < 5, elapsed  # generous on a shared CPU; ~0.3 s here
     d2.close()
 
 
@@ -438,23 +485,22 @@ async def test_disk_loads_for_a_long_queue_are_bounded(tmp_path):
 
 def test_a_flush_drops_writes_still_queued_for_its_scope(tmp_path):
     t1, t2 = Namespace("fake-model", "tenant:a"), Namespace("fake-model", "tenant:b")
-    d = DiskTier(str(tmp_path), SlowCodec(), BS, 1 << 30)
+    codec = GatedCodec()
+    d = DiskTier(str(tmp_path), codec, BS, 1 << 30)
     cache = PrefixCache(BlockPool(BS, 1 << 20), d)
-    fill(cache, t1, list(range(1, 9)), TIER_SYSTEM)  # queued behind a slow codec
+    fill(cache, t1, list(range(1, 9)), TIER_SYSTEM)  # queued behind a held codec
     fill(cache, t2, list(range(1, 9)), TIER_SYSTEM)
+    assert codec.entered.wait(60)
+    assert files(tmp_path) == []  # nothing written yet: all four still queued or held
     assert cache.reset(Scope(salt="tenant:a"))
+    codec.release.set()
     d.flush()
+    assert not codec.timed_out
     assert d.stats().files == 2 == d.stats(Scope(salt="tenant:b")).files
     assert {os.path.basename(os.path.dirname(f)) for f in files(tmp_path)} == \
         {t2.root_key().hex()}
     assert d._resets == []  # nothing left queued: the flush record is gone too
     cache.close(spill=False)
-
-
-class SlowDecode(FakeCodec):
-    def decode(self, data):
-        time.sleep(0.1)
-        return super().decode(data)
 
 
 async def test_a_request_aborted_while_its_blocks_load_leaks_no_pin(tmp_path):
@@ -463,14 +509,17 @@ async def test_a_request_aborted_while_its_blocks_load_leaks_no_pin(tmp_path):
     fill(cache, NS, prompt[:28], TIER_SYSTEM)
     cache.close(spill=False)
     gen = FakeGenerator(block_size=BS)
-    cache = PrefixCache(BlockPool(BS, 1 << 20), DiskTier(str(tmp_path), SlowDecode(), BS, 1 << 30))
+    codec = GatedCodec(encode=False, decode=True)
+    cache = PrefixCache(BlockPool(BS, 1 << 20), DiskTier(str(tmp_path), codec, BS, 1 << 30))
     sched = Scheduler(gen, cache, SchedulerConfig())
     sched.start()
     stream = sched.submit(Request(prompt, SamplingParams(max_tokens=3)))
-    await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(codec.entered.wait, 60)  # its load has begun, held
     assert sched.num_waiting == 1 and gen.inserted == []  # waiting for its disk blocks
     stream.cancel()
-    await asyncio.sleep(1.0)  # the load finishes after the abort
+    codec.release.set()  # the load finishes after the abort
+    await until(lambda: len(cache.pool) == 7, "the loaded blocks reach RAM")
+    assert not codec.timed_out
     assert cache.stats().blocks_pinned == 0 and gen.inserted == []
     outs = [o async for o in sched.submit(Request(prompt, SamplingParams(max_tokens=3)))]
     assert outs[-1].finish_reason == "length" and outs[-1].usage.cached_tokens == 28

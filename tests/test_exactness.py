@@ -2,12 +2,12 @@
 tokens of the same request computed cold, and of mlx-lm's own generation."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
-from mlx_lm.utils import load
 
 from blockserve.engine.text.chat import render_chat
 from blockserve.engine.runtime.kvblocks import KVBlock
-from blockserve.engine.models.loader import DEFAULT_MODEL, resolve
+from blockserve.engine.models.loader import DEFAULT_MODEL, GGUF_4BIT_ENV, load_weights
 from blockserve.engine.runtime.worker import EngineWorker
 from tests.engine_harness import assert_idle, make_scheduler, reference_tokens, run, run_many
 
@@ -16,22 +16,58 @@ BS = 16
 
 
 ARCHS = ["qwen3", "llama", "qwen3_next", "gemma3_text"]  # attention, hybrid SSM, sliding
-# ... and the real, trained default model (SmolLM2-135M-Instruct, from its GGUF).
-MODELS = [f"demo:tiny-{a}" for a in ARCHS] + [DEFAULT_MODEL]
 
 
-def _worker_and_reference(name):
-    """An engine worker on a demo model, and the same model loaded for mlx-lm's own
-    generation on this thread."""
-    worker = EngineWorker(name, block_size=BS, max_running=8)
-    ref_model, _ = load(resolve(name)[1])
+# The GPU's path, proven on the CPU: a tiny GGUF (the llama demo model, written and
+# converted as tests/test_gguf.py does) with its weights quantized to 4 bits, as
+# ``load_model`` does on Apple silicon, forced here with BLOCKSERVE_GGUF_4BIT=1.
+GGUF_4BIT = "gguf-4bit:tiny-llama"
+
+
+def tiny_gguf_dir(tmp_path_factory) -> str:
+    """The llama demo model as a quantized GGUF file, converted: a GGUF-sourced model
+    directory, the kind whose weights the device decides."""
+    from blockserve.engine.models.demo import demo_spec, ensure_demo_model
+    from blockserve.engine.models.gguf import convert_gguf
+    from tests.test_gguf import write_gguf
+
+    tmp = tmp_path_factory.mktemp("gguf4")
+    write_gguf(ensure_demo_model(demo_spec("tiny", "llama")), tmp / "model.gguf")
+    convert_gguf(tmp / "model.gguf", tmp / "converted")
+    return str(tmp / "converted")
+
+
+# ... the real, trained default model (SmolLM2-135M-Instruct, from its GGUF), and a
+# GGUF with the 4-bit weights a GPU gets.
+MODELS = [f"demo:tiny-{a}" for a in ARCHS] + [DEFAULT_MODEL, GGUF_4BIT]
+
+
+def _quantized(model) -> bool:
+    return any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+
+
+def _worker_and_reference(name, tmp_path_factory=None):
+    """An engine worker on ``name``, and the same model loaded for mlx-lm's own
+    generation on this thread by the function the engine loads with (``load_weights``),
+    so on any device both hold the same weights."""
+    with pytest.MonkeyPatch.context() as mp:
+        if name == GGUF_4BIT:
+            name = tiny_gguf_dir(tmp_path_factory)
+            mp.setenv(GGUF_4BIT_ENV, "1")
+        worker = EngineWorker(name, block_size=BS, max_running=8)
+        ref_model = load_weights(name).model
+    # Like with like: the reference's weights are quantized exactly when the engine's are.
+    assert _quantized(ref_model) == worker.run_sync(lambda m: _quantized(m.model)) \
+        == ("-q4g64:" in worker.namespace.model)
+    if name != DEFAULT_MODEL and not name.startswith("demo:"):
+        assert _quantized(ref_model)  # the forced branch really ran
     yield worker, ref_model
     worker.close()
 
 
 @pytest.fixture(scope="module", params=MODELS)
-def engine_pair(request):
-    yield from _worker_and_reference(request.param)
+def engine_pair(request, tmp_path_factory):
+    yield from _worker_and_reference(request.param, tmp_path_factory)
 
 
 def chat(tokenizer, system, *turns):

@@ -3,16 +3,15 @@ the batch for the others (who go on with exactly their tokens), and a dead engin
 thread ends every request and tells the scheduler, never hangs it."""
 
 import asyncio
-import threading
 
 import pytest
-from mlx_lm.utils import load
 
 import blockserve.engine.runtime.sampling as sampling
-from blockserve.engine.models.loader import resolve
+from blockserve.engine.models.loader import load_weights
 from blockserve.engine.runtime.worker import EngineWorker
 from blockserve.scheduler import Request, SamplingParams
-from tests.engine_harness import assert_idle, make_scheduler, reference_tokens, run
+from tests.engine_harness import (EngineHold, assert_idle, greedy, make_scheduler,
+                                  reference_tokens, token_of)
 
 MODEL = "demo:tiny"
 VICTIM = [5, 17, 99, 3, 250, 12, 8, 40, 7, 61, 33, 2, 90, 14, 77, 21, 6, 18]
@@ -29,35 +28,53 @@ def worker(request):
 
 @pytest.fixture(scope="module")
 def ref_model():
-    return load(resolve(MODEL)[1])[0]
+    return load_weights(MODEL).model
 
 
-async def _culprit(sched, prompt, sampling_params):
-    outs = [o async for o in sched.submit(Request(prompt, sampling_params))]
-    return outs[-1]
+async def _collect(sched, req):
+    """(tokens, final output) of ``req``."""
+    outs = [o async for o in sched.submit(req)]
+    return [t for o in outs for t in o.token_ids], outs[-1]
 
 
-async def _started(sched, n=1):
-    while sum(1 for _ in sched._running) < n:  # the victim is decoding before the culprit
-        await asyncio.sleep(0.005)
-    await asyncio.sleep(0.05)
+def _victim_decoding(sched, worker, n):
+    """The victim's request, and a hold of the engine thread just after its first
+    token: it is decoding (past its prompt) and far from its ``n`` tokens, whatever the
+    machine's load, when the culprit joins."""
+    req = Request(list(VICTIM), greedy(n))
+    hold = EngineHold.after(worker, token_of(req.request_id))
+    return req, hold
+
+
+def _decoding_then(worker, victim_id, n):
+    """On the engine thread: is the victim in the batch, decoding, with tokens to go?"""
+    seqs = [s for uid, s in worker._seqs.items() if s.spec.seq_id == victim_id]
+    return (len(seqs) == 1 and 0 < len(seqs[0].tokens) < n
+            and worker._uids[victim_id] not in worker._fresh)
 
 
 async def test_a_raising_sampler_fails_its_sequence_alone(worker, ref_model, monkeypatch):
     real = sampling.apply_min_p
+    shared = []  # on the culprit's first sample: was the victim decoding in its batch?
 
     def min_p(logprobs, p):
         if abs(p - 0.37) < 1e-9:
+            if not shared:
+                shared.append(_decoding_then(worker, req.request_id, 40))
             raise ValueError("this sequence's sampler is broken")
         return real(logprobs, p)
 
     monkeypatch.setattr(sampling, "apply_min_p", min_p)
     sched = make_scheduler(worker)
-    victim = asyncio.create_task(run(sched, VICTIM, 40))
-    await _started(sched)
-    last = await _culprit(sched, [1, 2, 3, 4],
-                          SamplingParams(max_tokens=20, temperature=0.8, min_p=0.37))
+    req, hold = _victim_decoding(sched, worker, 40)
+    victim = asyncio.create_task(_collect(sched, req))
+    with hold:
+        await hold.wait()
+        culprit = sched.submit(Request([1, 2, 3, 4], SamplingParams(
+            max_tokens=20, temperature=0.8, min_p=0.37)))
+    last = [o async for o in culprit][-1]
     assert last.finish_reason == "error" and "sampler is broken" in last.error
+    assert shared == [True], "the culprit's sampler never ran beside the decoding victim"
     tokens, out = await victim
     assert out.finish_reason == "length" and out.error is None
     assert tokens == reference_tokens(ref_model, VICTIM, 40)
@@ -76,16 +93,19 @@ async def test_a_failed_step_rebuilds_the_batch_and_the_others_go_on_exactly(
         culprits = [s for uid, s in worker._seqs.items()
                     if uid in worker._fresh and s.spec.prompt[0] == 1000]
         if culprits and not poisoned:
-            poisoned.append(culprits[0].spec.seq_id)
+            poisoned.append(_decoding_then(worker, req.request_id, 48))
             raise RuntimeError("a poisoned batch step")
         return real_next(self)
 
     monkeypatch.setattr(runner, "next", next_)
     sched = make_scheduler(worker)
-    victim = asyncio.create_task(run(sched, VICTIM, 48))
-    await _started(sched)
-    last = await _culprit(sched, [1000, 2, 3], SamplingParams(max_tokens=8))
-    assert poisoned, "the poisoned step never ran"
+    req, hold = _victim_decoding(sched, worker, 48)
+    victim = asyncio.create_task(_collect(sched, req))
+    with hold:
+        await hold.wait()
+        culprit = sched.submit(Request([1000, 2, 3], SamplingParams(max_tokens=8)))
+    last = [o async for o in culprit][-1]
+    assert poisoned == [True], "the poisoned step never ran with the victim decoding in it"
     assert last.finish_reason == "error" and "poisoned batch step" in last.error
     tokens, out = await victim
     assert out.error is None
@@ -109,16 +129,13 @@ async def test_an_unattributable_failure_never_shows_one_request_another_s_error
 
     monkeypatch.setattr(runner, "next", next_)
     sched = make_scheduler(worker)
-    gate = threading.Event()  # hold the engine thread so both join one step
-    held = threading.Thread(target=worker.run_sync, args=(lambda m: gate.wait(10),))
-    held.start()
-    await asyncio.sleep(0.05)
-    a = sched.submit(Request([1, 2, 3], SamplingParams(max_tokens=4)))
-    b = sched.submit(Request([4, 5, 6], SamplingParams(max_tokens=4)))
-    gate.set()
-    held.join()
+    with EngineHold.now(worker) as hold:  # both are inserted before the next step
+        await hold.wait()
+        a = sched.submit(Request([1, 2, 3], SamplingParams(max_tokens=4)))
+        b = sched.submit(Request([4, 5, 6], SamplingParams(max_tokens=4)))
+        assert sched.num_running == 2  # both handed to the engine while it is held
     lasts = [[o async for o in s][-1] for s in (a, b)]
-    assert calls
+    assert calls, "the two requests never were new in one step"
     assert all(o.finish_reason == "error" and "secret" not in o.error for o in lasts)
     assert_idle(sched, worker)
 

@@ -262,23 +262,52 @@ def test_the_cli_refuses_a_bad_file_without_a_traceback(tmp_path):
     assert "not a GGUF file" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_weights_are_chosen_by_device(converted):
-    """float32 on the CPU backend; 4-bit on a GPU (forced here: MLX's quantized matmul
-    also runs on the CPU, slowly)."""
+def test_weights_are_chosen_by_device(converted, monkeypatch):
+    """float32 on the CPU backend; 4-bit on a GPU, or anywhere with
+    BLOCKSERVE_GGUF_4BIT=1 (MLX's quantized matmul also runs on the CPU, slowly). The
+    4-bit weights are the float32 ones on their group's grid, and the model's
+    logits stay near the float32 model's without equalling them (greedy tokens of the
+    4-bit engine against a 4-bit reference: tests/test_exactness.py)."""
     import mlx.nn as nn
 
-    from blockserve.engine.models.loader import weights_for_device
+    from blockserve.engine.models.loader import GGUF_4BIT_ENV, load_weights, quantize_gguf
 
     _, _, out, _ = converted
     assert json.loads((out / "config.json").read_text())["blockserve_gguf"] is True
-    cpu, _ = load(str(out))
-    weights_for_device(cpu, "t", gpu=False)
-    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in cpu.named_modules())
-    gpu, tok = load(str(out))
-    weights_for_device(gpu, "t", gpu=True)
-    assert any(isinstance(m, nn.QuantizedLinear) for _, m in gpu.named_modules())
-    prompt = tok.encode("Open the file")
-    assert len(reference_tokens(gpu, prompt, 4)) == 4
+    monkeypatch.delenv(GGUF_4BIT_ENV, raising=False)
+    assert quantize_gguf() == (mx.default_device() == mx.gpu)
+    monkeypatch.setenv(GGUF_4BIT_ENV, "1")
+    assert quantize_gguf()
+    gpu = load_weights(str(out))
+    monkeypatch.setenv(GGUF_4BIT_ENV, "0")
+    cpu = load_weights(str(out))
+    monkeypatch.setenv(GGUF_4BIT_ENV, "yes")
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        quantize_gguf()
+    assert not cpu.quantized and gpu.quantized
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in cpu.model.named_modules())
+    quantized = {n: m for n, m in gpu.model.named_modules()
+                 if isinstance(m, nn.QuantizedLinear)}
+    assert quantized
+    floats = dict(cpu.model.named_modules())
+    for name, q in quantized.items():
+        w = floats[name].weight
+        back = mx.dequantize(q.weight, q.scales, q.biases, q.group_size, q.bits)
+        # 16 levels per group: within one step (the group's scale) of each weight (MLX
+        # fits the grid so zero is on it, so not always the nearest level).
+        step = mx.abs(mx.repeat(q.scales, q.group_size, axis=-1))
+        err = mx.abs(back - w)
+        assert mx.all(err <= step * 1.001 + 1e-6).item(), name
+        assert mx.any(err > 0).item(), name  # really 4 bits: not the float32 weights
+    tokens = gpu.tokenizer.encode("Open the file 12 and print 3.5 values")
+    lq = np.array(gpu.model(mx.array([tokens]))[0])
+    lf = np.array(cpu.model(mx.array([tokens]))[0])
+    rel = np.abs(lq - lf).max() / lf.std()
+    # A random tiny model is sensitive to its weights (here 0.26 of the logits' spread
+    # on average, correlation 0.94); float32 would give 0 and 1.
+    diff = np.abs(lq - lf).mean() / lf.std()
+    assert 0 < diff < 0.5, diff
+    assert np.corrcoef(lq.ravel(), lf.ravel())[0, 1] > 0.85
 
 
 def _gemma3_meta(**extra) -> dict:

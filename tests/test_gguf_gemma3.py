@@ -156,13 +156,24 @@ def test_logits_match_a_numpy_forward_pass_of_the_gguf(gemma3_file, worker, caps
     rng = np.random.default_rng(0)
     assert len(tok.encode(PROMPTS[-1])) > ref.window  # the window matters for the last
 
-    def model_logits(tokens: list[int]) -> np.ndarray:
-        # The worker's own model (converted and loaded by blockserve), on its thread;
-        # the output layer for the last positions only.
-        def fn(m) -> np.ndarray:
-            h = m.model.model(mx.array([tokens]))[0, -3:]
-            return np.array(m.model.model.embed_tokens.as_linear(h))
-        return worker.run_sync(fn)
+    def logits_of(model, tokens: list[int]) -> np.ndarray:
+        # The output layer for the last positions only.
+        h = model.model(mx.array([tokens]))[0, -3:]
+        return np.array(model.model.embed_tokens.as_linear(h))
+
+    if "-q4g64:" not in worker.namespace.model:
+        def model_logits(tokens: list[int]) -> np.ndarray:
+            # The worker's own model (converted and loaded by blockserve), on its thread.
+            return worker.run_sync(lambda m: logits_of(m.model, tokens))
+    else:
+        # A device that quantizes GGUF weights (a GPU): the bounds below judge the
+        # conversion, so they apply to its float32 weights, loaded by the same function.
+        from blockserve.engine.models.loader import load_weights
+
+        f32 = load_weights(str(gemma3_file), quantize=False).model
+
+        def model_logits(tokens: list[int]) -> np.ndarray:
+            return logits_of(f32, tokens)
 
     report = []
     for i, prompt in enumerate(PROMPTS):

@@ -9,11 +9,10 @@ import socket
 
 import aiohttp
 import pytest
-from mlx_lm.utils import load
 
-from blockserve.engine.models.loader import resolve
+from blockserve.engine.models.loader import load_weights
 from blockserve.engine.runtime.worker import EngineWorker
-from tests.engine_harness import reference_tokens
+from tests.engine_harness import reference_tokens, until
 from tests.server_harness import serve
 
 MODEL = "demo:tiny"
@@ -31,7 +30,7 @@ def worker():
 
 @pytest.fixture(scope="module")
 def expected(worker):
-    model = load(resolve(MODEL)[1])[0]
+    model = load_weights(MODEL).model
     return worker.tokenizer.decode(reference_tokens(model, VICTIM, N))
 
 
@@ -159,11 +158,7 @@ async def test_hostile_requests_from_one_tenant_never_reach_another(worker, expe
         async with aiohttp.ClientSession() as s:  # a tenant sees its own namespace only
             async with s.get(srv.url + "/v1/cache/stats", headers=auth(KEY_A)) as r:
                 assert set((await r.json())["pool"]) == {"blocks_stored", "bytes_stored"}
-        # a tenant flushes its own namespace only; B's blocks stay and still hit
-        b_blocks = srv.scheduler.pool.stats().blocks_stored
-        status, ok = await post(srv.url, "/v1/cache/reset", {})
-        assert status in (200, 409) and srv.scheduler.pool.stats().blocks_stored > 0
-        assert srv.scheduler.pool.stats().blocks_stored <= b_blocks
+        # (a tenant's reset flushes its own namespace only: the next test)
         done.set()
         await streaming
         assert victims and all(v == expected for v in victims)
@@ -246,8 +241,8 @@ async def test_an_anthropic_reply_cut_by_shutdown_never_looks_complete(worker):
             running = await s.post(srv.url + "/v1/messages", json=body)
             assert (await running.content.readline()).startswith(b"event: message_start")
             queued = asyncio.create_task(s.post(srv.url + "/v1/messages", json=body))
-            while srv.scheduler.num_waiting == 0:
-                await asyncio.sleep(0.01)
+            await until(lambda: srv.scheduler.num_waiting == 1, "the second one waits")
+            assert srv.scheduler.num_running == 1
             srv.scheduler.shutdown()
             for resp in (running, await queued):
                 events = await _events(resp)

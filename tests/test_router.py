@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from blockserve.bench.router_bench import free_port, stop, wait_ready
+from tests.server_harness import metrics
 
 ROUTER = shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
 MODEL = "demo:tiny"
@@ -110,6 +111,18 @@ async def test_cache_aware_routing_keeps_groups_and_beats_round_robin(replicas):
     assert aware_hit > rr_hit, (aware_hit, rr_hit)
 
 
+async def until_unhealthy(http, router_url: str, worker: str, timeout: float = 60) -> None:
+    """Until the router marks ``worker`` unhealthy (its ``/workers`` list)."""
+    end = asyncio.get_running_loop().time() + timeout
+    while True:
+        async with http.get(router_url + "/workers") as r:
+            workers = {w["url"]: w for w in (await r.json())["workers"]}
+        if not workers[worker]["is_healthy"]:
+            return
+        assert asyncio.get_running_loop().time() < end, f"{worker} still looks healthy"
+        await asyncio.sleep(0.1)
+
+
 async def test_a_killed_replica_does_not_fail_the_service(tmp_path):
     procs, urls = [], []
     for _ in range(2):
@@ -127,9 +140,15 @@ async def test_a_killed_replica_does_not_fail_the_service(tmp_path):
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
             for _, m in reqs[:4]:
                 await chat(http, url, m)
-            procs[0].kill()  # no drain: gone, mid-service
-            procs[0].wait()
-            await asyncio.sleep(1.5)  # one health check
+            # Kill the replica that served (and caches) those groups: cache_aware would
+            # send their later requests to it.
+            served = [sum(v for k, v in (await metrics(u)).items()
+                          if k.startswith("blockserve_requests_total")) for u in urls]
+            dead = served.index(max(served))
+            assert served[dead] > 0
+            procs[dead].kill()  # no drain: gone, mid-service
+            procs[dead].wait()
+            await until_unhealthy(http, url, urls[dead])  # the router's health check saw it
             for _, m in reqs[4:12]:
                 r = await chat(http, url, m)
                 assert r["choices"][0]["finish_reason"] in ("length", "stop")
@@ -142,7 +161,9 @@ async def test_a_draining_replica_finishes_its_stream_through_the_router(replica
     procs, urls = replicas
     proc_r, url = router(urls[:1], "cache_aware")
     try:
-        body = {"model": MODEL, "stream": True, "max_tokens": 200, "ignore_eos": True,
+        # 2000 tokens: seconds of streaming, so the drain has a stream to finish (the
+        # replica's load, read after the signal, says so).
+        body = {"model": MODEL, "stream": True, "max_tokens": 2000, "ignore_eos": True,
                 "messages": groups(4)[0][1]}
         finish = None
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
@@ -156,6 +177,9 @@ async def test_a_draining_replica_finishes_its_stream_through_the_router(replica
                     if first:
                         procs[0].send_signal(signal.SIGTERM)  # drain, mid-stream
                         first = False
+                        async with http.get(urls[0] + "/get_load") as load:
+                            assert (await load.json())["num_running_reqs"] == 1, \
+                                "the stream ended before the replica was told to drain"
                     chunk = json.loads(line[5:])
                     for c in chunk.get("choices") or []:
                         finish = c.get("finish_reason") or finish

@@ -7,10 +7,9 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import BatchGenerator, generation_stream
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.utils import load
 
 from blockserve.engine.runtime import ragged
-from blockserve.engine.models.loader import resolve
+from blockserve.engine.models.loader import load_weights
 from blockserve.engine.runtime.runner import MIN_CHUNK, RaggedRunner
 from blockserve.engine.runtime.sampling import greedy, logits_processors
 from blockserve.scheduler import SamplingParams
@@ -30,7 +29,7 @@ def _stream():
 
 @pytest.fixture(scope="module", params=MODELS)
 def model(request):
-    return load(resolve(request.param)[1])[0]
+    return load_weights(request.param).model
 
 
 def _prompt(seed: int, n: int) -> list[int]:
@@ -125,8 +124,8 @@ def test_processors_see_what_batch_generator_shows_them(model):
 
 
 def test_families_the_runner_covers():
-    covered = load(resolve("demo:tiny")[1])[0]
-    hybrid = load(resolve("demo:tiny-qwen3_next")[1])[0]
+    covered = load_weights("demo:tiny").model
+    hybrid = load_weights("demo:tiny-qwen3_next").model
     assert ragged.supports(covered, make_prompt_cache(covered))
     assert not ragged.supports(hybrid, make_prompt_cache(hybrid))
 

@@ -169,6 +169,7 @@ async def test_abort_in_every_stage_frees_everything(stage):
     blocker = sched.submit(Request([3] * 6, SamplingParams(max_tokens=3)))
     victim = sched.submit(Request(shared + [2] * 30, SamplingParams(max_tokens=50),
                                   checkpoints=[(40, TIER_SYSTEM)]))
+    held = gen.hold_prefill(victim.request_id) if stage == "prefilling" else None
     if stage == "waiting":
         assert sched.num_waiting == 1
         assert sched.abort(victim.request_id)
@@ -177,10 +178,11 @@ async def test_abort_in_every_stage_frees_everything(stage):
         assert victim.request_id in {s.seq_id for s in gen.inserted}
         assert pool.stats().blocks_pinned == 10  # its shared prefix hit is pinned
         if stage == "prefilling":
-            await asyncio.sleep(0.01)
+            await asyncio.wait_for(held.wait(), 60)
         else:
             first = await victim.__anext__()
             assert first.token_ids
+        assert gen.stage[victim.request_id] == stage  # aborted in the stage it names
         assert sched.abort(victim.request_id)
         assert victim.request_id in gen.aborted
     outs = [o async for o in victim]
@@ -256,7 +258,7 @@ async def test_reset_cache_is_refused_while_requests_hold_blocks():
     prompt = list(range(1, 19))
     await collect(sched.submit(Request(prompt, SamplingParams(max_tokens=1))))
     s = sched.submit(Request(prompt, SamplingParams(max_tokens=3)))
-    await asyncio.sleep(0)
+    assert sched.num_running == 1 and pool.stats().blocks_pinned > 0  # its hit, pinned
     assert sched.reset_cache() is False
     await collect(s)
     assert sched.reset_cache() is True and len(pool) == 0
@@ -265,7 +267,8 @@ async def test_reset_cache_is_refused_while_requests_hold_blocks():
 async def test_shutdown_aborts_everything_and_refuses_new_work():
     sched, gen, pool = make(token_delay=0.01)
     s = sched.submit(Request([1] * 8, SamplingParams(max_tokens=100)))
-    await asyncio.sleep(0.02)
+    assert (await s.__anext__()).token_ids  # it is generating, 99 tokens to go
+    assert sched.num_running == 1
     sched.shutdown()
     _, last = await collect(s)
     assert last.finish_reason == "abort" and gen.aborted == [s.request_id]
@@ -340,11 +343,11 @@ async def test_one_tenant_filling_every_slot_leaves_one_for_another():
                              token_delay=0.01)
     hog = [sched.submit(Request([7, i, 1, 2], SamplingParams(max_tokens=10_000),
                                 tenant="a")) for i in range(16)]
-    await asyncio.sleep(0.03)
     assert sched.num_running_of("a") == 15 and sched.num_waiting_of("a") == 1
     short = sched.submit(Request([9, 9, 9], SamplingParams(max_tokens=2), tenant="b"))
     assert sched.num_running_of("b") == 1  # admitted on submit, no wait for a slot
-    tokens, last = await asyncio.wait_for(collect(short), 1)
+    tokens, last = await collect(short)
+    assert sched.num_running_of("a") == 15  # it ran beside the hog's streams
     assert last.finish_reason == "length" and tokens == expected_tokens([9, 9, 9], 2)
     for s in hog:
         s.cancel()
@@ -405,7 +408,7 @@ async def test_when_the_engine_dies_every_request_ends_and_nothing_more_is_taken
     sched, gen, pool = make(SchedulerConfig(max_running=1), token_delay=0.01)
     running = sched.submit(Request([1, 2, 3], SamplingParams(max_tokens=100)))
     waiting = sched.submit(Request([4, 5, 6], SamplingParams(max_tokens=100)))
-    await asyncio.sleep(0.02)
+    assert sched.num_running == 1 and sched.num_waiting == 1
     sched._on_event(EngineFailedEvent("RuntimeError: boom"))
     for s in (running, waiting):
         _, last = await collect(s)

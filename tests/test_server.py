@@ -9,11 +9,10 @@ import aiohttp
 import anthropic
 import openai
 import pytest
-from mlx_lm.utils import load
 
-from blockserve.engine.models.loader import resolve
+from blockserve.engine.models.loader import load_weights
 from blockserve.engine.runtime.worker import EngineWorker
-from tests.engine_harness import active_sequences, reference_tokens
+from tests.engine_harness import EngineHold, active_sequences, reference_tokens, until
 from tests.server_harness import metrics, serve
 
 MODEL = "demo:tiny"
@@ -28,7 +27,7 @@ def worker():
 
 @pytest.fixture(scope="module")
 def ref_model():
-    return load(resolve(MODEL)[1])[0]
+    return load_weights(MODEL).model
 
 
 def oa(url, key="unused"):
@@ -39,8 +38,9 @@ CHAT = [{"role": "system", "content": "You are a careful coding agent. " * 4},
         {"role": "user", "content": "Open the file and print each value."}]
 
 
-async def wait_idle(url):
-    for _ in range(100):
+async def wait_idle(url, timeout=60.0):
+    end = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < end:
         m = await metrics(url)
         if (m['blockserve_kv_blocks{state="pinned"}'] == 0
                 and m["blockserve_requests_running"] == 0
@@ -254,16 +254,17 @@ async def test_api_key_is_required_when_set(worker):
 
 async def test_full_queue_gets_429_with_retry_after(worker):
     async with serve(worker, max_num_seqs=1, max_queue=1) as srv:
-        long_body = {"messages": CHAT, "max_tokens": 400, "ignore_eos": True}
-        first = asyncio.create_task(post(srv.url, "/v1/chat/completions", long_body))
-        second = asyncio.create_task(post(srv.url, "/v1/chat/completions", long_body))
-        for _ in range(100):
-            if srv.scheduler.num_waiting == 1:
-                break
-            await asyncio.sleep(0.01)
-        code, err, headers = await post(srv.url, "/v1/chat/completions", long_body)
-        assert code == 429 and headers["Retry-After"] == "1"
-        assert err["error"]["code"] == "queue_full"
+        body = {"messages": CHAT, "max_tokens": 8, "ignore_eos": True}
+        with EngineHold.now(worker) as hold:  # the first can't finish while it is held
+            await hold.wait()
+            first = asyncio.create_task(post(srv.url, "/v1/chat/completions", body))
+            await until(lambda: srv.scheduler.num_running == 1, "the first request runs")
+            second = asyncio.create_task(post(srv.url, "/v1/chat/completions", body))
+            await until(lambda: srv.scheduler.num_waiting == 1, "the second one waits")
+            code, err, headers = await post(srv.url, "/v1/chat/completions", body)
+            assert code == 429 and headers["Retry-After"] == "1"
+            assert err["error"]["code"] == "queue_full"
+            assert srv.scheduler.num_running == 1 and srv.scheduler.num_waiting == 1
         for t in (first, second):
             status, _, _ = await t
             assert status == 200
@@ -321,15 +322,16 @@ async def test_cache_admin_stats_and_refused_flush(worker):
             async with s.get(srv.url + "/v1/cache/stats") as r:
                 stats = await r.json()
         assert stats["pool"]["blocks_stored"] > 0
-        task = asyncio.create_task(post(srv.url, "/v1/chat/completions",
-                                        {"messages": CHAT, "max_tokens": 300,
-                                         "ignore_eos": True}))
-        for _ in range(200):
-            if srv.scheduler.pool.stats().blocks_pinned:
-                break
-            await asyncio.sleep(0.01)
-        code, err, _ = await post(srv.url, "/v1/cache/reset", {})
-        assert code == 409 and "in use" in err["error"]["message"]
+        with EngineHold.now(worker) as hold:  # the request can't finish while held
+            await hold.wait()
+            task = asyncio.create_task(post(srv.url, "/v1/chat/completions",
+                                            {"messages": CHAT, "max_tokens": 8,
+                                             "ignore_eos": True}))
+            await until(lambda: srv.scheduler.pool.stats().blocks_pinned,
+                        "the running request pins its cached prefix")
+            code, err, _ = await post(srv.url, "/v1/cache/reset", {})
+            assert code == 409 and "in use" in err["error"]["message"]
+            assert srv.scheduler.num_running == 1
         await task
         code, body, _ = await post(srv.url, "/v1/cache/reset", {})
         assert code == 200 and body == {"reset": True, "scope": "all"}
@@ -340,10 +342,7 @@ async def test_client_disconnect_while_waiting_for_a_non_streamed_reply(worker):
     async with serve(worker) as srv:
         _, writer = await raw_post(srv, {"messages": CHAT, "max_tokens": 2000,
                                          "ignore_eos": True})
-        for _ in range(200):
-            if srv.scheduler.num_running:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: srv.scheduler.num_running, "the request runs")
         assert srv.scheduler.num_running == 1
         writer.close()  # gone before any byte of the reply
         await wait_idle(srv.url)

@@ -12,9 +12,8 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mlx_lm.utils import load
 
-from blockserve.engine.models.loader import DEFAULT_MODEL, resolve
+from blockserve.engine.models.loader import DEFAULT_MODEL, load_weights
 from blockserve.engine.runtime.sampling import GrammarProcessor
 from blockserve.engine.text.structured import Grammars, JsonCloser
 from blockserve.engine.runtime.worker import EngineWorker
@@ -279,7 +278,7 @@ async def test_formats_that_cant_be_enforced_are_400s_that_say_why(worker, body,
 async def test_free_requests_stay_exact_beside_constrained_ones(worker):
     """Constrained and free requests share batches; the free ones still produce
     exactly mlx-lm's greedy tokens."""
-    ref_model, _ = load(resolve(MODEL)[1])
+    ref_model = load_weights(MODEL).model
     n = 24
     async with serve(worker) as srv:
         fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
@@ -307,7 +306,7 @@ def test_the_mask_waits_for_the_end_of_reasoning():
     """A reply that opens in reasoning is free until the end-of-thinking tokens; with
     thinking asked for, the first token may open a think block instead of the answer.
     Either way the answer after it follows the grammar."""
-    _, tok = load(resolve(MODEL)[1])
+    tok = load_weights(MODEL).tokenizer
     grammars = Grammars(tok)
     think_start = tok.encode("<think>", add_special_tokens=False)
     think_end = tok.encode("</think>", add_special_tokens=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,24 +56,66 @@ def resolve(model: str | None) -> tuple[str, str]:
     return model, model
 
 
-def weights_for_device(net: Any, model_id: str, gpu: bool | None = None) -> None:
-    """A GGUF's weights, converted to float32, kept so on the CPU backend (MLX's
-    quantized matmul is ~10x slower there) and quantized to 4 bits on a GPU (Apple
-    silicon), where memory bandwidth decides."""
-    gpu = mx.default_device() == mx.gpu if gpu is None else gpu
+# "1": quantize a GGUF's weights to 4 bits whatever the device (tests prove the GPU's
+# path on the CPU with it); "0": keep them in float32 everywhere; unset: the device
+# decides (``quantize_gguf``). Read only there.
+GGUF_4BIT_ENV = "BLOCKSERVE_GGUF_4BIT"
+
+
+def quantize_gguf() -> bool:
+    """Whether a GGUF's weights are quantized to 4 bits here: on a GPU (Apple silicon),
+    where memory bandwidth decides, unless ``BLOCKSERVE_GGUF_4BIT`` says otherwise;
+    on the CPU backend they stay float32 (MLX's quantized matmul is ~10x slower there)."""
+    forced = os.environ.get(GGUF_4BIT_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ValueError(f"{GGUF_4BIT_ENV} must be 0 or 1, not {forced!r}")
+    return mx.default_device() == mx.gpu
+
+
+def weights_for_device(net: Any, model_id: str, gpu: bool | None = None) -> bool:
+    """A GGUF's weights, converted to float32: quantized to 4 bits in place when
+    ``gpu`` (default: ``quantize_gguf()``), kept as they are otherwise. True if
+    quantized."""
+    gpu = quantize_gguf() if gpu is None else gpu
     if gpu:
         nn.quantize(net, group_size=64, bits=4)
-        log.info("%s: GGUF weights quantized to 4 bits for the GPU", model_id)
+        log.info("%s: GGUF weights quantized to 4 bits", model_id)
     else:
         log.info("%s: GGUF weights kept in float32, the fast path on the CPU backend",
                  model_id)
+    return gpu
+
+
+@dataclass
+class Weights:
+    """A model as loaded for serving: what ``load_model`` builds on, and what every
+    reference (mlx-lm's own generation in the tests, tools) must load, so both see the
+    same weights on every device."""
+
+    model_id: str
+    path: str
+    model: Any
+    tokenizer: Any
+    config: dict
+    quantized: bool  # a GGUF's weights quantized to 4 bits on load
+
+
+def load_weights(model: str | None = None, revision: str | None = None,
+                 quantize: bool | None = None) -> Weights:
+    """The model's weights exactly as the engine serves them on this device (a GGUF's
+    quantized to 4 bits or not: ``quantize``, by default ``quantize_gguf()``)."""
+    model_id, path = resolve(model)
+    net, tokenizer, config = load(path, revision=revision, return_config=True)
+    quantized = (bool(config.get(GGUF_SOURCE_KEY))
+                 and weights_for_device(net, model_id, gpu=quantize))
+    return Weights(model_id, path, net, tokenizer, config, quantized)
 
 
 def load_model(model: str | None = None, revision: str | None = None) -> LoadedModel:
-    model_id, path = resolve(model)
-    net, tokenizer, config = load(path, revision=revision, return_config=True)
-    if config.get(GGUF_SOURCE_KEY):
-        weights_for_device(net, model_id)
+    w = load_weights(model, revision)
+    model_id, path, net, tokenizer, config = w.model_id, w.path, w.model, w.tokenizer, w.config
     caches = make_prompt_cache(net)
     try:
         layout = CacheLayout.of(caches)
@@ -89,6 +132,8 @@ def load_model(model: str | None = None, revision: str | None = None) -> LoadedM
         for c in kv
     )
     dtype = str(tree_flatten(net.parameters())[0][1].dtype)
+    if w.quantized:  # other weights, other KV: never one cache namespace with float32
+        dtype += "-q4g64"
     local = Path(path)
     digest = ""
     if (local / "config.json").exists():
