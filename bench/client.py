@@ -160,10 +160,11 @@ async def run_workload(target: Target, workload: Workload, concurrency: int | No
         else:
             tasks = []
             for i, s in enumerate(workload.sessions):
+                if i:  # no wait after the last arrival: it is not part of the run
+                    await asyncio.sleep(rng.expovariate(rate))
                 if time.perf_counter() > deadline:
                     break
                 tasks.append(asyncio.create_task(run_session(i, s)))
-                await asyncio.sleep(rng.expovariate(rate))
             await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
     if bar:
