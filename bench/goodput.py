@@ -168,6 +168,13 @@ def knee_of(points: list[dict], threshold: float = KNEE_ATTAINMENT) -> dict | No
     return next((p for p in points if p["rate"] == rate), None)
 
 
+def _above(points: list[dict], knee: dict) -> str:
+    """A warning when the knee is the highest rate run: the real one lies above it."""
+    if knee["rate"] >= max(p["rate"] for p in points):
+        return " (the highest rate run: the knee lies above, add higher rates)"
+    return ""
+
+
 def format_sweep(points: list[dict], label: str = "") -> str:
     """A text table of a sweep and its knee line."""
     head = f"rate sweep{f' ({label})' if label else ''}:"
@@ -186,7 +193,7 @@ def format_sweep(points: list[dict], label: str = "") -> str:
     k = knee_of(points)
     lines.append("  knee: none (no rate reaches 90% attainment)" if k is None else
                  f"  knee: {k['rate']:g} req/s, goodput {k['goodput_per_s']:.3f} req/s "
-                 f"(attainment {k['attainment']:.2f})")
+                 f"(attainment {k['attainment']:.2f}){_above(points, k)}")
     return "\n".join(lines)
 
 
@@ -237,7 +244,8 @@ def sweep_lines(sweeps: dict[str, list[dict]], slo: dict[str, float], ours: list
     for srv, k in knees.items():
         out.append(f"- {srv}: " + ("no rate reaches the knee" if k is None else
                                    f"knee {k['rate']:g} req/s, goodput at the knee "
-                                   f"**{k['goodput_per_s']:.3f} req/s**"))
+                                   f"**{k['goodput_per_s']:.3f} req/s**"
+                                   f"{_above(sweeps[srv], k)}"))
     for mine in ours:
         for peer in peers:
             a, b = knees.get(mine), knees.get(peer)

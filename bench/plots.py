@@ -64,7 +64,7 @@ def plot_goodput(sweeps: dict[str, list[dict]], path: str, subtitle: str = "",
         if k is not None:
             ax.axvline(k["rate"], color=color, alpha=0.4)
             ax.annotate(f"knee {k['rate']:g}/s", (k["rate"], threshold), color=color,
-                        xytext=(4, -14), textcoords="offset points", fontsize=8)
+                        xytext=(-52, -14), textcoords="offset points", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax2.set_ylim(bottom=0)
     h1, l1 = ax.get_legend_handles_labels()

@@ -392,3 +392,16 @@ def test_compare_reports_goodput_at_each_knee_and_the_ratio():
     s = summarize([_streamed([0.5, 0.7])], 1.0, slo=slo)
     rows = goodput_lines({"shared-prefix 4x8": {"blockserve": s}})
     assert rows[-1] == "| shared-prefix 4x8 | blockserve | 1.00 | 1.000 | 1.00 | 1.00 |"
+
+
+def test_a_knee_at_the_highest_rate_run_is_flagged():
+    from blockserve.bench.goodput import format_sweep
+
+    q = {"p50": 0.1, "p90": 0.2}
+    pts = [{"rate": r, "attainment": 1.0, "goodput_per_s": r, "errors": 0, "ttft_s": q,
+            "itl_s": q, "e2e_s": q} for r in (1, 2)]
+    assert format_sweep(pts).endswith("knee: 2 req/s, goodput 2.000 req/s (attainment 1.00) "
+                                      "(the highest rate run: the knee lies above, add "
+                                      "higher rates)")
+    pts.append({**pts[-1], "rate": 4, "attainment": 0.5})
+    assert format_sweep(pts).endswith("(attainment 1.00)")
