@@ -42,8 +42,17 @@ class Record:
         return (self.e2e - self.ttft) / (self.completion_tokens - 1)
 
 
+# Content chunks arriving within this of the previous arrival are the same arrival: a
+# draft's tokens sent as several chunks in one write, or read in one go, are ONE gap.
+BURST_S = 0.001
+
+
 def record_stream(rec: Record, t0: float, events: list[tuple[float, dict]]) -> None:
-    """Fill ``rec`` from (arrival time, parsed chunk) pairs of one chat stream."""
+    """Fill ``rec`` from (arrival time, parsed chunk) pairs of one chat stream.
+
+    ``itl`` holds the gaps between arrivals of content: several tokens in one chunk (a
+    speculative draft) are one arrival, and so are chunks that arrive together (the same
+    network read, or within ``BURST_S``): no zero-length gaps are recorded."""
     last = None
     text = []
     for t, chunk in events:
@@ -57,7 +66,7 @@ def record_stream(rec: Record, t0: float, events: list[tuple[float, dict]]) -> N
             if content:
                 if last is None:
                     rec.ttft = t - t0
-                else:
+                elif t - last >= BURST_S:
                     rec.itl.append(t - last)
                 last = t
                 text.append(content)
@@ -93,10 +102,16 @@ async def _one(http: aiohttp.ClientSession, target: Target, session: Session, s_
             if r.status != 200:
                 rec.error = f"HTTP {r.status}: {(await r.text())[:200]}"
             else:
-                async for raw in r.content:
-                    line = raw.decode().strip()
-                    if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                        events.append((time.perf_counter(), json.loads(line[5:])))
+                # one arrival time per network read: its events arrived together
+                buf = b""
+                async for data in r.content.iter_any():
+                    now = time.perf_counter()
+                    buf += data
+                    *lines, buf = buf.split(b"\n")
+                    for raw in lines:
+                        line = raw.decode().strip()
+                        if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                            events.append((now, json.loads(line[5:])))
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         rec.error = f"{type(e).__name__}: {e}"
     record_stream(rec, rec.start, events)
@@ -145,10 +160,11 @@ async def run_workload(target: Target, workload: Workload, concurrency: int | No
         else:
             tasks = []
             for i, s in enumerate(workload.sessions):
+                if i:  # no wait after the last arrival: it is not part of the run
+                    await asyncio.sleep(rng.expovariate(rate))
                 if time.perf_counter() > deadline:
                     break
                 tasks.append(asyncio.create_task(run_session(i, s)))
-                await asyncio.sleep(rng.expovariate(rate))
             await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
     if bar:

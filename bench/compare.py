@@ -34,7 +34,10 @@ import aiohttp
 
 from blockserve.bench.client import Record
 from blockserve.bench.plots import plot_ttft_cdf
-from blockserve.bench.run import bench_once, make_target
+from blockserve.bench.goodput import (format_slo, goodput_lines, parse_rates, parse_slo,
+                                     sweep_lines)
+from blockserve.bench.plots import plot_goodput
+from blockserve.bench.run import bench_once, make_target, run_sweep
 from blockserve.bench.stats import records_json
 from blockserve.bench.tokens import LocalTokenizer
 from blockserve.bench.workloads import (
@@ -93,6 +96,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="compare", help="stem of the result files")
     p.add_argument("--no-peers", action="store_true",
                    help="run only blockserve's variants (e.g. a flag on and off)")
+    p.add_argument("--slo", type=parse_slo, default=None, metavar="ttft=2s,itl=300ms,e2e=20s",
+                   help="latency targets (any subset of ttft, itl, tpot, e2e; s or ms): "
+                        "goodput and the share meeting each target per workload and server")
+    p.add_argument("--sweep-rates", type=parse_rates, default=None, metavar="0.5,1,2,4|auto",
+                   help="with --slo: a Poisson rate sweep of shared-prefix requests against "
+                        "each server; reports goodput at each one's knee (>= 90%% meeting "
+                        "the SLO) and the ratio")
+    p.add_argument("--sweep-requests", type=int, default=32,
+                   help="requests at each rate of the sweep (4 groups)")
     p.add_argument("--vllm-mlx", metavar="PATH",
                    help="the vllm-mlx executable (its own venv): compare against it too")
 
@@ -121,6 +133,13 @@ def _workloads(args, trim):
             w.name = f"edit x{c}"
             out.append((w, c))
     return out
+
+
+def _sweep_workload(args, trim, i: int):
+    """The rate sweep's i-th run: one-request sessions (rate = requests/s), other prompts
+    at each run so that none is cached from the run before."""
+    return shared_prefix(4, max(1, args.sweep_requests // 4), args.system_tokens, 32,
+                         args.output_tokens, 100 + i, trim)
 
 
 def _server_command(server: str, args, model_path: str | None, port: int,
@@ -187,7 +206,8 @@ def _row(workload: str, server: str, s: dict) -> str:
             f"{s['output_tokens_per_s']:.1f} | {s['ttft_s']['p50']:.2f} | "
             f"{s['ttft_s']['p90']:.2f} | {(s['tpot_s']['p50'] or 0) * 1e3:.0f} | "
             f"{_tps(s['decode_tokens_per_s']['p50'])} | "
-            f"{_ms(s['itl_s']['p50'])} | {_ms(s['itl_s']['p99'])} | {_s(s['e2e_s']['p50'])} | "
+            f"{_ms(s['itl_s']['p50'])} | {_ms(s['itl_s']['p99'])} | {_s(s['e2e_s']['mean'])} | "
+            f"{_s(s['e2e_s']['p50'])} | {_s(s['e2e_s']['p90'])} | {_s(s['e2e_s']['p99'])} | "
             f"{s['hit_rate']:.2f} | {s['prompt_tokens_computed']} | "
             f"{s['distinct_prefix_tokens']} | {'n/a' if eff is None else f'{eff:.2f}'} | "
             f"{s['errors']} |")
@@ -311,6 +331,9 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, dict]] = {}
     records: dict[str, dict[str, list]] = {}
+    sweeps: dict[str, list[dict]] = {}
+    if args.sweep_rates is not None and not args.slo:
+        raise SystemExit("--sweep-rates needs --slo (e.g. --slo ttft=2s,itl=300ms,e2e=20s)")
     model_path, tok = None, None
     variants = args.blockserve_variants
     ours = [label for label, _ in variants]
@@ -332,13 +355,17 @@ def main(args: argparse.Namespace) -> int:
             target = make_target(url, model_name, tok)
             for workload, concurrency in _workloads(args, tok.trim):
                 summary, recs = asyncio.run(bench_once(target, workload, concurrency, None,
-                                                       args.max_seconds, 0))
+                                                       args.max_seconds, 0, slo=args.slo))
                 results.setdefault(workload.name, {})[server] = summary
                 records.setdefault(workload.name, {})[server] = recs
                 print(f"  {workload.name}: {summary['requests_per_s']:.2f} req/s, "
                       f"TTFT p90 {summary['ttft_s']['p90']:.2f} s, decode p50 "
                       f"{_tps(summary['decode_tokens_per_s']['p50'])} tok/s, "
                       f"efficiency {summary['prefill_efficiency']}")
+            if args.sweep_rates is not None:
+                sweeps[server], _ = run_sweep(
+                    target, lambda i: _sweep_workload(args, tok.trim, i), args.sweep_rates,
+                    args.slo, args.max_seconds, 0, label=server)
         finally:
             _stop(proc)
     head = (f"Model `{args.model}`, {platform.machine()} {platform.system()}, "
@@ -353,10 +380,10 @@ def main(args: argparse.Namespace) -> int:
     lines = [
         head, "",
         "| workload | server | req/s | out tok/s | TTFT p50 s | TTFT p90 s | TPOT p50 ms | "
-        "decode tok/s p50 | ITL p50 ms | ITL p99 ms | e2e p50 s | "
-        "hit rate | prompt tokens computed | distinct prefix tokens | prefill efficiency | "
-        "errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "decode tok/s p50 | ITL p50 ms | ITL p99 ms | e2e mean s | e2e p50 s | e2e p90 s | "
+        "e2e p99 s | hit rate | prompt tokens computed | distinct prefix tokens | "
+        "prefill efficiency | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for workload, by_server in results.items():
         for server, s in by_server.items():
@@ -367,6 +394,14 @@ def main(args: argparse.Namespace) -> int:
         try:
             plot_ttft_cdf(records[workload],
                           str(out / f"{args.name}-{_plot_stem(workload)}-ttft.png"))
+        except ImportError:
+            pass
+    lines += goodput_lines(results)
+    lines += sweep_lines(sweeps, args.slo or {}, ours, peers)
+    if sweeps:
+        try:
+            plot_goodput(sweeps, str(out / f"{args.name}-goodput.png"),
+                         f"SLO {format_slo(args.slo)}")
         except ImportError:
             pass
     lines += _cached_prefix_lines(records, ours[0])
@@ -382,6 +417,7 @@ def main(args: argparse.Namespace) -> int:
     (out / f"{args.name}.md").write_text(table)
     (out / f"{args.name}.json").write_text(json.dumps(
         {"variants": {label: extra for label, extra in variants}, "summaries": results,
+         "slo": args.slo, "sweeps": sweeps,
          "records": {w: {s: records_json(r) for s, r in by.items()}
                      for w, by in records.items()}}, indent=1))
     print(table)

@@ -12,9 +12,12 @@ import json
 import os
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from blockserve.bench.client import Target, run_workload, scrape
-from blockserve.bench.plots import plot_sweep, plot_ttft_cdf
+from blockserve.bench.goodput import (format_slo, format_sweep, knee_of, next_auto_rate,
+                                     parse_rates, parse_slo, sweep_point)
+from blockserve.bench.plots import plot_goodput, plot_sweep, plot_ttft_cdf
 from blockserve.bench.stats import records_json, summarize
 from blockserve.bench.tokens import BenchTokenizer, open_tokenizer
 from blockserve.bench.workloads import WORKLOADS, Workload
@@ -54,12 +57,43 @@ def build_workload(args: argparse.Namespace, tok: BenchTokenizer) -> Workload:
 
 async def bench_once(target: Target, workload: Workload, concurrency: int | None,
                      rate: float | None, max_seconds: float, seed: int,
-                     progress: bool = True) -> tuple[dict, list]:
+                     progress: bool = True, slo: dict[str, float] | None = None
+                     ) -> tuple[dict, list]:
     before = await scrape(target.url)
     records, wall = await run_workload(target, workload, concurrency, rate, max_seconds,
                                        seed, progress)
     after = await scrape(target.url)
-    return summarize(records, wall, before, after), records
+    return summarize(records, wall, before, after, slo), records
+
+
+def run_sweep(target: Target, make_workload: Callable[[int], Workload], rates: list[float] | str,
+              slo: dict[str, float], max_seconds: float, seed: int, progress: bool = True,
+              start: float = 0.5, bisect_steps: int = 3, label: str = ""
+              ) -> tuple[list[dict], dict[float, list]]:
+    """Poisson arrivals at each rate (a fresh workload each), or ``auto`` (doubling, then
+    bisecting: ``goodput.next_auto_rate``): the sweep points and each rate's records.
+    ``make_workload(i)`` builds the i-th run's workload: give each its own seed, or the
+    prefix cache would hold the whole prompts of the runs before."""
+    points: list[dict] = []
+    records: dict[float, list] = {}
+    todo = list(rates) if rates != "auto" else []
+    while True:
+        if rates == "auto":
+            rate = next_auto_rate([(p["rate"], p["attainment"]) for p in points], start,
+                                  bisect_steps)
+        else:
+            rate = todo.pop(0) if todo else None
+        if rate is None:
+            break
+        summary, recs = asyncio.run(bench_once(target, make_workload(len(points)), None, rate,
+                                               max_seconds, seed, progress, slo))
+        p = sweep_point(rate, summary)
+        points.append(p)
+        records[rate] = recs
+        print(f"  {label + ', ' if label else ''}rate {rate:g}/s: attainment "
+              f"{p['attainment']:.2f}, goodput {p['goodput_per_s']:.3f} req/s, "
+              f"{summary['errors']} errors", flush=True)
+    return sorted(points, key=lambda p: p["rate"]), records
 
 
 def format_turns(s: dict) -> str:
@@ -70,8 +104,37 @@ def format_turns(s: dict) -> str:
         for t, v in sorted(s["per_turn"].items()))
 
 
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 1e3:.0f}"
+
+
+def _s(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def format_latency(s: dict) -> str:
+    """Inter-token p50/p90/p99 and end-to-end mean/p50/p90/p99."""
+    i, e = s["itl_s"], s["e2e_s"]
+    return (f"  ITL p50 {_ms(i['p50'])} ms p90 {_ms(i['p90'])} ms p99 {_ms(i['p99'])} ms | "
+            f"e2e mean {_s(e['mean'])} s p50 {_s(e['p50'])} s p90 {_s(e['p90'])} s "
+            f"p99 {_s(e['p99'])} s")
+
+
+def format_goodput(s: dict) -> str:
+    g = s["goodput"]
+    share = ", ".join(f"{k} {v:.2f}" for k, v in g["share_meeting"].items())
+    return (f"  SLO {format_slo(g['slo'])}: {g['good_requests']} of {s['requests']} requests "
+            f"meet it (attainment {g['attainment']:.2f}), goodput {g['goodput_per_s']:.3f} "
+            f"req/s | share meeting each: {share}")
+
+
 def format_summary(name: str, s: dict) -> str:
     eff = s["prefill_efficiency"]
+    lines = [format_latency(s)] + ([format_goodput(s)] if s.get("goodput") else [])
+    return "\n".join([_first_line(name, s, eff)] + lines)
+
+
+def _first_line(name: str, s: dict, eff: float | None) -> str:
     return (f"{name}: {s['requests']} requests ({s['errors']} errors) in {s['wall_s']:.1f} s | "
             f"{s['requests_per_s']:.2f} req/s, {s['output_tokens_per_s']:.1f} out tok/s | "
             f"TTFT p50 {s['ttft_s']['p50'] or 0:.3f} s p90 {s['ttft_s']['p90'] or 0:.3f} s | "
@@ -109,6 +172,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="closed-loop concurrency; a comma list sweeps it")
     p.add_argument("--rate", type=float, default=None,
                    help="open loop: Poisson arrivals, sessions per second")
+    p.add_argument("--slo", type=parse_slo, default=None, metavar="ttft=2s,itl=300ms,e2e=20s",
+                   help="latency targets (any subset of ttft, itl, tpot, e2e; units s or ms): "
+                        "report goodput, the requests meeting every target per second, and "
+                        "the share meeting each; itl is a request's largest gap")
+    p.add_argument("--sweep-rates", type=parse_rates, default=None, metavar="0.5,1,2,4|auto",
+                   help="with --slo: Poisson arrivals at each rate (requests/s; auto: "
+                        "double from --sweep-start until attainment < 90%%, then bisect "
+                        "--sweep-bisect times); reports the knee, the highest rate with "
+                        ">= 90%% of requests meeting the SLO, and plots <name>-goodput.png")
+    p.add_argument("--sweep-start", type=float, default=0.5, help="auto sweep's first rate")
+    p.add_argument("--sweep-bisect", type=int, default=3, help="auto sweep's bisections")
     p.add_argument("--max-seconds", type=float, default=600)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--name", default=None, help="file name stem (default: the workload)")
@@ -120,16 +194,18 @@ def main(args: argparse.Namespace) -> int:
         args.model = served_model(args.url, args.api_key)
     tok = open_tokenizer(args.url, args.tokenizer, args.model, args.api_key)
     target = make_target(args.url, args.model, tok, args.api_key)
-    levels = [None] if args.rate else [int(c) for c in args.concurrency.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or args.workload
+    if args.sweep_rates is not None:
+        return sweep_main(args, tok, target, out, stem)
+    levels = [None] if args.rate else [int(c) for c in args.concurrency.split(",")]
     runs, sweep = [], []
     for c in levels:
         workload = build_workload(args, tok)  # fresh sessions (histories) per level
         summary, records = asyncio.run(bench_once(target, workload, c, args.rate,
                                                   args.max_seconds, args.seed,
-                                                  not args.no_progress))
+                                                  not args.no_progress, args.slo))
         label = f"rate {args.rate}/s" if args.rate else f"concurrency {c}"
         print(format_summary(f"{workload.name}, {label}", summary))
         if len(summary["per_turn"]) > 1:
@@ -145,6 +221,35 @@ def main(args: argparse.Namespace) -> int:
         if len(sweep) > 1:
             plot_sweep({args.model: [(c, v) for c, v, _, _ in sweep]},
                        str(out / f"{stem}-sweep.png"))
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+    print(f"wrote {os.path.join(args.out, stem)}.json")
+    return 0
+
+
+def sweep_main(args: argparse.Namespace, tok: BenchTokenizer, target: Target, out: Path,
+               stem: str) -> int:
+    """``--sweep-rates``: the rate sweep, its knee, ``<stem>.json`` and the plot."""
+    if not args.slo:
+        raise SystemExit("--sweep-rates needs --slo (e.g. --slo ttft=2s,itl=300ms,e2e=20s): "
+                         "the knee is where 90% of requests meet it")
+    def make(i: int) -> Workload:  # other prompts at each rate: none cached from the last
+        return build_workload(argparse.Namespace(**{**vars(args), "seed": args.seed + 1000 * i}),
+                              tok)
+
+    points, records = run_sweep(target, make, args.sweep_rates,
+                                args.slo, args.max_seconds, args.seed, not args.no_progress,
+                                args.sweep_start, args.sweep_bisect)
+    print(f"{args.workload}, SLO {format_slo(args.slo)}")
+    print(format_sweep(points))
+    (out / f"{stem}.json").write_text(json.dumps(
+        {"url": args.url, "model": args.model, "workload": args.workload, "seed": args.seed,
+         "slo": args.slo, "sweep": points, "knee": knee_of(points),
+         "records": {str(r): records_json(v) for r, v in records.items()}}, indent=1))
+    try:
+        plot_goodput({args.model: points}, str(out / f"{stem}-goodput.png"),
+                     f"SLO {format_slo(args.slo)}")
+        print(f"wrote {os.path.join(args.out, stem)}-goodput.png")
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
     print(f"wrote {os.path.join(args.out, stem)}.json")

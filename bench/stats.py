@@ -1,6 +1,7 @@
 """Summaries of a load-generator run, with vLLM ``bench serve``'s metric definitions.
 
-TTFT is the time to the first content chunk; ITL the gaps between content chunks;
+TTFT is the time to the first content chunk; ITL the gaps between arrivals of content
+(tokens arriving together, e.g. a speculative draft, are one gap: ``client.record_stream``);
 TPOT (e2e - TTFT) / (output tokens - 1); decode tokens/s its inverse, per request (the rate
 that speculative decoding raises, prefill left out); prefill efficiency the distinct prefix
 tokens of the workload (a token trie of the rendered prompts) over the prompt tokens the
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from blockserve.bench.client import Record
+from blockserve.bench.goodput import goodput
 
 
 def distinct_prefix_tokens(prompts: list[list[int]]) -> int:
@@ -55,7 +57,9 @@ COMPUTED_METRIC = "blockserve_prompt_tokens_computed_total"
 
 
 def summarize(records: list[Record], wall: float, before: dict | None = None,
-              after: dict | None = None) -> dict:
+              after: dict | None = None, slo: dict[str, float] | None = None) -> dict:
+    """The run's figures; with ``slo`` ({key: seconds}, see ``goodput.parse_slo``) also
+    ``goodput``: attainment, good requests per second, share meeting each target."""
     ok = [r for r in records if r.error is None]
     prompt = sum(r.prompt_tokens for r in ok)
     cached = sum(r.cached_tokens for r in ok)
@@ -81,6 +85,7 @@ def summarize(records: list[Record], wall: float, before: dict | None = None,
         "distinct_prefix_tokens": distinct,
         "prefill_efficiency": distinct / computed if distinct and computed > 0 else None,
         "per_turn": per_turn(ok),
+        "goodput": goodput(records, wall, slo) if slo else None,
     }
 
 

@@ -253,3 +253,155 @@ def test_variants_are_set_against_the_peers_and_against_each_other():
                                "tok/s p50 ratio **1.25x**")
     assert "blockserve spec against blockserve nospec: decode tok/s p50 ratio **2.00x**" \
         in lines[2] and "same output on **1 of 2** requests" in lines[2]
+
+
+# --- goodput (issue 31, item 4) ---------------------------------------------------------
+
+
+def test_slo_parser_takes_units_any_subset_and_says_what_is_wrong():
+    from blockserve.bench.goodput import parse_slo
+
+    assert parse_slo("ttft=2s,itl=300ms,e2e=20s") == pytest.approx(
+        {"ttft": 2.0, "itl": 0.3, "e2e": 20.0})
+    assert parse_slo("itl=0.3s") == {"itl": pytest.approx(0.3)}
+    # vLLM's spelling: ``key:value`` and ``e2el``; spaces and case do not matter
+    assert parse_slo(" TPOT:50ms , e2el : 1.5s") == pytest.approx({"tpot": 0.05, "e2e": 1.5})
+    for bad, why in [("ttft=2", "unit"), ("ttft=2h", "unit"), ("foo=1s", "unknown"),
+                     ("ttft", "KEY=VALUE"), ("ttft=1s,ttft=2s", "twice"), ("", "empty"),
+                     ("ttft=0s", "> 0"), ("ttft=-1s", "unit")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(why)):
+            parse_slo(bad)
+
+
+def _streamed(times, t0=0.0, completion_tokens=None, texts=None):
+    """A record from content chunks arriving at ``times`` (seconds)."""
+    texts = texts or ["x"] * len(times)
+    events = [(t, chunk(x)) for t, x in zip(times, texts)]
+    n = completion_tokens or len(times)
+    events.append((times[-1], chunk(usage={"prompt_tokens": 8, "completion_tokens": n})))
+    rec = Record(0, 0)
+    record_stream(rec, t0, events)
+    return rec
+
+
+def test_a_draft_arriving_at_once_is_one_gap_not_several():
+    # 4 tokens of a draft in one chunk at 0.6, then 3 more chunks arriving in one read
+    # (the same arrival time) at 0.9: two gaps, 0.2 and 0.3, and no zero-length ones
+    rec = _streamed([0.4, 0.6, 0.9, 0.9, 0.9], texts=["a", "bcde", "f", "g", "h"],
+                    completion_tokens=8)
+    assert rec.itl == pytest.approx([0.2, 0.3])
+    assert rec.text == "abcdefgh"
+    # chunks a fraction of a millisecond apart are the same arrival too
+    rec = _streamed([0.4, 0.6, 0.6002, 0.6004, 1.0])
+    assert rec.itl == pytest.approx([0.2, 1.0 - 0.6004])
+    s = summarize([rec], 1.0)
+    assert s["itl_s"]["p50"] == pytest.approx((0.2 + 0.3996) / 2)
+
+
+def test_attainment_and_goodput_on_synthetic_records():
+    from blockserve.bench.goodput import goodput, meets, parse_slo
+
+    slo = parse_slo("ttft=1s,itl=300ms,e2e=3s")
+    fast = _streamed([0.5, 0.7, 0.9, 1.1])  # meets all
+    slow_start = _streamed([1.5, 1.7, 1.9])  # ttft misses
+    stall = _streamed([0.5, 0.7, 1.2, 1.3])  # one 0.5 s gap: itl (its largest) misses
+    # a draft: 6 tokens in 3 arrivals 0.25 s apart; counted per token the "gaps" would
+    # include zeros, but the largest gap is what counts and it is 0.25: meets
+    draft = _streamed([0.5, 0.75, 0.75, 0.75, 1.0, 1.0], completion_tokens=6)
+    long = _streamed([0.5] + [0.5 + 0.25 * i for i in range(1, 14)])  # e2e 3.75 s misses
+    failed = Record(5, 0, error="HTTP 500")
+    assert meets(fast, slo) == {"ttft": True, "itl": True, "e2e": True}
+    assert meets(slow_start, slo) == {"ttft": False, "itl": True, "e2e": True}
+    assert meets(stall, slo) == {"ttft": True, "itl": False, "e2e": True}
+    assert draft.itl == pytest.approx([0.25, 0.25]) and all(meets(draft, slo).values())
+    assert meets(long, slo) == {"ttft": True, "itl": True, "e2e": False}
+    assert meets(failed, slo) == {"ttft": False, "itl": False, "e2e": False}
+    g = goodput([fast, slow_start, stall, draft, long, failed], 4.0, slo)
+    assert g["good_requests"] == 2
+    assert g["attainment"] == pytest.approx(2 / 6)
+    assert g["goodput_per_s"] == pytest.approx(0.5)
+    assert g["share_meeting"] == pytest.approx({"ttft": 4 / 6, "itl": 4 / 6, "e2e": 4 / 6})
+    # tpot is vLLM's per-request (e2e - ttft) / (tokens - 1): 0.6 / 3 = 0.2 s for ``fast``
+    assert meets(fast, parse_slo("tpot=201ms")) == {"tpot": True}
+    assert meets(fast, parse_slo("tpot=199ms")) == {"tpot": False}
+    # summarize reports it when given an SLO, and e2e's mean and percentiles beside
+    s = summarize([fast, slow_start, stall, draft, long, failed], 4.0, slo=slo)
+    assert s["goodput"] == g
+    assert s["e2e_s"]["mean"] == pytest.approx((1.1 + 1.9 + 1.3 + 1.0 + 3.75) / 5)
+    assert summarize([fast], 1.0)["goodput"] is None
+    text = format_summary("w", s)
+    assert "e2e mean 1.81 s p50 1.30 s" in text
+    assert "2 of 6 requests meet it (attainment 0.33), goodput 0.500 req/s" in text
+    assert "ttft 0.67, itl 0.67, e2e 0.67" in text
+
+
+def test_the_knee_is_the_highest_rate_at_90_percent_below_the_first_miss():
+    from blockserve.bench.goodput import find_knee, knee_of
+
+    curve = [(4, 0.5), (0.5, 1.0), (1, 0.97), (2, 0.9), (3, 0.85)]
+    assert find_knee(curve) == 2  # 0.9 exactly counts
+    # a noisy pass above a miss is not the knee
+    assert find_knee([(0.5, 1.0), (1, 0.8), (2, 0.95)]) == 0.5
+    assert find_knee([(0.5, 0.7), (1, 0.6)]) is None
+    assert find_knee([(1, 0.95), (2, 0.93)]) == 2
+    assert find_knee(curve, threshold=0.99) == 0.5
+    pts = [{"rate": r, "attainment": a, "goodput_per_s": r * a} for r, a in curve]
+    assert knee_of(pts)["goodput_per_s"] == pytest.approx(1.8)
+
+
+def test_the_auto_sweep_doubles_until_a_miss_then_bisects():
+    from blockserve.bench.goodput import next_auto_rate, parse_rates
+
+    def attainment(rate):  # the knee of this synthetic server is 2.6 req/s
+        return 1.0 if rate <= 2.6 else 0.5
+
+    points, rate = [], next_auto_rate([], start=0.5, bisect_steps=3)
+    while rate is not None:
+        points.append((rate, attainment(rate)))
+        rate = next_auto_rate(points, start=0.5, bisect_steps=3)
+    assert [r for r, _ in points] == [0.5, 1, 2, 4, 3, 2.5, 2.75]
+    # starting above the knee halves down first
+    points, rate = [], next_auto_rate([], start=8, bisect_steps=3)
+    while rate is not None:
+        points.append((rate, attainment(rate)))
+        rate = next_auto_rate(points, start=8, bisect_steps=3)
+    assert [r for r, _ in points][:3] == [8, 4, 2] and len(points) <= 7
+    assert parse_rates("2,0.5,1") == [0.5, 1, 2] and parse_rates("AUTO") == "auto"
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_rates("0,1")
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_rates("fast")
+
+
+def test_compare_reports_goodput_at_each_knee_and_the_ratio():
+    from blockserve.bench.goodput import goodput_lines, parse_slo, sweep_lines
+
+    def pt(rate, att):
+        q = {"p50": 0.1, "p90": 0.2}
+        return {"rate": rate, "attainment": att, "goodput_per_s": rate * att, "errors": 0,
+                "ttft_s": q, "itl_s": q, "e2e_s": q}
+
+    slo = parse_slo("ttft=2s,itl=300ms")
+    sweeps = {"blockserve": [pt(1, 1.0), pt(2, 0.95), pt(4, 0.5)],
+              "mlx_lm server": [pt(1, 0.92), pt(2, 0.6), pt(4, 0.3)]}
+    lines = sweep_lines(sweeps, slo, ["blockserve"], ["mlx_lm server"])
+    assert "- blockserve: knee 2 req/s, goodput at the knee **1.900 req/s**" in lines
+    assert "- mlx_lm server: knee 1 req/s, goodput at the knee **0.920 req/s**" in lines
+    assert lines[-1] == ("- blockserve against mlx_lm server: goodput at the knee ratio "
+                         "**2.07x** (target >= 1.5x)")
+    s = summarize([_streamed([0.5, 0.7])], 1.0, slo=slo)
+    rows = goodput_lines({"shared-prefix 4x8": {"blockserve": s}})
+    assert rows[-1] == "| shared-prefix 4x8 | blockserve | 1.00 | 1.000 | 1.00 | 1.00 |"
+
+
+def test_a_knee_at_the_highest_rate_run_is_flagged():
+    from blockserve.bench.goodput import format_sweep
+
+    q = {"p50": 0.1, "p90": 0.2}
+    pts = [{"rate": r, "attainment": 1.0, "goodput_per_s": r, "errors": 0, "ttft_s": q,
+            "itl_s": q, "e2e_s": q} for r in (1, 2)]
+    assert format_sweep(pts).endswith("knee: 2 req/s, goodput 2.000 req/s (attainment 1.00) "
+                                      "(the highest rate run: the knee lies above, add "
+                                      "higher rates)")
+    pts.append({**pts[-1], "rate": 4, "attainment": 0.5})
+    assert format_sweep(pts).endswith("(attainment 1.00)")
