@@ -121,6 +121,15 @@ class Reply:
             self.logprobs.append((tok, *lp))
 
 
+SEED_BITS = 64
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """Choice ``index``'s seed: ``seed + index``, wrapped within 64 bits (the PRNG key's
+    size), so the largest seed a client may send still gives ``n`` distinct streams."""
+    return (seed + index) % 2**SEED_BITS
+
+
 class Run:
     """One request in flight: submits it, parses its output, times it, and aborts it if
     the client goes."""
@@ -136,7 +145,7 @@ class Run:
             self.app[METRICS].structured.labels(gen.format).inc()
         sampling = gen.sampling
         if index and sampling.seed is not None:  # each choice its own, reproducible stream
-            sampling = replace(sampling, seed=sampling.seed + index)
+            sampling = replace(sampling, seed=choice_seed(sampling.seed, index))
         req = Request(gen.prompt, sampling, gen.checkpoints,
                       cache_salt(request.get(TENANT), gen.cache_salt),
                       share_prompt=gen.n > 1, tenant=request.get(TENANT))
