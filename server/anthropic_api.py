@@ -79,7 +79,7 @@ def _assistant(content: Any, where: str) -> dict:
     if not isinstance(content, list):
         return {"role": "assistant", "content": _text_of(content, where, False)}
     text, reasoning, calls = [], [], []
-    for block in content:
+    for j, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
             text.append(_text_of([block], where, False))
@@ -90,12 +90,16 @@ def _assistant(content: Any, where: str) -> dict:
                               param="messages")
             reasoning.append(thought)
         elif kind == "tool_use":
+            call_id = block.get("id")
+            if not isinstance(call_id, str) or not call_id:  # required, as in the API
+                raise invalid(f"{where}.content[{j}].id: a tool_use block needs an 'id' "
+                              "(a non-empty string)", param=f"{where}.content[{j}].id")
             if not isinstance(block.get("name"), str):
                 raise invalid(f"{where}: a tool_use block needs a name", param="messages")
             if not isinstance(block.get("input") or {}, dict):
                 raise invalid(f"{where}: a tool_use block's 'input' must be an object",
                               param="messages")
-            calls.append({"id": block.get("id"), "type": "function",
+            calls.append({"id": call_id, "type": "function",
                           "function": {"name": block["name"],
                                        "arguments": block.get("input") or {}}})
         elif kind != "redacted_thinking":  # encrypted: nothing a local model can read

@@ -126,11 +126,15 @@ def _tool_calls(calls: Any, where: str) -> list[dict]:
     if not isinstance(calls, list):
         raise invalid(f"{where}: 'tool_calls' must be a list", param="messages")
     out = []
-    for c in calls:
+    for j, c in enumerate(calls):
         fn = c.get("function") if isinstance(c, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise invalid(f"{where}: each tool call needs function.name", param="messages")
         args = fn.get("arguments")
+        if not isinstance(args, (str, dict)):  # the API's 400; an object, as vLLM takes
+            raise invalid(f"{where}.tool_calls[{j}].function.arguments must be a string "
+                          "of JSON (or an object)",
+                          param=f"{where}.tool_calls[{j}].function.arguments")
         if isinstance(args, str):
             try:
                 args = json.loads(args) if args.strip() else {}
