@@ -18,7 +18,7 @@ from blockserve.engine.text.frontend import TokenizerFrontend
 from blockserve.scheduler import Request, RequestOutput, Scheduler
 from blockserve.server import keepalive
 from blockserve.server.errors import ApiError, invalid
-from blockserve.server.fields import Bounds, Generation
+from blockserve.server.fields import Bounds, Generation, take
 from blockserve.server.limits import Limits, decode_json, offload, read_body
 from blockserve.server.metrics import Metrics
 
@@ -83,7 +83,8 @@ async def read_json(request: web.Request) -> dict:
 
 
 def check_model(body: dict, frontend: TokenizerFrontend) -> None:
-    model = body.get("model")
+    model = take(body, "model", {"enum": [*frontend.model_names, None],
+                                 "description": "a served model name (optional)"})
     if model is None:
         return  # optional here; the served model is used
     if not isinstance(model, str):

@@ -211,7 +211,7 @@ async def test_claude_code_requests_are_accepted_as_sent(tokenizer, caplog):
 
 
 def test_the_prompt_keeps_what_the_model_must_see(tokenizer):
-    from blockserve.server.anthropic_api import _parse
+    from blockserve.server.anthropic_api import parse_messages as _parse
     from blockserve.server.fields import Bounds
 
     frontend = TokenizerFrontend([MODEL], tokenizer, resolve(MODEL)[1])
@@ -249,7 +249,7 @@ def test_the_prompt_keeps_what_the_model_must_see(tokenizer):
 def test_malformed_tool_calls_in_history_are_refused(tokenizer, api, call, param):
     """A tool_use without an id, a call whose arguments are not JSON text: 400s that
     name the field, as the official APIs answer (an arguments object stays accepted)."""
-    from blockserve.server.anthropic_api import _parse
+    from blockserve.server.anthropic_api import parse_messages as _parse
     from blockserve.server.errors import ApiError
     from blockserve.server.fields import Bounds
     from blockserve.server.openai_input import parse_chat

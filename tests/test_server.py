@@ -363,7 +363,7 @@ async def test_anthropic_tool_blocks_become_messages(worker):
                  "content": [{"type": "text", "text": "a.py b.py"}]}]}]}
         code, msg, _ = await post(srv.url, "/v1/messages", body)
         assert code == 200 and msg["type"] == "message"
-        from blockserve.server.anthropic_api import _parse
+        from blockserve.server.anthropic_api import parse_messages as _parse
         from blockserve.server.fields import Bounds
 
         gen = _parse(body, srv.frontend, Bounds(srv.frontend.vocab_size))
