@@ -142,7 +142,7 @@ def content_text(content: Any, where: str, answering: bool, text_types: tuple[st
                       param="messages")
     out = []
     for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
+        kind = name_of_type(part)
         if kind in text_types and isinstance(part.get("text"), str):
             out.append(part["text"])
         elif kind in media:
@@ -153,6 +153,16 @@ def content_text(content: Any, where: str, answering: bool, text_types: tuple[st
         else:
             log.warning("%s: ignoring a content part of type %r", where, kind)
     return "".join(out)
+
+
+def name_of_type(obj: Any, key: str = "type", default: str | None = None) -> str | None:
+    """``obj[key]`` where ``obj`` is an object and that is a string (a part's or an
+    item's type, a role), ``default`` where it is absent, else None: never a value that
+    can't be looked up in a set (a client's ``{"type": {}}``)."""
+    if not isinstance(obj, dict):
+        return None
+    v = obj.get(key, default)
+    return v if isinstance(v, str) else None
 
 
 def ignore_unknown(body: dict, known: set[str], where: str) -> None:

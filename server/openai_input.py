@@ -24,6 +24,7 @@ from blockserve.server.fields import (
     ignore_unknown,
     integer,
     json_format,
+    name_of_type,
     one_format,
     reads_fields,
     refuse,
@@ -66,10 +67,14 @@ TOOL_CHOICE = {"type": ["string", "object", "null"],
 RESPONSE_FORMAT = {"type": ["object", "null"], "properties": {
     "type": {"enum": ["text", "json_object", "json_schema"]},
     "json_schema": {"type": "object", "properties": {"schema": {"type": "object"}}}}}
-PROMPT = {"anyOf": [{"type": "string"}, {"type": "array", "maxItems": 1,
-                                           "items": {"type": "string"}},
-                    {"type": "array", "minItems": 1,
-                     "items": {"type": "integer", "minimum": 0}}]}
+
+
+def _prompt_shape(vocab_size: int) -> dict:
+    return {"anyOf": [{"type": "string", "minLength": 1},
+                      {"type": "array", "minItems": 1, "maxItems": 1,
+                       "items": {"type": "string", "minLength": 1}},
+                      {"type": "array", "minItems": 1, "items": {
+                          "type": "integer", "minimum": 0, "maximum": vocab_size - 1}}]}
 
 
 def _refusals(body: dict) -> None:
@@ -183,7 +188,7 @@ def chat_messages(messages: Any, bounds: Bounds) -> list[dict]:
     msgs = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        role = m.get("role")
+        role = name_of_type(m, "role")
         if role not in _ROLES:
             raise invalid(f"{where}: 'role' must be one of {sorted(_ROLES)}",
                           param="messages")
@@ -268,7 +273,7 @@ def parse_completion(body: dict, frontend: TokenizerFrontend, bounds: Bounds) ->
     _refusals(body)
     refuse(body, "echo", lambda v: v is False, "is not supported")
     refuse(body, "suffix", lambda v: v == "", "is not supported")
-    prompt = take(body, "prompt", PROMPT, required=True)
+    prompt = take(body, "prompt", _prompt_shape(bounds.vocab_size), required=True)
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):

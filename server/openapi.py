@@ -97,6 +97,9 @@ DETOKENIZED = {"type": "object", "required": ["prompt"],
 CACHE_RESET = {"type": "object", "required": ["reset"], "properties": {
     "reset": {"const": True}, "scope": {"enum": ["all", "tenant"]}}}
 
+# One server-sent event (with stream=true): its name, and JSON (or [DONE]) as data.
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string"}, "data": {"type": "string"}}}
 OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"], "properties": {
         "message": {"type": "string"}, "type": {"type": "string"},
@@ -210,7 +213,7 @@ def request_schema(doc: Doc, frontend: TokenizerFrontend, bounds: Bounds) -> dic
 def _responses(doc: Doc) -> dict:
     ok_content = {doc.ok_type: {"schema": doc.ok or OBJECT}}
     if doc.stream:
-        ok_content["text/event-stream"] = {"schema": {"type": "string"}}
+        ok_content["text/event-stream"] = {"schema": SSE_EVENT}
     error = {"application/json": {"schema": ANTHROPIC_ERROR if doc.anthropic
                                   else OPENAI_ERROR}}
     out = {"200": {"description": doc.summary, "content": ok_content},
@@ -243,7 +246,9 @@ def build(app: web.Application) -> dict:
             op["parameters"] = params
         if doc.readers:
             op["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": request_schema(doc, frontend, bounds)}}}
+                "schema": request_schema(doc, frontend, bounds),
+                "examples": {f"example{i}": {"value": example}
+                             for i, example in enumerate(doc.examples)}}}}
         paths.setdefault(path, {})[method] = op
     return {"openapi": "3.1.0",
             "info": {"title": "blockserve", "version": "0.1.0",

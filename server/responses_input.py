@@ -27,6 +27,7 @@ from blockserve.server.fields import (
     constrain,
     content_text,
     ignore_unknown,
+    name_of_type,
     reads_fields,
     Renamed,
     take,
@@ -255,7 +256,7 @@ class Conversation:
             kind == "message" and item.get("role") == "assistant")
 
     def _item(self, item: dict, where: str, answering: bool) -> None:
-        kind = item.get("type", "message")
+        kind = name_of_type(item, "type", "message")
         if kind == "message":
             self._message(item, where, answering)
         elif kind == "reasoning":

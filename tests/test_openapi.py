@@ -136,13 +136,15 @@ async def test_schemathesis_finds_no_5xx_and_no_reply_off_the_schema(tmp_path):
                 _schemathesis(), "run", srv.url + "/openapi.json",
                 "--checks", "not_a_server_error,response_schema_conformance",
                 "--mode", "all", "--phases", "examples,coverage,fuzzing",
-                "--max-examples", str(MAX_EXAMPLES), "--seed", "29", "--workers", "2",
+                "--max-examples", str(MAX_EXAMPLES), "--seed", os.environ.get("BLOCKSERVE_FUZZ_SEED", "29"), "--workers", "2",
                 "--request-timeout", "60", "--suppress-health-check", "all",
                 "--generation-database", "none", "--no-color",
                 "--report", "junit", "--report-junit-path", str(junit),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
             out, _ = await asyncio.wait_for(proc.communicate(), 600)
             text = out.decode(errors="replace")
+            if os.environ.get("BLOCKSERVE_FUZZ_LOG"):
+                Path(os.environ["BLOCKSERVE_FUZZ_LOG"]).write_text(text)
             assert proc.returncode == 0, text[-6000:]
             cases = ET.parse(junit).getroot().iter("testcase")
             assert len(list(cases)) >= 20, text[-3000:]  # every operation was run
