@@ -136,11 +136,13 @@ async def test_schemathesis_finds_no_5xx_and_no_reply_off_the_schema(tmp_path):
                 _schemathesis(), "run", srv.url + "/openapi.json",
                 "--checks", "not_a_server_error,response_schema_conformance",
                 "--mode", "all", "--phases", "examples,coverage,fuzzing",
-                "--max-examples", str(MAX_EXAMPLES), "--seed", os.environ.get("BLOCKSERVE_FUZZ_SEED", "29"), "--workers", "2",
+                "--max-examples", str(MAX_EXAMPLES),
+                "--seed", os.environ.get("BLOCKSERVE_FUZZ_SEED", "29"), "--workers", "2",
                 "--request-timeout", "60", "--suppress-health-check", "all",
                 "--generation-database", "none", "--no-color",
                 "--report", "junit", "--report-junit-path", str(junit),
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                cwd=tmp_path)  # its cache folder lands there
             out, _ = await asyncio.wait_for(proc.communicate(), 600)
             text = out.decode(errors="replace")
             if os.environ.get("BLOCKSERVE_FUZZ_LOG"):
@@ -161,3 +163,20 @@ async def test_schemathesis_finds_no_5xx_and_no_reply_off_the_schema(tmp_path):
             assert json.dumps(await get_document(srv.url))  # the document still builds
     finally:
         worker.close()
+
+
+@pytest.mark.parametrize("path, body", [  # what schemathesis found (500s before)
+    ("/v1/chat/completions", {"messages": [{"role": {}, "content": "hi"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": []}]}]}),
+    ("/v1/messages", {"max_tokens": 4, "messages": [
+        {"role": "user", "content": [{"type": {}, "text": "x"}]}]}),
+    ("/v1/messages/count_tokens", {"system": [{"type": {}}], "messages": [
+        {"role": "user", "content": "hi"}]}),
+    ("/v1/responses", {"input": [{"type": {}, "role": "user", "content": "hi"}]}),
+    ("/v1/responses", {"input": [{"role": "user", "content": [{"type": ["x"]}]}]}),
+])
+async def test_types_that_are_not_strings_are_4xx_not_5xx(tokenizer, path, body):
+    async with serve_scripted(tokenizer, MODEL, ["hi"] * 4) as (url, _, _, _):
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + path, json=body) as r:
+                assert r.status < 500, await r.text()
