@@ -127,6 +127,7 @@ class Doc:
     ok_type: str = "application/json"
     stream: bool = False
     anthropic: bool = False
+    links: tuple[str, ...] = ()  # operations that take this reply's id
 
 
 _USER = [{"role": "user", "content": "Hello"}]
@@ -162,7 +163,8 @@ DOCS: dict[Callable, Doc] = {
     responses_api.create: Doc(
         "OpenAI Responses (streamed with stream=true)",
         (_model, responses_api.previous_response, responses_input.parse_request),
-        ({"input": "Hello"},), RESPONSE, stream=True),
+        ({"input": "Hello"},), RESPONSE, stream=True,
+        links=("get_v1_responses_response_id", "delete_v1_responses_response_id")),
     responses_api.input_tokens: Doc(
         "OpenAI Responses: the prompt's token count",
         (_model, responses_api.previous_response, responses_input.parse_request),
@@ -216,7 +218,11 @@ def _responses(doc: Doc) -> dict:
         ok_content["text/event-stream"] = {"schema": SSE_EVENT}
     error = {"application/json": {"schema": ANTHROPIC_ERROR if doc.anthropic
                                   else OPENAI_ERROR}}
-    out = {"200": {"description": doc.summary, "content": ok_content},
+    ok = {"description": doc.summary, "content": ok_content}
+    if doc.links:
+        ok["links"] = {op: {"operationId": op, "parameters": {"response_id": "$response.body#/id"}}
+                       for op in doc.links}
+    out = {"200": ok,
            "4XX": {"description": "a request this server refuses; the message says why",
                    "content": error},
            "503": {"description": "draining, shutting down or failed", "content": {

@@ -135,7 +135,7 @@ async def test_schemathesis_finds_no_5xx_and_no_reply_off_the_schema(tmp_path):
             proc = await asyncio.create_subprocess_exec(
                 _schemathesis(), "run", srv.url + "/openapi.json",
                 "--checks", "not_a_server_error,response_schema_conformance",
-                "--mode", "all", "--phases", "examples,coverage,fuzzing",
+                "--mode", "all", "--phases", "examples,coverage,fuzzing,stateful",
                 "--max-examples", str(MAX_EXAMPLES),
                 "--seed", os.environ.get("BLOCKSERVE_FUZZ_SEED", "29"), "--workers", "2",
                 "--request-timeout", "60", "--suppress-health-check", "all",
