@@ -220,7 +220,8 @@ def _responses(doc: Doc) -> dict:
                                   else OPENAI_ERROR}}
     ok = {"description": doc.summary, "content": ok_content}
     if doc.links:
-        ok["links"] = {op: {"operationId": op, "parameters": {"response_id": "$response.body#/id"}}
+        ok["links"] = {op: {"operationId": op,
+                            "parameters": {"response_id": "$response.body#/id"}}
                        for op in doc.links}
     out = {"200": ok,
            "4XX": {"description": "a request this server refuses; the message says why",
