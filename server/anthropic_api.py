@@ -38,7 +38,9 @@ from blockserve.server.fields import (
     constrain,
     content_text,
     reads_fields,
+    Renamed,
     log,
+    take,
     one_format,
     render,
     sampling_params,
@@ -51,7 +53,7 @@ from blockserve.server.limits import offload
 ANTHROPIC_BILLING_PREFIX = "x-anthropic-billing-header"
 
 # Hints and bookkeeping, known to change nothing here: prompt caching is automatic,
-# routing is moot. Any other field ``_parse`` doesn't read is logged as ignored.
+# routing is moot. Any other field ``parse_messages`` doesn't read is logged as ignored.
 _INERT = {"model", "metadata", "service_tier", "cache_control", "context_management",
           "container", "inference_geo", "speed", "diagnostics", "user_profile_id",
           "workspace_id", "betas"}
@@ -79,7 +81,7 @@ def _assistant(content: Any, where: str) -> dict:
     if not isinstance(content, list):
         return {"role": "assistant", "content": _text_of(content, where, False)}
     text, reasoning, calls = [], [], []
-    for block in content:
+    for j, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
             text.append(_text_of([block], where, False))
@@ -90,12 +92,16 @@ def _assistant(content: Any, where: str) -> dict:
                               param="messages")
             reasoning.append(thought)
         elif kind == "tool_use":
+            call_id = block.get("id")
+            if not isinstance(call_id, str) or not call_id:  # required, as in the API
+                raise invalid(f"{where}.content[{j}].id: a tool_use block needs an 'id' "
+                              "(a non-empty string)", param=f"{where}.content[{j}].id")
             if not isinstance(block.get("name"), str):
                 raise invalid(f"{where}: a tool_use block needs a name", param="messages")
             if not isinstance(block.get("input") or {}, dict):
                 raise invalid(f"{where}: a tool_use block's 'input' must be an object",
                               param="messages")
-            calls.append({"id": block.get("id"), "type": "function",
+            calls.append({"id": call_id, "type": "function",
                           "function": {"name": block["name"],
                                        "arguments": block.get("input") or {}}})
         elif kind != "redacted_thinking":  # encrypted: nothing a local model can read
@@ -128,10 +134,27 @@ def _user(content: Any, where: str, answering: bool) -> list[dict]:
     return tools
 
 
+# Shapes of the fields read here that no typed reader describes, for /openapi.json.
+MESSAGES = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": ["user", "assistant", "system"]},
+        "content": {"type": ["string", "array"], "items": {
+            "type": "object", "required": ["type"], "properties": {
+                "type": {"type": "string"}, "text": {"type": "string"},
+                "id": {"type": "string", "minLength": 1}, "name": {"type": "string"},
+                "input": {"type": "object"}, "tool_use_id": {"type": "string"}}}}}}}
+SYSTEM = {"type": ["string", "array", "null"], "items": {
+    "type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}
+TOOLS = {"type": ["array", "null"], "items": {
+    "type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string"}, "description": {"type": "string"},
+        "input_schema": {"type": "object"}}}}
+
+
 def _messages(body: dict, bounds: Bounds) -> list[dict]:
-    messages = check_messages(body.get("messages"), bounds.limits)
+    messages = check_messages(take(body, "messages", MESSAGES, required=True), bounds.limits)
     msgs: list[dict] = []
-    system = _system(body.get("system"))
+    system = _system(take(body, "system", SYSTEM))
     if system:
         msgs.append({"role": "system", "content": system})
     for i, m in enumerate(messages):
@@ -175,7 +198,9 @@ def _tools(tools: Any, bounds: Bounds) -> list[dict] | None:
 
 
 def _tool_choice(body: dict, tools: list[dict] | None) -> ToolChoice:
-    choice = body.get("tool_choice")
+    choice = take(body, "tool_choice", {"type": ["object", "string", "null"], "properties": {
+        "type": {"enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"},
+        "disable_parallel_tool_use": {"type": "boolean"}}})
     if isinstance(choice, str):  # the API takes an object; a bare kind is clear enough
         choice = {"type": choice}
     if choice is not None and not isinstance(choice, dict):
@@ -187,12 +212,13 @@ def _tool_choice(body: dict, tools: list[dict] | None) -> ToolChoice:
 
 def _output_format(body: dict) -> FormatRequest | None:
     """``output_config.format`` (or the beta's ``output_format``): a JSON schema."""
-    config = body.get("output_config")
+    config = take(body, "output_config", {"type": ["object", "null"]})
     if config is not None and not isinstance(config, dict):
         raise invalid("'output_config' must be an object", param="output_config")
     fmt, param = (config or {}).get("format"), "output_config.format"
     if fmt is None:
-        fmt, param = body.get("output_format"), "output_format"
+        fmt, param = take(body, "output_format", {"type": ["object", "null"]}), \
+            "output_format"
     if fmt is None:
         return None
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
@@ -202,7 +228,9 @@ def _output_format(body: dict) -> FormatRequest | None:
 
 
 def _thinking(body: dict) -> bool | None:
-    thinking = body.get("thinking")
+    thinking = take(body, "thinking", {"type": ["object", "null"], "properties": {
+        "type": {"enum": ["enabled", "adaptive", "disabled"]},
+        "budget_tokens": {"type": "integer"}}})
     if thinking is None:
         return None
     kind = thinking.get("type") if isinstance(thinking, dict) else None
@@ -213,18 +241,17 @@ def _thinking(body: dict) -> bool | None:
 
 
 @reads_fields(_INERT, "messages")
-def _parse(body: dict, frontend: TokenizerFrontend, bounds: Bounds,
-           count_only: bool = False) -> Generation:
-    if not count_only and body.get("max_tokens") is None:
+def parse_messages(body: dict, frontend: TokenizerFrontend, bounds: Bounds,
+                   count_only: bool = False) -> Generation:
+    if not count_only and take(body, "max_tokens", None, required=True) is None:
         raise invalid("'max_tokens' is required", param="max_tokens")
     msgs = _messages(body, bounds)
-    tools = _tools(body.get("tools"), bounds)
+    tools = _tools(take(body, "tools", TOOLS), bounds)
     choice = _tool_choice(body, tools)
     fmt = one_format(_output_format(body), choice.forced)
-    sampling = sampling_params(
-        {"max_tokens": body.get("max_tokens"), "temperature": body.get("temperature"),
-         "top_p": body.get("top_p"), "top_k": body.get("top_k"),
-         "stop": body.get("stop_sequences")}, bounds)
+    sampling = sampling_params(Renamed(body, {
+        "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
+        "top_k": "top_k", "stop": "stop_sequences"}), bounds)
     thinking = _thinking(body)
     rendered = render(frontend, msgs, tools, template_kwargs({}, thinking, bounds.limits))
     gen = Generation(rendered.tokens, rendered.checkpoints, sampling,
@@ -280,7 +307,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     body = await read_json(request)
     frontend = request.app[FRONTEND]
     check_model(body, frontend)
-    gen = await offload(request, _parse, body, frontend, request.app[BOUNDS], True)
+    gen = await offload(request, parse_messages, body, frontend, request.app[BOUNDS], True)
     return web.json_response({"input_tokens": len(gen.prompt)})
 
 
@@ -385,7 +412,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     frontend = request.app[FRONTEND]
     check_model(body, frontend)
-    gen = await offload(request, _parse, body, frontend, request.app[BOUNDS])
+    gen = await offload(request, parse_messages, body, frontend, request.app[BOUNDS])
     run = Run(request, gen)
     encoder = MessagesEncoder(gen, run, body.get("model") or frontend.model_id)
     return await respond(request, [run], encoder, gen.stream)

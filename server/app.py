@@ -13,7 +13,7 @@ from aiohttp import web
 
 from blockserve.engine.text.frontend import TokenizerFrontend
 from blockserve.scheduler import Scheduler, SchedulerError
-from blockserve.server import admin, anthropic_api, openai_api, responses_api
+from blockserve.server import admin, anthropic_api, openai_api, openapi, responses_api
 from blockserve.server.errors import ApiError, from_scheduler
 from blockserve.server.fields import Bounds
 from blockserve.server.limits import WORKERS
@@ -39,7 +39,7 @@ def tenant_of(key: str) -> str:
     return hashlib.sha256(b"blockserve-tenant\0" + key.encode()).hexdigest()[:32]
 
 
-_OPEN_PATHS = {"/health", "/metrics"}
+_OPEN_PATHS = {"/health", "/metrics", "/openapi.json"}
 
 
 def create_app(scheduler: Scheduler, frontend: TokenizerFrontend, config: ServerConfig) -> web.Application:
@@ -73,6 +73,7 @@ def create_app(scheduler: Scheduler, frontend: TokenizerFrontend, config: Server
     app.router.add_get("/v1/cache/stats", admin.cache_stats)
     app.router.add_post("/v1/cache/reset", admin.cache_reset)
     app.router.add_post("/reset_prefix_cache", admin.cache_reset)  # vLLM's name for the same
+    openapi.install(app)  # /openapi.json: every route above, read from its parsers
 
     async def start(app: web.Application) -> None:
         app[SCHEDULER].start()

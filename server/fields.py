@@ -151,7 +151,7 @@ def content_text(content: Any, where: str, answering: bool, text_types: tuple[st
                       param="messages")
     out = []
     for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
+        kind = name_of_type(part)
         if kind in text_types and isinstance(part.get("text"), str):
             out.append(part["text"])
         elif kind in media:
@@ -164,6 +164,16 @@ def content_text(content: Any, where: str, answering: bool, text_types: tuple[st
     return "".join(out)
 
 
+def name_of_type(obj: Any, key: str = "type", default: str | None = None) -> str | None:
+    """``obj[key]`` where ``obj`` is an object and that is a string (a part's or an
+    item's type, a role), ``default`` where it is absent, else None: never a value that
+    can't be looked up in a set (a client's ``{"type": {}}``)."""
+    if not isinstance(obj, dict):
+        return None
+    v = obj.get(key, default)
+    return v if isinstance(v, str) else None
+
+
 def ignore_unknown(body: dict, known: set[str], where: str) -> None:
     """Unknown fields of a nested object are ignored, and named in the log."""
     unknown = sorted(set(body) - known)
@@ -173,11 +183,15 @@ def ignore_unknown(body: dict, known: set[str], where: str) -> None:
 
 class Body(dict):
     """A request body that notes which fields its parser reads, so that the fields an
-    API knows are derived from its parser rather than kept in a list beside it."""
+    API knows are derived from its parser rather than kept in a list beside it, and
+    ``shapes``, what the readers of typed fields (``integer``, ``number``, ``take``...)
+    say each one is: a JSON schema per field, from which ``/openapi.json`` is built."""
 
     def __init__(self, data: dict):
         super().__init__(data)
         self.read: set[str] = set()
+        self.shapes: dict[str, dict] = {}
+        self.required: set[str] = set()
 
     def get(self, key: str, default: Any = None) -> Any:
         self.read.add(key)
@@ -192,17 +206,49 @@ class Body(dict):
         return super().__contains__(key)
 
 
+class Renamed(dict):
+    """Fields of ``parent`` under the names a shared reader expects (Anthropic's
+    ``stop_sequences`` read as ``stop``): what the reader says of a field is said of
+    the parent's."""
+
+    def __init__(self, parent: dict, names: dict[str, str]):
+        super().__init__({inner: parent.get(outer) for inner, outer in names.items()})
+        self.parent, self.names = parent, names
+
+
+def describe(body: dict, name: str, shape: dict) -> None:
+    """Say what field ``name`` of ``body`` is (a JSON schema): kept when ``body`` is a
+    ``Body`` (the first reader's word stands), for ``/openapi.json``."""
+    if isinstance(body, Renamed):
+        describe(body.parent, body.names.get(name, name), shape)
+    elif isinstance(body, Body):
+        body.shapes.setdefault(name, shape)
+
+
+def take(body: dict, name: str, shape: dict | None, required: bool = False) -> Any:
+    """``body[name]`` (None if absent), a field whose shape is ``shape`` (None: a
+    typed reader says); ``required``: the parser refuses a body without it."""
+    if shape is not None:
+        describe(body, name, shape)
+    if required and isinstance(body, Body):
+        body.required.add(name)
+    return body.get(name)
+
+
 def reads_fields(inert: set[str], where: str) -> Callable:
     """A body parser's decorator: the parser reads a ``Body``, and whatever it never
-    read (and is not ``inert``) is logged as ignored once it has parsed the body."""
+    read (and is not ``inert``) is logged as ignored once it has parsed the body. A
+    ``Body`` given is read as it is (``openapi`` reads what was noted in it); the
+    parser's ``inert`` fields are its attribute ``inert``."""
     def wrap(parse: Callable) -> Callable:
         @functools.wraps(parse)
         def parsed(body: dict, *args: Any, **kwargs: Any) -> Any:
-            body = Body(body)
+            body = body if isinstance(body, Body) else Body(body)
             result = parse(body, *args, **kwargs)
             warn_unread(body, inert, where)
             return result
 
+        parsed.inert = frozenset(inert)
         return parsed
 
     return wrap
@@ -217,14 +263,18 @@ def warn_unread(body: Body, inert: set[str], where: str) -> None:
                     ", ".join(unread))
 
 
-def refuse(body: dict, name: str, ok: Any, why: str) -> None:
-    """A 400 naming ``name`` unless its value is absent or ``ok(value)``."""
+def refuse(body: dict, name: str, ok: Any, why: str, shape: dict | None = None) -> None:
+    """A 400 naming ``name`` unless its value is absent or ``ok(value)`` (``shape``:
+    what an accepted value is)."""
+    describe(body, name, {"description": f"refused unless accepted: {why}",
+                          **(shape or {})})
     v = body.get(name)
     if v is not None and not ok(v):
         raise invalid(f"'{name}' {why}", param=name)
 
 
 def number(body: dict, name: str, lo: float, hi: float, default: float) -> float:
+    describe(body, name, {"type": ["number", "null"], "minimum": lo, "maximum": hi})
     v = body.get(name)
     if v is None:
         return default
@@ -240,6 +290,7 @@ MAX_INT = 2**31 - 1  # the sane size of a count a client sends (max_tokens, top_
 
 def integer(body: dict, name: str, lo: int, default: int | None, hi: int = MAX_INT
             ) -> int | None:
+    describe(body, name, {"type": ["integer", "null"], "minimum": lo, "maximum": hi})
     v = body.get(name)
     if v is None:
         return default
@@ -253,6 +304,7 @@ def integer(body: dict, name: str, lo: int, default: int | None, hi: int = MAX_I
 
 
 def boolean(body: dict, name: str, default: bool = False) -> bool:
+    describe(body, name, {"type": ["boolean", "null"]})
     v = body.get(name)
     if v is None:
         return default
@@ -315,6 +367,13 @@ def _logit_bias(v: Any, bounds: Bounds) -> tuple[tuple[int, float], ...]:
     return tuple(out)
 
 
+# Shapes of fields read here, for ``/openapi.json`` (what the checks below accept).
+TOKEN_IDS = {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0}}
+STOPS = {"type": ["string", "array", "null"], "items": {"type": "string"}}
+LOGIT_BIAS = {"type": ["object", "null"], "additionalProperties": {
+    "type": "number", "minimum": -100, "maximum": 100}}
+
+
 def sampling_params(body: dict, bounds: Bounds, logprobs: bool = False,
                     top_logprobs: int = 0) -> SamplingParams:
     limits = bounds.limits
@@ -325,7 +384,7 @@ def sampling_params(body: dict, bounds: Bounds, logprobs: bool = False,
     top_k = integer(body, "top_k", -1, 0)
     if top_k >= bounds.vocab_size:
         top_k = 0  # every token is in the top k: the same as off
-    stop_ids = token_ids(body.get("stop_token_ids") or [], bounds.vocab_size,
+    stop_ids = token_ids(take(body, "stop_token_ids", TOKEN_IDS) or [], bounds.vocab_size,
                          "stop_token_ids", limits.max_stop_token_ids)
     seed = integer(body, "seed", 0, None, hi=2**64 - 1)  # a PRNG key takes 64 bits
     return SamplingParams(
@@ -335,13 +394,13 @@ def sampling_params(body: dict, bounds: Bounds, logprobs: bool = False,
         top_k=max(top_k, 0),
         min_p=number(body, "min_p", 0.0, 1.0, 0.0),
         seed=seed,
-        stop=_stops(body.get("stop"), "stop", limits),
+        stop=_stops(take(body, "stop", STOPS), "stop", limits),
         stop_token_ids=tuple(stop_ids),
         ignore_eos=boolean(body, "ignore_eos"),
         presence_penalty=number(body, "presence_penalty", -2.0, 2.0, 0.0),
         frequency_penalty=number(body, "frequency_penalty", -2.0, 2.0, 0.0),
         repetition_penalty=number(body, "repetition_penalty", 1e-3, 10.0, 1.0),
-        logit_bias=_logit_bias(body.get("logit_bias"), bounds),
+        logit_bias=_logit_bias(take(body, "logit_bias", LOGIT_BIAS), bounds),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         skip_special_tokens=boolean(body, "skip_special_tokens", True),
@@ -352,7 +411,8 @@ MAX_SALT_CHARS = 1024
 
 
 def cache_salt(body: dict) -> str | None:
-    salt = body.get("cache_salt")
+    salt = take(body, "cache_salt", {"type": ["string", "null"],
+                                     "maxLength": MAX_SALT_CHARS})
     if salt is not None and not isinstance(salt, str):
         raise invalid("'cache_salt' must be a string", param="cache_salt")
     if salt is not None and len(salt) > MAX_SALT_CHARS:
@@ -423,7 +483,7 @@ def template_kwargs(body: dict, enable_thinking: bool | None,
     """``chat_template_kwargs``, with the API's thinking switch unless it sets its own.
     They reach the template as plain variables only: never a template of the client's
     (a template is code) nor the tokenizer's arguments."""
-    kwargs = body.get("chat_template_kwargs")
+    kwargs = take(body, "chat_template_kwargs", {"type": ["object", "null"]})
     if kwargs is not None and not isinstance(kwargs, dict):
         raise invalid("'chat_template_kwargs' must be an object", param="chat_template_kwargs")
     reserved = sorted(k for k in kwargs or {} if k in RESERVED_TEMPLATE_KWARGS

@@ -18,11 +18,18 @@ from blockserve.server.fields import (
     boolean,
     check_tools,
     render,
+    take,
     template_kwargs,
     token_ids,
 )
 from blockserve.server.limits import offload
-from blockserve.server.openai_input import chat_messages, parse_chat, parse_completion
+from blockserve.server.openai_input import (
+    MESSAGES,
+    TOOLS,
+    chat_messages,
+    parse_chat,
+    parse_completion,
+)
 from blockserve.server.runtime import (
     BOUNDS,
     FRONTEND,
@@ -251,11 +258,11 @@ async def _serve(request: web.Request, parse, encoder: type[_Choices]) -> web.St
 def tokenize_body(body: dict, frontend: TokenizerFrontend, bounds: Bounds) -> list[int]:
     """The token ids of a ``/tokenize`` body: ``prompt`` text, or chat ``messages``."""
     if "messages" in body:
-        rendered = render(frontend, chat_messages(body["messages"], bounds),
-                          check_tools(body.get("tools"), bounds.limits),
+        rendered = render(frontend, chat_messages(take(body, "messages", MESSAGES), bounds),
+                          check_tools(take(body, "tools", TOOLS), bounds.limits),
                           template_kwargs(body, None, bounds.limits))
         return rendered.tokens
-    prompt = body.get("prompt")
+    prompt = take(body, "prompt", {"type": "string"})
     if not isinstance(prompt, str):
         raise invalid("give 'prompt' (a string) or 'messages'", param="prompt")
     return frontend.encode(prompt, add_special_tokens=boolean(body, "add_special_tokens",
@@ -275,8 +282,15 @@ async def detokenize(request: web.Request) -> web.Response:
     body = await read_json(request)
     frontend = request.app[FRONTEND]
     check_model(body, frontend)
-    tokens = token_ids(body.get("tokens"), frontend.vocab_size, "tokens")
+    tokens = detokenize_body(body, frontend, request.app[BOUNDS])
     return web.json_response({"prompt": await offload(request, frontend.decode, tokens)})
+
+
+def detokenize_body(body: dict, frontend: TokenizerFrontend, bounds: Bounds) -> list[int]:
+    """The token ids of a ``/detokenize`` body."""
+    return token_ids(take(body, "tokens", {"type": "array", "items": {
+        "type": "integer", "minimum": 0, "maximum": frontend.vocab_size - 1}},
+        required=True), frontend.vocab_size, "tokens")
 
 
 async def render_chat(request: web.Request) -> web.Response:

@@ -24,9 +24,11 @@ from blockserve.server.fields import (
     ignore_unknown,
     integer,
     json_format,
+    name_of_type,
     one_format,
     reads_fields,
     refuse,
+    take,
     render,
     sampling_params,
     schema_object,
@@ -46,6 +48,35 @@ _MEDIA_PARTS = {"image_url": "image", "input_image": "image", "input_audio": "au
                 "file": "file", "input_file": "file", "video_url": "video"}
 
 
+# Shapes of the fields read here that no typed reader describes, for /openapi.json.
+STRINGS = {"type": "array", "items": {"type": "string"}}
+MESSAGES = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["role"], "properties": {
+        "role": {"enum": sorted(_ROLES)},
+        "content": {"type": ["string", "array", "null"], "items": {"type": "object"}},
+        "name": {"type": "string"}, "tool_call_id": {"type": "string"},
+        "tool_calls": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "string"}, "type": {"const": "function"},
+            "function": {"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string"},
+                "arguments": {"type": ["string", "object"]}}}}}},
+        "reasoning_content": {"type": ["string", "null"]}}}}
+TOOLS = {"type": ["array", "null"], "items": {"type": "object"}}
+TOOL_CHOICE = {"type": ["string", "object", "null"],
+               "description": "auto, none, required, or {type: function, function: {name}}"}
+RESPONSE_FORMAT = {"type": ["object", "null"], "properties": {
+    "type": {"enum": ["text", "json_object", "json_schema"]},
+    "json_schema": {"type": "object", "properties": {"schema": {"type": "object"}}}}}
+
+
+def _prompt_shape(vocab_size: int) -> dict:
+    return {"anyOf": [{"type": "string", "minLength": 1},
+                      {"type": "array", "minItems": 1, "maxItems": 1,
+                       "items": {"type": "string", "minLength": 1}},
+                      {"type": "array", "minItems": 1, "items": {
+                          "type": "integer", "minimum": 0, "maximum": vocab_size - 1}}]}
+
+
 def _refusals(body: dict) -> None:
     """Known fields whose effect this server can't give: a 400 rather than a silent
     change of the result."""
@@ -62,7 +93,7 @@ MAX_CHOICES = 16
 
 def _response_format(body: dict) -> FormatRequest | None:
     """OpenAI's ``response_format``; a json_schema's schema is in ``json_schema``."""
-    rf = body.get("response_format")
+    rf = take(body, "response_format", RESPONSE_FORMAT)
     schema_of = rf.get("json_schema") if isinstance(rf, dict) else None
     return json_format(rf, schema_of, "response_format")
 
@@ -70,11 +101,13 @@ def _response_format(body: dict) -> FormatRequest | None:
 def _guided(body: dict) -> FormatRequest | None:
     """vLLM's structured outputs: ``structured_outputs`` {json, regex, choice,
     json_object}, or the older ``guided_json``/``guided_regex``/``guided_choice``."""
-    so = body.get("structured_outputs")
+    so = take(body, "structured_outputs", {"type": ["object", "null"]})
     if so is not None and not isinstance(so, dict):
         raise invalid("'structured_outputs' must be an object", param="structured_outputs")
+    shapes = {"json": {"type": ["object", "string", "null"]},
+              "regex": {"type": ["string", "null"]}, "choice": {**STRINGS, "minItems": 1}}
     given = [(k, body[f"guided_{k}"], f"guided_{k}") for k in ("json", "regex", "choice")
-             if body.get(f"guided_{k}") is not None]
+             if take(body, f"guided_{k}", shapes[k]) is not None]
     for k, v in (so or {}).items():
         if k in ("grammar", "structural_tag") and v is not None:
             raise invalid(f"'structured_outputs.{k}' is not supported by this server",
@@ -105,7 +138,8 @@ def _n(body: dict) -> int:
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:
     stream = boolean(body, "stream")
-    opts = body.get("stream_options")
+    opts = take(body, "stream_options", {"type": ["object", "null"], "properties": {
+        "include_usage": {"type": "boolean"}}})
     if opts is None:
         return stream, False
     if not isinstance(opts, dict):
@@ -126,11 +160,15 @@ def _tool_calls(calls: Any, where: str) -> list[dict]:
     if not isinstance(calls, list):
         raise invalid(f"{where}: 'tool_calls' must be a list", param="messages")
     out = []
-    for c in calls:
+    for j, c in enumerate(calls):
         fn = c.get("function") if isinstance(c, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise invalid(f"{where}: each tool call needs function.name", param="messages")
         args = fn.get("arguments")
+        if not isinstance(args, (str, dict)):  # the API's 400; an object, as vLLM takes
+            raise invalid(f"{where}.tool_calls[{j}].function.arguments must be a string "
+                          "of JSON (or an object)",
+                          param=f"{where}.tool_calls[{j}].function.arguments")
         if isinstance(args, str):
             try:
                 args = json.loads(args) if args.strip() else {}
@@ -150,7 +188,7 @@ def chat_messages(messages: Any, bounds: Bounds) -> list[dict]:
     msgs = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        role = m.get("role")
+        role = name_of_type(m, "role")
         if role not in _ROLES:
             raise invalid(f"{where}: 'role' must be one of {sorted(_ROLES)}",
                           param="messages")
@@ -172,7 +210,9 @@ def chat_messages(messages: Any, bounds: Bounds) -> list[dict]:
 
 
 def _tool_choice(body: dict, tools: list[dict] | None) -> ToolChoice:
-    choice = body.get("tool_choice", body.get("function_call"))
+    choice = take(body, "tool_choice", TOOL_CHOICE)
+    legacy = take(body, "function_call", {"type": ["string", "object", "null"]})
+    choice = legacy if "tool_choice" not in body else choice
     parallel = boolean(body, "parallel_tool_calls", True)
     if isinstance(choice, dict):  # {"type": "function", "function": {"name": ...}}
         if choice.get("type", "function") != "function":
@@ -187,7 +227,8 @@ def _tool_choice(body: dict, tools: list[dict] | None) -> ToolChoice:
 
 
 def _thinking(body: dict) -> bool | None:
-    effort = body.get("reasoning_effort")
+    effort = take(body, "reasoning_effort", {"enum": [
+        None, "none", "minimal", "low", "medium", "high", "xhigh"]})
     if effort is None:
         return None
     if effort not in ("none", "minimal", "low", "medium", "high", "xhigh"):
@@ -199,9 +240,9 @@ def _thinking(body: dict) -> bool | None:
 @reads_fields(_INERT, "chat completion")
 def parse_chat(body: dict, frontend: TokenizerFrontend, bounds: Bounds) -> Generation:
     _refusals(body)
-    msgs = chat_messages(body.get("messages"), bounds)
-    tools = check_tools(body.get("tools"), bounds.limits)
-    if tools is None and body.get("functions"):  # the legacy shape
+    msgs = chat_messages(take(body, "messages", MESSAGES, required=True), bounds)
+    tools = check_tools(take(body, "tools", TOOLS), bounds.limits)
+    if tools is None and take(body, "functions", TOOLS):  # the legacy shape
         functions = body["functions"]
         if not isinstance(functions, list) or not all(isinstance(f, dict)
                                                       for f in functions):
@@ -232,7 +273,7 @@ def parse_completion(body: dict, frontend: TokenizerFrontend, bounds: Bounds) ->
     _refusals(body)
     refuse(body, "echo", lambda v: v is False, "is not supported")
     refuse(body, "suffix", lambda v: v == "", "is not supported")
-    prompt = body.get("prompt")
+    prompt = take(body, "prompt", _prompt_shape(bounds.vocab_size), required=True)
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):

@@ -29,7 +29,7 @@ from blockserve.server.runtime import (
     sse,
 )
 from blockserve.server.errors import ApiError, invalid
-from blockserve.server.fields import log
+from blockserve.server.fields import log, take
 from blockserve.server.limits import offload
 from blockserve.server.responses_input import ResponsesRequest, encode_reasoning, parse_request
 from blockserve.server.responses_store import ResponseStore
@@ -290,13 +290,19 @@ class ResponsesEncoder(Encoder):
         return self.response
 
 
+def previous_response(body: dict, *_: Any) -> str | None:
+    """``previous_response_id``, checked."""
+    previous = take(body, "previous_response_id", {"type": ["string", "null"]})
+    if previous is not None and not isinstance(previous, str):
+        raise invalid("'previous_response_id' must be a string", param="previous_response_id")
+    return previous
+
+
 def _history(request: web.Request, body: dict) -> tuple[str | None, list[dict] | None]:
     """``previous_response_id`` and its stored items (the tenant's own, or a 404)."""
-    previous = body.get("previous_response_id")
+    previous = previous_response(body)
     if previous is None:
         return None, None
-    if not isinstance(previous, str):
-        raise invalid("'previous_response_id' must be a string", param="previous_response_id")
     stored = request.app[STORE].get(request.get(TENANT), previous)
     if stored is None:
         raise ApiError(404, f"no response with id {previous!r}: it is unknown, expired from "

@@ -27,7 +27,10 @@ from blockserve.server.fields import (
     constrain,
     content_text,
     ignore_unknown,
+    name_of_type,
     reads_fields,
+    Renamed,
+    take,
     json_format,
     integer,
     log,
@@ -87,7 +90,9 @@ def decode_reasoning(blob: str) -> str | None:
 
 def _text_format(body: dict) -> FormatRequest | None:
     """``text.format``: text, json_object, or json_schema (always enforced)."""
-    text = body.get("text")
+    text = take(body, "text", {"type": ["object", "null"], "properties": {
+        "format": {"type": "object", "properties": {
+            "type": {"enum": ["text", "json_object", "json_schema"]}}}}})
     if text is None:
         return None
     if not isinstance(text, dict):
@@ -99,7 +104,9 @@ def _text_format(body: dict) -> FormatRequest | None:
 
 def _thinking(body: dict) -> bool | None:
     """``reasoning.effort`` onto the template's thinking switch."""
-    reasoning = body.get("reasoning")
+    reasoning = take(body, "reasoning", {"type": ["object", "null"], "properties": {
+        "effort": {"enum": [None, *_EFFORTS]},
+        "summary": {"enum": [None, "auto", "concise", "detailed"]}}})
     if reasoning is None:
         return None
     if not isinstance(reasoning, dict):
@@ -124,7 +131,10 @@ def _summary(body: dict) -> bool:
 
 
 def _metadata(body: dict) -> dict | None:
-    meta = body.get("metadata")
+    meta = take(body, "metadata", {"type": ["object", "null"],
+                                   "maxProperties": MAX_METADATA,
+                                   "additionalProperties": {"type": "string",
+                                                            "maxLength": 512}})
     if meta is None:
         return None
     if not isinstance(meta, dict) or len(meta) > MAX_METADATA or not all(
@@ -136,7 +146,8 @@ def _metadata(body: dict) -> dict | None:
 
 
 def _include(body: dict) -> set[str]:
-    include = body.get("include")
+    include = take(body, "include", {"type": ["array", "null"],
+                                     "items": {"type": "string"}})
     if include is None:
         return set()
     if not isinstance(include, list) or not all(isinstance(s, str) for s in include):
@@ -153,9 +164,13 @@ def _refusals(body: dict) -> None:
     refuse(body, "top_logprobs", lambda v: v == 0, "is not supported")
 
 
+INPUT = {"type": ["string", "array"], "items": {"type": "object"},
+         "description": "required unless previous_response_id is given"}
+
+
 def _items(body: dict, history: list[dict] | None, bounds: Bounds) -> list[dict]:
     """``input`` as a bounded list of item objects, after the stored history."""
-    given = body.get("input")
+    given = take(body, "input", INPUT)
     if isinstance(given, str):
         given = [{"type": "message", "role": "user", "content": given}]
     if given is None and history:
@@ -174,15 +189,17 @@ def parse_request(body: dict, frontend: TokenizerFrontend, bounds: Bounds,
     """Validate a body (``history``: the items of ``previous_response_id``)."""
     _refusals(body)
     items = _items(body, history, bounds)
-    instructions = body.get("instructions")
+    instructions = take(body, "instructions", {"type": ["string", "null"]})
     if instructions is not None and not isinstance(instructions, str):
         raise invalid("'instructions' must be a string", param="instructions")
-    tools = parse_tools(body.get("tools"), bounds.limits)
+    tools = parse_tools(take(body, "tools", {"type": ["array", "null"],
+                                             "items": {"type": "object"}}), bounds.limits)
     choice = parse_tool_choice(body, tools)
     fmt = one_format(_text_format(body), choice.forced)
     max_out = integer(body, "max_output_tokens", 1, None)
-    sampling = sampling_params({"max_tokens": max_out, "temperature": body.get("temperature"),
-                                "top_p": body.get("top_p")}, bounds)
+    view = Renamed(body, {"temperature": "temperature", "top_p": "top_p"})
+    view["max_tokens"] = max_out
+    sampling = sampling_params(view, bounds)
     thinking = _thinking(body)
     msgs = Conversation(tools).build(items, instructions)
     rendered = render(frontend, msgs, tools.template or None, template_kwargs({}, thinking,
@@ -190,7 +207,7 @@ def parse_request(body: dict, frontend: TokenizerFrontend, bounds: Bounds,
     gen = Generation(rendered.tokens, rendered.checkpoints, sampling,
                      ReplySpec(tools.template or None, choice.parse, rendered.reasoning_open),
                      boolean(body, "stream"))
-    user = body.get("user")
+    user = take(body, "user", {"type": ["string", "null"], "maxLength": 512})
     if user is not None and (not isinstance(user, str) or len(user) > 512):
         raise invalid("'user' must be a string of at most 512 characters", param="user")
     echo = {"instructions": instructions, "max_output_tokens": body.get("max_output_tokens"),
@@ -239,7 +256,7 @@ class Conversation:
             kind == "message" and item.get("role") == "assistant")
 
     def _item(self, item: dict, where: str, answering: bool) -> None:
-        kind = item.get("type", "message")
+        kind = name_of_type(item, "type", "message")
         if kind == "message":
             self._message(item, where, answering)
         elif kind == "reasoning":

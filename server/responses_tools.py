@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockserve.server.errors import invalid
-from blockserve.server.fields import ToolChoice, boolean, check_tools, log, tool_choice
+from blockserve.server.fields import ToolChoice, boolean, check_tools, log, take, tool_choice
 from blockserve.server.limits import Limits, over
 
 MAX_NAME = 128
@@ -139,7 +139,7 @@ def parse_tools(tools: Any, limits: Limits) -> Tools:
 def parse_tool_choice(body: dict, tools: Tools) -> ToolChoice:
     """``tool_choice`` by the one policy of every API; a named custom or namespaced
     function is forced by its flat name."""
-    choice = body.get("tool_choice")
+    choice = take(body, "tool_choice", {"type": ["string", "object", "null"]})
     parallel = boolean(body, "parallel_tool_calls", True)
     if isinstance(choice, dict):
         kind = choice.get("type")

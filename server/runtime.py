@@ -18,7 +18,7 @@ from blockserve.engine.text.frontend import TokenizerFrontend
 from blockserve.scheduler import Request, RequestOutput, Scheduler
 from blockserve.server import keepalive
 from blockserve.server.errors import ApiError, invalid
-from blockserve.server.fields import Bounds, Generation
+from blockserve.server.fields import Bounds, Generation, take
 from blockserve.server.limits import Limits, decode_json, offload, read_body
 from blockserve.server.metrics import Metrics
 
@@ -84,7 +84,8 @@ async def read_json(request: web.Request) -> dict:
 
 
 def check_model(body: dict, frontend: TokenizerFrontend) -> None:
-    model = body.get("model")
+    model = take(body, "model", {"enum": [*frontend.model_names, None],
+                                 "description": "a served model name (optional)"})
     if model is None:
         return  # optional here; the served model is used
     if not isinstance(model, str):
@@ -122,6 +123,15 @@ class Reply:
             self.logprobs.append((tok, *lp))
 
 
+SEED_BITS = 64
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """Choice ``index``'s seed: ``seed + index``, wrapped within 64 bits (the PRNG key's
+    size), so the largest seed a client may send still gives ``n`` distinct streams."""
+    return (seed + index) % 2**SEED_BITS
+
+
 class Run:
     """One request in flight: submits it, parses its output, times it, and aborts it if
     the client goes."""
@@ -137,7 +147,7 @@ class Run:
             self.app[METRICS].structured.labels(gen.format).inc()
         sampling = gen.sampling
         if index and sampling.seed is not None:  # each choice its own, reproducible stream
-            sampling = replace(sampling, seed=sampling.seed + index)
+            sampling = replace(sampling, seed=choice_seed(sampling.seed, index))
         req = Request(gen.prompt, sampling, gen.checkpoints,
                       cache_salt(request.get(TENANT), gen.cache_salt),
                       share_prompt=gen.n > 1, tenant=request.get(TENANT))

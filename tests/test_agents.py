@@ -211,7 +211,7 @@ async def test_claude_code_requests_are_accepted_as_sent(tokenizer, caplog):
 
 
 def test_the_prompt_keeps_what_the_model_must_see(tokenizer):
-    from blockserve.server.anthropic_api import _parse
+    from blockserve.server.anthropic_api import parse_messages as _parse
     from blockserve.server.fields import Bounds
 
     frontend = TokenizerFrontend([MODEL], tokenizer, resolve(MODEL)[1])
@@ -230,6 +230,52 @@ def test_the_prompt_keeps_what_the_model_must_see(tokenizer):
                                       "content": "a cat"}]}]
     prompt = tokenizer.decode(_parse(body, frontend, Bounds(frontend.vocab_size), count_only=True).prompt)
     assert "<think>\nRead it.\n</think>\n\n<tool_call>" in prompt
+
+
+@pytest.mark.parametrize("api,call,param", [
+    ("anthropic", {"type": "tool_use", "name": "read", "input": {"path": "a.py"}},
+     "messages[1].content[0].id"),
+    ("anthropic", {"type": "tool_use", "id": 7, "name": "read", "input": {}},
+     "messages[1].content[0].id"),
+    ("openai", {"id": "c1", "type": "function",
+                "function": {"name": "read", "arguments": 3}},
+     "messages[1].tool_calls[0].function.arguments"),
+    ("openai", {"id": "c1", "type": "function", "function": {"name": "read"}},
+     "messages[1].tool_calls[0].function.arguments"),
+    ("openai", {"id": "c1", "type": "function",
+                "function": {"name": "read", "arguments": ["a.py"]}},
+     "messages[1].tool_calls[0].function.arguments"),
+])
+def test_malformed_tool_calls_in_history_are_refused(tokenizer, api, call, param):
+    """A tool_use without an id, a call whose arguments are not JSON text: 400s that
+    name the field, as the official APIs answer (an arguments object stays accepted)."""
+    from blockserve.server.anthropic_api import parse_messages as _parse
+    from blockserve.server.errors import ApiError
+    from blockserve.server.fields import Bounds
+    from blockserve.server.openai_input import parse_chat
+
+    frontend = TokenizerFrontend([MODEL], tokenizer, resolve(MODEL)[1])
+    bounds = Bounds(frontend.vocab_size)
+    if api == "anthropic":
+        def body(c):
+            return {"max_tokens": 4, "tools": TOOLS_AN, "messages": [
+                {"role": "user", "content": "Open a.py"},
+                {"role": "assistant", "content": [c]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                              "content": "x"}]}]}
+        parse, good = _parse, {**call, "id": "toolu_1", "input": {"path": "a.py"}}
+    else:
+        def body(c):
+            return {"tools": TOOLS_OA, "messages": [
+                OA_CHAT[1], {"role": "assistant", "content": None, "tool_calls": [c]},
+                {"role": "tool", "tool_call_id": "c1", "content": "x"}]}
+        parse = parse_chat
+        good = {**call, "function": {"name": "read", "arguments": {"path": "a.py"}}}
+    with pytest.raises(ApiError) as e:
+        parse(body(call), frontend, bounds)
+    assert e.value.status == 400 and e.value.param == param and param in e.value.message
+    prompt = tokenizer.decode(parse(body(good), frontend, bounds).prompt)
+    assert '"path": "a.py"' in prompt  # the well-formed call renders
 
 
 async def test_unknown_fields_are_ignored_with_a_warning(tokenizer, caplog):

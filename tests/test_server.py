@@ -362,7 +362,7 @@ async def test_anthropic_tool_blocks_become_messages(worker):
                  "content": [{"type": "text", "text": "a.py b.py"}]}]}]}
         code, msg, _ = await post(srv.url, "/v1/messages", body)
         assert code == 200 and msg["type"] == "message"
-        from blockserve.server.anthropic_api import _parse
+        from blockserve.server.anthropic_api import parse_messages as _parse
         from blockserve.server.fields import Bounds
 
         gen = _parse(body, srv.frontend, Bounds(srv.frontend.vocab_size))
@@ -521,3 +521,20 @@ async def test_n_choices_share_one_prefill(worker, ref_model):
         assert finished == {0, 1}
         assert chunks[-1].usage.completion_tokens == 8
         await wait_idle(srv.url)
+
+
+async def test_largest_seed_wraps_per_choice(worker):
+    """The largest seed with n=2: choice 1's seed is seed + 1 wrapped within 64 bits
+    (0), so it samples as seed 0 does, not a 500."""
+    top = 2**64 - 1
+    async with serve(worker) as srv:
+        client = oa(srv.url)
+        kw = dict(model=MODEL, messages=CHAT, max_tokens=6, temperature=1.0,
+                  extra_body={"ignore_eos": True})
+        r = await client.chat.completions.create(n=2, seed=top, **kw)
+        zero = await client.chat.completions.create(n=1, seed=0, **kw)
+        last = await client.chat.completions.create(n=1, seed=top, **kw)
+        assert [c.message.content for c in r.choices] == [last.choices[0].message.content,
+                                                           zero.choices[0].message.content]
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(n=1, seed=2**64, **kw)

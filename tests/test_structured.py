@@ -60,6 +60,14 @@ def worker():
     w.close()
 
 
+@pytest.fixture(scope="module")
+def grammars():
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from pathlib import Path
+
+    return Grammars(load_tokenizer(Path(resolve(MODEL)[1])))
+
+
 def oa(url):
     return openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
 
@@ -227,10 +235,83 @@ async def test_regex_and_choice_on_completions(worker):
             extra_body={"guided_regex": r"[A-Z]{3}-[0-9]{4}"})
         assert r.choices[0].text and __import__("re").fullmatch(r"[A-Z]{3}-[0-9]{4}",
                                                                 r.choices[0].text)
+        r = await oa(srv.url).completions.create(  # an escaped slash (issue 29)
+            model=MODEL, prompt="The ratio is", max_tokens=12, temperature=0,
+            extra_body={"guided_regex": r"\d{1,3}\/\d{1,3}"})
+        assert __import__("re").fullmatch(r"\d{1,3}/\d{1,3}", r.choices[0].text)
         r = await oa(srv.url).chat.completions.create(
             model=MODEL, messages=user("Yes or no?"), max_tokens=8, temperature=0,
             extra_body={"structured_outputs": {"choice": ["yes", "no", "maybe"]}})
         assert r.choices[0].message.content in ("yes", "no", "maybe")
+
+
+# Real-world patterns as clients write them (Python's re, JavaScript, JSON encoders
+# that escape slashes): (pattern, strings it matches whole, strings it doesn't).
+REAL_PATTERNS = [
+    (r"\d+\/\d+", ["3/4", "10/200"], ["3\\/4", "3-4", "/4"]),  # issue 29
+    (r"^\d{4}-\d{2}-\d{2}$", ["2024-01-31"], ["2024-1-31", "2024/01/31"]),
+    (r"\d{1,2}\/\d{1,2}\/\d{4}", ["1/2/2024", "12/31/1999"], ["1-2-2024"]),
+    (r"(\/[\w.-]+)+\/?", ["/usr/local/bin/", "/a.txt"], ["usr/bin", "//"]),
+    (r"[A-Za-z]:\\[\w\\ .-]*", ["C:\\Program Files\\x.exe"], ["C:/x"]),
+    (r"[\w.+-]+@[\w-]+\.[\w.-]+", ["ann.lee+x@mail.example.com"], ["ann@", "a@b"]),
+    (r"^[a-zA-Z0-9._%+\-]+@[a-zA-Z0-9.\-]+\.[a-zA-Z]{2,}$", ["a_b-c@x-y.org"],
+     ["a@b.c", "a b@c.org"]),
+    (r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([\w.-]+))?(?:\+([\w.-]+))?",
+     ["1.2.3", "10.0.1-rc.1+build.5"], ["1.2", "01.2.3"]),
+    (r"[0-9a-f]{8}-[0-9a-f]{4}-[1-5][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
+     ["123e4567-e89b-12d3-a456-426614174000"], ["123e4567-e89b-62d3-a456-426614174000"]),
+    (r"(?i)[0-9A-F]{8}(-[0-9A-F]{4}){3}-[0-9A-F]{12}",
+     ["123E4567-e89b-12d3-A456-426614174000"], ["123E4567"]),
+    (r"https?:\/\/[^\s/$.?#][^\s]*", ["https://example.com/a?b=1"], ["ftp://x", "http:// x"]),
+    (r"\$\d+\.\d{2}", ["$12.50"], ["12.50", "$1.5"]),
+    (r"\<b\>\w+\<\/b\>", ["<b>hi</b>"], ["<b>hi</b"]),  # \< is a literal in re
+    (r"a{,2}b\{", ["b{", "aab{"], ["aaab{"]),
+    (r"[\b\t]\x41\u00e9\N{DIGIT ONE}\0", ["\bA\u00e91\x00"], ["\bA\u00e91"]),
+    (r"(?P<key>\w+)=(?P<value>[^;]*)(?#a comment);", ["k=v;", "k=;"], ["=v;"]),
+    (r"[]a[]+", ["]a[", "["], ["b"]),  # Python's literal ] and [ in a class
+]
+
+
+@pytest.mark.parametrize("pattern, good, bad", REAL_PATTERNS)
+def test_real_world_regexes_mean_what_pythons_re_means(grammars, pattern, good, bad):
+    """Each pattern compiles as a regex and as a JSON schema's ``pattern``, and the
+    grammar accepts exactly what ``re.fullmatch`` does on the samples."""
+    import re
+
+    import llguidance as llg
+
+    vocab = grammars.vocab
+
+    def accepts(grammar, text):
+        m = llg.LLMatcher(vocab, grammar)
+        toks = vocab.tokenize_str(text)
+        return m.try_consume_tokens(toks) == len(toks) and m.is_accepting()
+
+    for s in good + bad:  # the table itself is right
+        assert bool(re.fullmatch(pattern, s)) == (s in good), s
+    rx = grammars.regex(pattern).grammar
+    schema = grammars.json_schema({"type": "string", "pattern": pattern}).grammar
+    for s in good:
+        assert accepts(rx, s) and accepts(schema, json.dumps(s, ensure_ascii=False)), s
+    for s in bad:
+        assert not accepts(rx, s), s
+
+
+@pytest.mark.parametrize("pattern, construct", [
+    (r"(?=a)a", "lookahead"), (r"(?<!a)b", "lookbehind"), (r"(a)\1", "backreference"),
+    (r"(?P<x>a)(?P=x)", "backreference"), (r"\bword\b", "word boundary"),
+    (r"\Bx", "word-boundary"), (r"a*+", "possessive"), (r"(?>a)", "atomic group"),
+    (r"(a)?(?(1)b|c)", "conditional"), (r"(?a)\w", "ASCII flag"),
+    (r"\p{L}", "bad escape \\p"), (r"[a-", "not a valid regular expression"),
+])
+def test_regexes_that_cant_be_enforced_name_the_construct(grammars, pattern, construct):
+    from blockserve.engine.text.structured import GrammarError
+
+    for compile_ in (lambda: grammars.regex(pattern),
+                     lambda: grammars.json_schema({"type": "string", "pattern": pattern})):
+        with pytest.raises(GrammarError) as e:
+            compile_()
+        assert construct in str(e.value)
 
 
 async def test_n_choices_each_conform(worker):

@@ -26,6 +26,8 @@ from typing import Any, ClassVar, Union
 
 import llguidance as llg
 
+from blockserve.engine.text import regex
+
 log = logging.getLogger(__name__)
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -221,6 +223,7 @@ class Grammars:
         schema = {"type": "object"} if schema is None else schema
         if not isinstance(schema, dict):
             raise GrammarError("a JSON schema must be an object")
+        schema = _schema_patterns(schema)
         # llguidance reads its JSON options from the schema's "x-guidance".
         extra = schema.get("x-guidance")
         schema = {**schema, "x-guidance": {**JSON_OPTIONS,
@@ -365,10 +368,40 @@ def _reason(message: str) -> str:
 
 
 def _lark_regex(pattern: str) -> str:
-    """A regex as a lark regex literal: anchors dropped (the grammar spans the whole
-    reply), slashes escaped."""
+    """A regex (Python's syntax) as a lark regex literal: translated (``regex``: no
+    bare slash is left), anchors dropped (the grammar spans the whole reply)."""
+    pattern = _translate(pattern)
     if pattern.startswith("^"):
         pattern = pattern[1:]
-    if pattern.endswith("$") and not pattern.endswith("\\$"):
+    if pattern.endswith("$"):  # an escaped $ is \x{24} by now
         pattern = pattern[:-1]
-    return pattern.replace("/", "\\/")
+    return pattern
+
+
+def _translate(pattern: str) -> str:
+    try:
+        return regex.translate(pattern)
+    except regex.RegexError as e:
+        raise GrammarError(str(e))
+
+
+_SCHEMA_DATA = {"const", "default", "examples", "enum"}  # values, not schemas
+_SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions",
+                "dependentSchemas"}
+
+
+def _schema_patterns(schema: Any) -> Any:
+    """``schema`` with every ``pattern`` translated as a regex is (``_lark_regex``)."""
+    if isinstance(schema, list):
+        return [_schema_patterns(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k == "pattern" and isinstance(v, str):
+            out[k] = _translate(v)
+        elif k in _SCHEMA_MAPS and isinstance(v, dict):  # name -> schema
+            out[k] = {name: _schema_patterns(s) for name, s in v.items()}
+        else:
+            out[k] = v if k in _SCHEMA_DATA else _schema_patterns(v)
+    return out
