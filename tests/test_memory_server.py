@@ -113,7 +113,7 @@ async def test_max_tokens_cap_bounds_what_a_request_asks(worker):
 
 def test_a_flood_three_times_the_limit_is_served_exactly_within_it():
     """Subprocess servers (an OOM would kill only them): the flood's replies under a
-    limit that fits a third of its K/V equal those of a server with room to spare;
+    limit whose K/V share fits a third of its K/V equal those of a server with room to spare;
     every request completes or is refused with 503/429; the peak resident set stays
     within the limit + 5%."""
     import argparse

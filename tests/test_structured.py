@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockserve.engine.models.loader import DEFAULT_MODEL, load_weights
+from blockserve.engine.models.loader import DEFAULT_MODEL, load_weights, resolve
 from blockserve.engine.runtime.sampling import GrammarProcessor
 from blockserve.engine.text.structured import Grammars, JsonCloser
 from blockserve.engine.runtime.worker import EngineWorker

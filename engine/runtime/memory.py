@@ -108,13 +108,17 @@ def _measured_forward(model: Any, cache: list[Any], tokens: int) -> int:
     return max(peak - (after - before), 0)
 
 
-def measure_activations(model: Any, tokens: int) -> ActivationModel:
+def measure_activations(model: Any, tokens: int, repeats: int = 2) -> ActivationModel:
     """Two forwards of ``tokens`` tokens, the second over the first's K/V, give the
-    per-token and per-(token x context) terms of a step's activation peak."""
-    cache = make_prompt_cache(model)
-    first = _measured_forward(model, cache, tokens)
-    second = _measured_forward(model, cache, tokens)
-    del cache
+    per-token and per-(token x context) terms of a step's activation peak. Each is
+    measured ``repeats`` times and the largest peak kept: when buffers are freed depends
+    on the backend's threads, so one peak varies (by ~10% on the CPU)."""
+    first = second = 0
+    for _ in range(repeats):
+        cache = make_prompt_cache(model)
+        first = max(first, _measured_forward(model, cache, tokens))
+        second = max(second, _measured_forward(model, cache, tokens))
+        del cache
     mx.clear_cache()
     per_pair = max(second - first, 0) / (tokens * tokens)
     return ActivationModel(first / tokens, per_pair)
