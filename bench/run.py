@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from blockserve.bench.client import Target, run_workload, scrape
+from blockserve.bench.overhead import step_split
 from blockserve.bench.plots import plot_sweep, plot_ttft_cdf
 from blockserve.bench.stats import records_json, summarize
 from blockserve.bench.tokens import BenchTokenizer, open_tokenizer
@@ -59,7 +60,11 @@ async def bench_once(target: Target, workload: Workload, concurrency: int | None
     records, wall = await run_workload(target, workload, concurrency, rate, max_seconds,
                                        seed, progress)
     after = await scrape(target.url)
-    return summarize(records, wall, before, after), records
+    summary = summarize(records, wall, before, after)
+    split = step_split(before, after, wall)  # blockserve's engine step, by phase
+    if split is not None:
+        summary["engine_split"] = split
+    return summary, records
 
 
 def format_turns(s: dict) -> str:

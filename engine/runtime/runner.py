@@ -30,7 +30,8 @@ stop paying, the sequence joins the batch.
 from __future__ import annotations
 
 import logging
-from collections import deque
+import time
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -52,6 +53,21 @@ STEP_COST_TOKENS = 5.0
 DEFAULT_TOKEN_BUDGET = 64  # per step while streams decode; BENCHMARKS.md, the step grid
 DEFAULT_PREFILL_STEP = 256  # per step while none does: nobody waits on a longer step
 MIN_CHUNK = 16  # prefill tokens a step always takes, so decodes never starve a prompt
+
+
+@dataclass
+class StepTimes:
+    """Where an engine step's time goes, summed over steps (seconds, by phase), read by
+    ``/metrics`` (``blockserve_engine_step_seconds``) and the overhead bench.
+
+    The runner's phases: ``draft`` (planning, the lookup's drafts), ``build`` (the
+    forward's and the samplers' graphs, on the host), ``eval`` (waiting for the device:
+    the forward and the sampling ops), ``emit`` (the sampled tokens as responses, trims,
+    joins). The worker's: ``engine`` (its bookkeeping per token: detokenizer, stop
+    strings, finishes, blocks) and ``events`` (handing events to the scheduler's loop)."""
+
+    steps: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
 @dataclass
@@ -118,8 +134,10 @@ class RaggedRunner:
                  prefill_step_size: int = DEFAULT_PREFILL_STEP, max_running: int = 16,
                  fallback_sampler: Callable | None = None, speculative: bool = False,
                  draft_stats: DraftStats | None = None,
-                 step_cost_tokens: float | None = None):
+                 step_cost_tokens: float | None = None,
+                 step_times: StepTimes | None = None):
         self.model = model
+        self.times = step_times if step_times is not None else StepTimes()
         self.speculative = speculative
         self.step_cost_tokens = STEP_COST_TOKENS if step_cost_tokens is None \
             else step_cost_tokens
@@ -253,10 +271,15 @@ class RaggedRunner:
         """One forward pass: a token for each decoding sequence (several for a
         speculating one whose draft is accepted) and each prompt that completes, and a
         prefill chunk for the prompts that don't yet."""
+        t0 = time.perf_counter()
         plan = self.plan()
         decodes, verifies, chunks = plan.decodes, plan.verifies, plan.chunks
         if not decodes and not verifies and not chunks:
             return [], []
+        times = self.times
+        times.steps += 1
+        t1 = time.perf_counter()
+        times.seconds["draft"] += t1 - t0
         tokens = [seq.next_token for seq in decodes]
         batch = ragged.Decodes(len(decodes), self._batch) if decodes else None
         spans: list[ragged.Span] = []
@@ -294,10 +317,17 @@ class RaggedRunner:
         if batch is not None:
             states += [c.state for c in batch.caches]
         if not groups:
+            t2 = time.perf_counter()
             mx.eval(states)
+            times.seconds["build"] += t2 - t1
+            times.seconds["eval"] += time.perf_counter() - t2
             return prompt_responses, []
         new_tokens, logprobs = self._sample(groups, logits)
+        t2 = time.perf_counter()
         mx.eval(new_tokens, logprobs, states)
+        t3 = time.perf_counter()
+        times.seconds["build"] += t2 - t1
+        times.seconds["eval"] += t3 - t2
         sampled = new_tokens.tolist()
         started = [seq for seq, _ in chunks if not seq.segments]
         for seq in started:
@@ -306,6 +336,7 @@ class RaggedRunner:
                                     logprobs)
         self._start_decoding([seq for seq in started if seq.uid in self._seqs])
         self._join([seq for seq in self._speculating if not seq.drafting.on])
+        times.seconds["emit"] += time.perf_counter() - t3
         return prompt_responses, responses
 
     def _emit_step(self, groups: list[tuple[_Seq, int]], drafts: dict[int, list[int]],

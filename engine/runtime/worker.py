@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
@@ -33,7 +34,7 @@ from blockserve.engine.runtime.kvblocks import (
 )
 from blockserve.engine.runtime.lookup import DraftStats
 from blockserve.engine.runtime.ragged import supports as ragged_supports
-from blockserve.engine.runtime.runner import DEFAULT_TOKEN_BUDGET, RaggedRunner
+from blockserve.engine.runtime.runner import DEFAULT_TOKEN_BUDGET, RaggedRunner, StepTimes
 from blockserve.engine.runtime.sampling import (
     GrammarProcessor,
     Guard,
@@ -135,6 +136,7 @@ class EngineWorker:
         self._runner = runner
         self._speculative = speculative
         self.draft_stats = DraftStats()  # read by /metrics; kept across batch rebuilds
+        self.step_times = StepTimes()  # likewise: where a step's time goes
         self._token_budget = token_budget
         self.block_size = block_size
         self._model_name = model
@@ -290,7 +292,8 @@ class EngineWorker:
             return RaggedRunner(self.loaded.model, token_budget=self._token_budget,
                                 prefill_step_size=self._prefill_step_size,
                                 max_running=self.max_running,
-                                speculative=self._speculative, draft_stats=self.draft_stats)
+                                speculative=self._speculative, draft_stats=self.draft_stats,
+                                step_times=self.step_times)
         return BatchGenerator(
             self.loaded.model,
             completion_batch_size=self.max_running,
@@ -302,11 +305,13 @@ class EngineWorker:
     def _send(self, event: EngineEvent) -> None:
         if self._emit is None:
             return
+        t0 = time.perf_counter()
         try:
             self._emit(event)
         except RuntimeError:  # the listener's loop has closed: nobody is left to tell
             log.debug("dropped an event for %s: the scheduler's loop is closed",
                       event.seq_id)
+        self.step_times.seconds["events"] += time.perf_counter() - t0
 
     def _handle(self, cmd: _Command, stream) -> None:
         if isinstance(cmd, _Insert):
@@ -434,7 +439,21 @@ class EngineWorker:
                      len(suspects))
 
     def _step(self) -> None:
+        times = self.step_times
+        t0 = time.perf_counter()
         prompt_responses, gen_responses = self._bg.next()
+        t1 = time.perf_counter()
+        if self.runner != "ragged":  # BatchGenerator: its step is one phase
+            times.steps += 1
+            times.seconds["forward"] += t1 - t0
+        sent = times.seconds["events"]
+        try:
+            self._handle_responses(prompt_responses, gen_responses)
+        finally:
+            times.seconds["engine"] += (time.perf_counter() - t1
+                                        - (times.seconds["events"] - sent))
+
+    def _handle_responses(self, prompt_responses, gen_responses) -> None:
         self._fresh.clear()  # the step went through: the new sequences are in
         for r in prompt_responses:
             seq = self._seqs.get(r.uid)
