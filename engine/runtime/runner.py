@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.generate import StopSequences
 from mlx_lm.models.cache import BatchKVCache, KVCache, TokenBuffer, make_prompt_cache
 
@@ -50,6 +51,10 @@ log = logging.getLogger(__name__)
 # for SmolLM2 at 1.6K tokens of context on this CPU (BENCHMARKS.md, the verify grid).
 # It prices speculation: the larger it is, the more a draft token may cost to verify.
 STEP_COST_TOKENS = 5.0
+# Price speculation from this machine's measured step costs (``StepCost``) once enough
+# steps are seen; STEP_COST_TOKENS until then, or always when False (tests).
+MEASURED_COSTS = True
+SPAN_CREDIT = 4  # spans' cost a speculating sequence may spend before its drafts pay
 DEFAULT_TOKEN_BUDGET = 64  # per step while streams decode; BENCHMARKS.md, the step grid
 DEFAULT_PREFILL_STEP = 256  # per step while none does: nobody waits on a longer step
 MIN_CHUNK = 16  # prefill tokens a step always takes, so decodes never starve a prompt
@@ -68,6 +73,58 @@ class StepTimes:
 
     steps: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+class StepCost:
+    """What a step costs on this machine, fitted online: seconds ~ fixed + per token x
+    tokens fed + per span x attention groups (the decode batch, each verify, each
+    prefill chunk: one attention call per layer each, graphs built on the host).
+
+    Speculation outside the batch is priced from it: a verify's sequence is a span of
+    its own (its attention per layer, its rope, its cache update), which on a GPU or
+    with a small model costs more than the tokens themselves, and on this CPU with
+    SmolLM2 next to nothing. Least squares over recent steps (each weighs ``DECAY`` of
+    the next), with a light ridge so that a design without variety (every step the same
+    shape) still solves; ``ready`` once ``MIN_STEPS`` were seen."""
+
+    DECAY = 0.98
+    MIN_STEPS = 8
+    RIDGE = 1e-3
+
+    def __init__(self) -> None:
+        self._a = np.zeros((3, 3))
+        self._b = np.zeros(3)
+        self.n = 0
+        self.fixed = self.per_token = self.per_span = 0.0
+        self.seconds = 0.0  # a step's seconds, and tokens it emitted (decayed means)
+        self.emitted = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return self.n >= self.MIN_STEPS
+
+    def add(self, tokens: int, spans: int, emitted: int, seconds: float) -> None:
+        x = np.array([1.0, tokens, spans])
+        self._a = self.DECAY * self._a + np.outer(x, x)
+        self._b = self.DECAY * self._b + x * seconds
+        self.n += 1
+        w = 1 - self.DECAY if self.n > 1 else 1.0
+        self.seconds += w * (seconds - self.seconds)
+        self.emitted += w * (emitted - self.emitted)
+        if not self.ready:
+            return
+        ridge = self.RIDGE * np.trace(self._a) / 3 * np.diag([0.0, 1.0, 1.0])
+        try:
+            fixed, tok, span = np.linalg.solve(self._a + ridge, self._b)
+        except np.linalg.LinAlgError:
+            return
+        self.fixed, self.per_token, self.per_span = max(fixed, 0.0), max(tok, 0.0), \
+            max(span, 0.0)
+
+    @property
+    def per_emitted(self) -> float:
+        """Seconds of step per token emitted: what an accepted draft token saves."""
+        return self.seconds / max(self.emitted, 1e-9)
 
 
 @dataclass
@@ -108,6 +165,7 @@ class _Seq:
     generated: int = 0
     context: TokenBuffer | None = field(default=None, repr=False)  # processors' tokens
     drafting: Drafting | None = None  # while it speculates (outside the decode batch)
+    balance: float | None = None  # speculation's earnings less its span's cost (seconds)
     rewind: int = 0  # positions its sampler drew last step that were thrown away
 
 
@@ -142,6 +200,7 @@ class RaggedRunner:
         self.step_cost_tokens = STEP_COST_TOKENS if step_cost_tokens is None \
             else step_cost_tokens
         self.draft_stats = draft_stats if draft_stats is not None else DraftStats()
+        self.cost = StepCost()
         self.token_budget = token_budget
         self.prefill_step_size = prefill_step_size
         self.max_running = max_running
@@ -246,6 +305,8 @@ class RaggedRunner:
         # What an accepted draft token saves, in tokens' cost: its share of the step's
         # own cost, and its own token. A verify emits at most len(draft) + 1 tokens.
         share = 1.0 + self.step_cost_tokens / max(running, 1)
+        if self._measured():  # this machine's: a step's seconds per token emitted
+            share = min(self.cost.per_emitted / max(self.cost.per_token, 1e-9), 1e3)
         verifies = [(s, s.drafting.draft(s.max_tokens - s.generated - 1, share))
                     for s in self._speculating]
         room = self.max_running - running  # prompts that may start decoding
@@ -336,8 +397,44 @@ class RaggedRunner:
                                     logprobs)
         self._start_decoding([seq for seq in started if seq.uid in self._seqs])
         self._join([seq for seq in self._speculating if not seq.drafting.on])
-        times.seconds["emit"] += time.perf_counter() - t3
+        t4 = time.perf_counter()
+        times.seconds["emit"] += t4 - t3
+        self.cost.add(len(tokens), len(spans) + (batch is not None), len(responses),
+                      t4 - t0)
+        self._judge_spans(verifies, responses)
         return prompt_responses, responses
+
+    def _measured(self) -> bool:
+        return MEASURED_COSTS and self.cost.ready
+
+    def _judge_spans(self, verifies: list[tuple[_Seq, list[int]]],
+                     responses: list[GenerationResponse]) -> None:
+        """Speculation outside the batch must pay for its span: each verify's accepted
+        tokens earn a step's seconds per emitted token, its span and drafts cost what
+        the fit says. A sequence starts with a credit of ``SPAN_CREDIT`` spans and
+        joins the batch when its balance runs out (alone, it costs no span: the batch
+        would be one too)."""
+        if not self._measured() or not verifies:
+            return
+        cost = self.cost
+        alone = len(self._decoding) + len(self._speculating) <= 1
+        per_span = 0.0 if alone else cost.per_span
+        counts: dict[int, int] = {}
+        for r in responses:
+            counts[r.uid] = counts.get(r.uid, 0) + 1
+        leave = []
+        for seq, draft in verifies:
+            if seq.uid not in self._seqs or seq.drafting is None:
+                continue
+            earned = (counts.get(seq.uid, 1) - 1) * cost.per_emitted
+            spent = per_span + len(draft) * cost.per_token
+            cap = SPAN_CREDIT * 4 * cost.per_span
+            if seq.balance is None:
+                seq.balance = SPAN_CREDIT * cost.per_span
+            seq.balance = min(seq.balance + earned - spent, cap)
+            if seq.balance < 0:
+                leave.append(seq)
+        self._join(leave)
 
     def _emit_step(self, groups: list[tuple[_Seq, int]], drafts: dict[int, list[int]],
                    sampled: list[int], logprobs: mx.array) -> list[GenerationResponse]:
