@@ -143,10 +143,17 @@ class GenerationResponse:
 
     uid: int
     token: int
-    logprobs: mx.array
+    rows: mx.array = field(repr=False)  # the step's log probabilities, a row per position
+    row: int
     finish_reason: str | None
     prompt_cache: list[Any] | None = None  # on a finish: the caches...
     all_tokens: list[int] | None = None  # ...and the tokens they hold
+
+    @property
+    def logprobs(self) -> mx.array:
+        """This token's row: sliced when asked (few requests want logprobs), not one
+        array op per token per step."""
+        return self.rows[self.row]
 
 
 @dataclass(eq=False)
@@ -446,7 +453,7 @@ class RaggedRunner:
             emitted = sampled[row: row + 1] if draft is None else \
                 accepted(draft, sampled[row: row + n])
             for i, token in enumerate(emitted):
-                r = self._emit(seq, token, logprobs[row + i])
+                r = self._emit(seq, token, logprobs, row + i)
                 responses.append(r)
                 if r.finish_reason is not None:
                     finished[seq.uid] = r
@@ -474,14 +481,15 @@ class RaggedRunner:
             self.draft_stats.add(len(draft), kept)
         seq.drafting.update(len(draft), emitted)
 
-    def _emit(self, seq: _Seq, token: int, logprobs: mx.array) -> GenerationResponse:
+    def _emit(self, seq: _Seq, token: int, logprobs: mx.array, row: int
+              ) -> GenerationResponse:
         """One sampled token of ``seq``: its finish, and the token fed next step."""
         seq.generated += 1
         reason = "length" if seq.generated >= seq.max_tokens else None
         if seq.matcher.advance(token):
             reason = "stop"
         seq.next_token = token
-        return GenerationResponse(seq.uid, token, logprobs, reason)
+        return GenerationResponse(seq.uid, token, logprobs, row, reason)
 
     def _start_decoding(self, seqs: list[_Seq]) -> None:
         """Prompts that finished prefilling: speculating ones keep their own caches,

@@ -148,6 +148,7 @@ class EngineWorker:
         self._stopped = False  # the thread has ended: no command will be read again
         self._stop_lock = threading.Lock()  # orders a call's put against the thread's end
         self._emit: Callable[[EngineEvent], None] | None = None
+        self._pending: list[EngineEvent] | None = None  # a step's events, sent as one
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="blockserve-engine", daemon=True)
@@ -303,14 +304,20 @@ class EngineWorker:
         )
 
     def _send(self, event: EngineEvent) -> None:
+        if self._pending is not None:  # inside a step: delivered with the others
+            self._pending.append(event)
+            return
+        self._deliver(event)
+
+    def _deliver(self, event: EngineEvent | list[EngineEvent]) -> None:
+        """One cross-thread call: an event, or a step's events in order."""
         if self._emit is None:
             return
         t0 = time.perf_counter()
         try:
             self._emit(event)
         except RuntimeError:  # the listener's loop has closed: nobody is left to tell
-            log.debug("dropped an event for %s: the scheduler's loop is closed",
-                      event.seq_id)
+            log.debug("dropped events: the scheduler's loop is closed")
         self.step_times.seconds["events"] += time.perf_counter() - t0
 
     def _handle(self, cmd: _Command, stream) -> None:
@@ -447,9 +454,13 @@ class EngineWorker:
             times.steps += 1
             times.seconds["forward"] += t1 - t0
         sent = times.seconds["events"]
+        self._pending = []
         try:
             self._handle_responses(prompt_responses, gen_responses)
         finally:
+            pending, self._pending = self._pending, None
+            if pending:  # one delivery per step, even when a sequence failed in it
+                self._deliver(pending if len(pending) > 1 else pending[0])
             times.seconds["engine"] += (time.perf_counter() - t1
                                         - (times.seconds["events"] - sent))
 
