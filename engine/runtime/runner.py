@@ -54,7 +54,7 @@ STEP_COST_TOKENS = 5.0
 # Price speculation from this machine's measured step costs (``StepCost``) once enough
 # steps are seen; STEP_COST_TOKENS until then, or always when False (tests).
 MEASURED_COSTS = True
-SPAN_CREDIT = 4  # spans' cost a speculating sequence may spend before its drafts pay
+SPAN_CREDIT = 16  # spans' cost a speculating sequence may spend before its drafts pay
 DEFAULT_TOKEN_BUDGET = 64  # per step while streams decode; BENCHMARKS.md, the step grid
 DEFAULT_PREFILL_STEP = 256  # per step while none does: nobody waits on a longer step
 MIN_CHUNK = 16  # prefill tokens a step always takes, so decodes never starve a prompt
@@ -113,7 +113,7 @@ class StepCost:
         self.emitted += w * (emitted - self.emitted)
         if not self.ready:
             return
-        ridge = self.RIDGE * np.trace(self._a) / 3 * np.diag([0.0, 1.0, 1.0])
+        ridge = self.RIDGE * np.diag(np.diag(self._a) * [0.0, 1.0, 1.0])
         try:
             fixed, tok, span = np.linalg.solve(self._a + ridge, self._b)
         except np.linalg.LinAlgError:
@@ -417,15 +417,17 @@ class RaggedRunner:
     def _judge_spans(self, verifies: list[tuple[_Seq, list[int]]],
                      responses: list[GenerationResponse]) -> None:
         """Speculation outside the batch must pay for its span: each verify's accepted
-        tokens earn a step's seconds per emitted token, its span and drafts cost what
-        the fit says. A sequence starts with a credit of ``SPAN_CREDIT`` spans and
+        tokens earn a step's seconds per emitted token, its span (a token's worth at
+        least) and drafts cost what the fit says. A sequence starts with a credit of ``SPAN_CREDIT`` spans and
         joins the batch when its balance runs out (alone, it costs no span: the batch
         would be one too)."""
         if not self._measured() or not verifies:
             return
         cost = self.cost
         alone = len(self._decoding) + len(self._speculating) <= 1
-        per_span = 0.0 if alone else cost.per_span
+        # A span costs at least a token's worth: the fit can't always tell the two
+        # apart (every sequence speculating: as many spans as decode tokens).
+        per_span = 0.0 if alone else max(cost.per_span, cost.per_token)
         counts: dict[int, int] = {}
         for r in responses:
             counts[r.uid] = counts.get(r.uid, 0) + 1
@@ -435,9 +437,9 @@ class RaggedRunner:
                 continue
             earned = (counts.get(seq.uid, 1) - 1) * cost.per_emitted
             spent = per_span + len(draft) * cost.per_token
-            cap = SPAN_CREDIT * 4 * cost.per_span
+            cap = SPAN_CREDIT * 4 * per_span
             if seq.balance is None:
-                seq.balance = SPAN_CREDIT * cost.per_span
+                seq.balance = SPAN_CREDIT * per_span
             seq.balance = min(seq.balance + earned - spent, cap)
             if seq.balance < 0:
                 leave.append(seq)
