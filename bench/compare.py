@@ -438,6 +438,10 @@ def main(args: argparse.Namespace) -> int:
     if "edit" in args.workloads.split(","):
         head += (f" Edit: a ~{args.edit_file_tokens}-token file each, "
                  f"{args.edit_output_tokens} output tokens, {args.edit_concurrency} at a time.")
+    if "overhead" in args.workloads.split(","):
+        head += (f" Overhead: {args.overhead_streams} greedy streams at once, "
+                 f"{args.overhead_tokens} tokens each (EOS ends one sooner), every server "
+                 f"at most {_max_seqs(args)} sequences.")
     if len(variants) > 1 or variants[0][1]:
         head += " " + "; ".join(f"{label}: `{shlex.join(extra)}`" for label, extra in variants)
         head += "."
