@@ -427,7 +427,8 @@ class RaggedRunner:
         alone = len(self._decoding) + len(self._speculating) <= 1
         # A span costs at least a token's worth: the fit can't always tell the two
         # apart (every sequence speculating: as many spans as decode tokens).
-        per_span = 0.0 if alone else max(cost.per_span, cost.per_token)
+        unit = max(cost.per_span, cost.per_token)
+        per_span = 0.0 if alone else unit
         counts: dict[int, int] = {}
         for r in responses:
             counts[r.uid] = counts.get(r.uid, 0) + 1
@@ -437,9 +438,9 @@ class RaggedRunner:
                 continue
             earned = (counts.get(seq.uid, 1) - 1) * cost.per_emitted
             spent = per_span + len(draft) * cost.per_token
-            cap = SPAN_CREDIT * 4 * per_span
+            cap = SPAN_CREDIT * 4 * unit
             if seq.balance is None:
-                seq.balance = SPAN_CREDIT * per_span
+                seq.balance = SPAN_CREDIT * unit
             seq.balance = min(seq.balance + earned - spent, cap)
             if seq.balance < 0:
                 leave.append(seq)
