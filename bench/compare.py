@@ -45,7 +45,14 @@ from blockserve.bench.workloads import (
     claude_code_sessions,
     edit_sessions,
     no_sharing,
+    overhead_streams,
     shared_prefix,
+)
+from blockserve.bench.overhead import (
+    py_spy_start,
+    py_spy_summary,
+    split_header,
+    split_row,
 )
 
 TARGETS = {"ttft_p90_ratio": 0.5, "requests_per_s_ratio": 1.5, "prefill_efficiency": 0.9,
@@ -105,6 +112,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "the SLO) and the ratio")
     p.add_argument("--sweep-requests", type=int, default=32,
                    help="requests at each rate of the sweep (4 groups)")
+    p.add_argument("--overhead-streams", default="1,4,16,32,64",
+                   help="overhead: comma list of concurrent greedy streams, a row each")
+    p.add_argument("--overhead-tokens", type=int, default=256,
+                   help="overhead: tokens each stream generates")
+    p.add_argument("--overhead-prompt-tokens", type=int, default=32)
+    p.add_argument("--py-spy", type=int, default=0, metavar="STREAMS",
+                   help="overhead: sample blockserve with py-spy during this level")
     p.add_argument("--vllm-mlx", metavar="PATH",
                    help="the vllm-mlx executable (its own venv): compare against it too")
 
@@ -132,6 +146,10 @@ def _workloads(args, trim):
                               seed=4 + i, trim=trim)
             w.name = f"edit x{c}"
             out.append((w, c))
+    if "overhead" in chosen:  # the near-free model's regime: N streams at once
+        for i, c in enumerate(_levels(args)):
+            out.append((overhead_streams(c, args.overhead_prompt_tokens, args.overhead_tokens,
+                                         seed=6 + i, trim=trim), c))
     return out
 
 
@@ -142,13 +160,25 @@ def _sweep_workload(args, trim, i: int):
                          args.output_tokens, 100 + i, trim)
 
 
+def _levels(args) -> list[int]:
+    return [int(x) for x in args.overhead_streams.split(",")]
+
+
+def _max_seqs(args) -> int:
+    """Every server's batch size: the concurrency, or the most overhead streams."""
+    n = args.concurrency
+    if "overhead" in args.workloads.split(","):
+        n = max(n, *_levels(args))
+    return n
+
+
 def _server_command(server: str, args, model_path: str | None, port: int,
                     extra: list[str] | None = None
                     ) -> tuple[list[str], str, dict]:
     """(command line, model name to send, environment) of one server; ``extra``: a
     blockserve variant's arguments."""
     env = dict(os.environ)
-    n = str(args.concurrency)
+    n = str(_max_seqs(args))
     if server == "blockserve":
         return ([sys.executable, "-m", "blockserve.cli", "serve", "--model", args.model,
                  "--port", str(port), "--max-num-seqs", n, "--log-level", "WARNING",
@@ -320,10 +350,60 @@ def ratio_lines(results: dict[str, dict[str, dict]], records: dict[str, dict[str
     return lines
 
 
+def overhead_lines(results: dict[str, dict[str, dict]], ours: list[str], peers: list[str],
+                   spies: dict[tuple[str, str], list[str]]) -> list[str]:
+    """The overhead workload (issue 33): tokens/s and inter-token latency per level,
+    each blockserve variant against each peer and the first variant against the
+    others; then blockserve's engine step split, and py-spy's samples."""
+    levels = [w for w in results if w.startswith("overhead")]
+    if not levels:
+        return []
+    servers = ours + peers
+    out = ["", "Overhead (near-free model; greedy streams, all at once):", "",
+           "| streams | " + " | ".join(f"{s} tok/s | {s} ITL p50/p99 ms" for s in servers)
+           + " |", "|---" * (1 + 2 * len(servers)) + "|"]
+    for w in levels:
+        cells = []
+        for s in servers:
+            r = results[w].get(s)
+            cells += (["n/a", "n/a"] if r is None else [
+                f"{r['output_tokens_per_s']:.0f}",
+                f"{_ms(r['itl_s']['p50'])}/{_ms(r['itl_s']['p99'])}"])
+        out.append(f"| {w.split('x')[-1]} | " + " | ".join(cells) + " |")
+    out.append("")
+    for w in levels:
+        by = results[w]
+        for mine in ours:
+            a = by.get(mine)
+            if a is None:
+                continue
+            parts = []
+            for other in peers + [o for o in ours if o != mine][:1]:
+                b = by.get(other)
+                if b:
+                    parts.append(f"tok/s {_ratio(a['output_tokens_per_s'], b['output_tokens_per_s'])}x"
+                                 f", ITL p50 {_ratio(a['itl_s']['p50'], b['itl_s']['p50'])} "
+                                 f"against {other}")
+            if parts:
+                out.append(f"- {w}, {mine}: " + "; ".join(parts))
+    rows = [(w, s, results[w][s]) for w in levels for s in ours
+            if "engine_split" in results[w].get(s, {})]
+    if rows:
+        out += ["", "blockserve's engine step, ms per step by phase (`other`: the engine "
+                "thread outside a step: its queue, the GIL):", ""] + split_header()
+        for w, s, r in rows:
+            out.append(split_row(w, s, r["engine_split"],
+                                 int(r["output_tokens_per_s"] * r["wall_s"])))
+    for (w, s), table in spies.items():
+        if table:
+            out += ["", f"py-spy, {w}, {s} (share of CPU samples):", ""] + table
+    return out
+
+
 def _plot_stem(workload: str) -> str:
     """A workload's plot file stem: its kind, and an edit row's concurrency too."""
     kind, _, rest = workload.partition(" ")
-    return f"{kind}-{rest}" if kind == "edit" else kind
+    return f"{kind}-{rest}" if kind in ("edit", "overhead") else kind
 
 
 def main(args: argparse.Namespace) -> int:
@@ -335,6 +415,7 @@ def main(args: argparse.Namespace) -> int:
     if args.sweep_rates is not None and not args.slo:
         raise SystemExit("--sweep-rates needs --slo (e.g. --slo ttft=2s,itl=300ms,e2e=20s)")
     model_path, tok = None, None
+    spies: dict[tuple[str, str], list[str]] = {}
     variants = args.blockserve_variants
     ours = [label for label, _ in variants]
     peers = [] if args.no_peers else ["mlx_lm server"] + (["vllm-mlx"] if args.vllm_mlx
@@ -354,8 +435,18 @@ def main(args: argparse.Namespace) -> int:
                 tok = LocalTokenizer(model_path)  # one tokenizer for every server
             target = make_target(url, model_name, tok)
             for workload, concurrency in _workloads(args, tok.trim):
+                spy = None
+                if (kind == "blockserve" and args.py_spy == concurrency
+                        and workload.name.startswith("overhead")):
+                    spy_out = str(out / f"{args.name}-{server.replace(' ', '-')}-"
+                                  f"x{concurrency}.pyspy.txt")
+                    spy = py_spy_start(proc.pid, args.max_seconds, spy_out)
                 summary, recs = asyncio.run(bench_once(target, workload, concurrency, None,
                                                        args.max_seconds, 0, slo=args.slo))
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(timeout=60)
+                    spies[(workload.name, server)] = py_spy_summary(spy_out)
                 results.setdefault(workload.name, {})[server] = summary
                 records.setdefault(workload.name, {})[server] = recs
                 print(f"  {workload.name}: {summary['requests_per_s']:.2f} req/s, "
@@ -374,6 +465,10 @@ def main(args: argparse.Namespace) -> int:
     if "edit" in args.workloads.split(","):
         head += (f" Edit: a ~{args.edit_file_tokens}-token file each, "
                  f"{args.edit_output_tokens} output tokens, {args.edit_concurrency} at a time.")
+    if "overhead" in args.workloads.split(","):
+        head += (f" Overhead: {args.overhead_streams} greedy streams at once, "
+                 f"{args.overhead_tokens} tokens each (EOS ends one sooner), every server "
+                 f"at most {_max_seqs(args)} sequences.")
     if len(variants) > 1 or variants[0][1]:
         head += " " + "; ".join(f"{label}: `{shlex.join(extra)}`" for label, extra in variants)
         head += "."
@@ -405,6 +500,7 @@ def main(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     lines += _cached_prefix_lines(records, ours[0])
+    lines += overhead_lines(results, ours, peers, spies)
     for workload, by_server in results.items():
         if all(len(s["per_turn"]) > 1 for s in by_server.values()):
             lines += ["", f"Per turn, {workload}:", "",

@@ -17,6 +17,7 @@ from typing import Callable
 from blockserve.bench.client import Target, run_workload, scrape
 from blockserve.bench.goodput import (format_slo, format_sweep, knee_of, next_auto_rate,
                                      parse_rates, parse_slo, sweep_point)
+from blockserve.bench.overhead import step_split
 from blockserve.bench.plots import plot_goodput, plot_sweep, plot_ttft_cdf
 from blockserve.bench.stats import records_json, summarize
 from blockserve.bench.tokens import BenchTokenizer, open_tokenizer
@@ -63,7 +64,11 @@ async def bench_once(target: Target, workload: Workload, concurrency: int | None
     records, wall = await run_workload(target, workload, concurrency, rate, max_seconds,
                                        seed, progress)
     after = await scrape(target.url)
-    return summarize(records, wall, before, after, slo), records
+    summary = summarize(records, wall, before, after, slo)
+    split = step_split(before, after, wall)  # blockserve's engine step, by phase
+    if split is not None:
+        summary["engine_split"] = split
+    return summary, records
 
 
 def run_sweep(target: Target, make_workload: Callable[[int], Workload], rates: list[float] | str,

@@ -380,5 +380,19 @@ def edit_sessions(requests: int = 4, file_tokens: int = 1500, output_tokens: int
     return Workload(f"edit x{requests}", out)
 
 
+def overhead_streams(streams: int = 16, prompt_tokens: int = 32, output_tokens: int = 256,
+                     seed: int = 6, trim: Trim | None = None) -> Workload:
+    """``streams`` short unrelated prompts, ``output_tokens`` each, greedy, all at once:
+    with a near-free model (``demo:tiny``) the server's own work per step decides the
+    throughput (issue 33)."""
+    rng = random.Random(seed)
+    return Workload(f"overhead x{streams}", [
+        Session(None, [Turn({"role": "user",
+                             "content": f"{i} " + random_text(rng, prompt_tokens, trim)},
+                            output_tokens, temperature=0.0)], group=i)
+        for i in range(streams)])
+
+
 WORKLOADS = {"shared-prefix": shared_prefix, "agent": agent_sessions, "no-sharing": no_sharing,
-             "claude-code": claude_code_sessions, "edit": edit_sessions}
+             "claude-code": claude_code_sessions, "edit": edit_sessions,
+             "overhead": overhead_streams}

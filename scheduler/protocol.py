@@ -137,7 +137,8 @@ class Generator(Protocol):
     needs_snapshots: bool
 
     def start(self, emit: Callable[[EngineEvent], None]) -> None:
-        """Begin running; ``emit`` may be called from any thread."""
+        """Begin running; ``emit`` may be called from any thread, with one event or a
+        list of them (a step's, in order)."""
 
     def insert(self, spec: SequenceSpec) -> None: ...
 

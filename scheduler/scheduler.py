@@ -555,7 +555,10 @@ class Scheduler:
 
     # ---- generator events ----------------------------------------------------
 
-    def _on_event(self, event: EngineEvent) -> None:
+    def _on_event(self, event: EngineEvent | list[EngineEvent]) -> None:
+        if isinstance(event, list):  # one engine step's events, in order
+            self._on_step_events(event)
+            return
         if isinstance(event, EngineFailedEvent):
             self._engine_failed(event.message)
             return
@@ -585,6 +588,37 @@ class Scheduler:
         elif isinstance(event, PreemptedEvent):
             self._preempted(state, event)
             self._schedule()
+
+    def _on_step_events(self, events: list[EngineEvent]) -> None:
+        """A step's events: a request's tokens in it become one output (one SSE chunk
+        per stream per step, however many tokens a verify accepted)."""
+        run: list[TokenEvent] = []
+        for event in events + [None]:
+            if (run and isinstance(event, TokenEvent) and event.seq_id == run[0].seq_id):
+                run.append(event)
+                continue
+            if len(run) == 1:
+                self._on_event(run[0])
+            elif run:
+                self._on_tokens(run)
+            run = []
+            if isinstance(event, TokenEvent):
+                run.append(event)
+            elif event is not None:
+                self._on_event(event)
+
+    def _on_tokens(self, events: list[TokenEvent]) -> None:
+        """Several tokens of one request in a row, as one output."""
+        state = self._running.get(events[0].seq_id)
+        if state is None:
+            return
+        state.usage.completion_tokens += len(events)
+        logprobs = None if events[0].logprob is None else [
+            (e.logprob, e.top_logprobs) for e in events]
+        state.outputs.put_nowait(RequestOutput(
+            events[0].seq_id, "".join(e.text for e in events), [e.token for e in events],
+            usage=replace(state.usage), logprobs=logprobs))
+        self._grow(state, state.kv_tokens + len(events))
 
     def _engine_failed(self, message: str) -> None:
         """The engine thread died: every request ends with an error that names no other

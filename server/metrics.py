@@ -83,6 +83,16 @@ class _StateCollector:
                  "Draft tokens accepted (mean accepted length: 1 + accepted / drafts)",
                  None, {(): drafts.accepted}),
             ]
+        times = getattr(sched.generator, "step_times", None)
+        if times is not None:
+            families += [
+                (CounterMetricFamily, "blockserve_engine_steps", "Engine steps (forwards)",
+                 None, {(): times.steps}),
+                (CounterMetricFamily, "blockserve_engine_step_seconds",
+                 "Engine thread time by phase: draft, build, eval, emit (the runner), "
+                 "engine (per-token bookkeeping), events (handing them to the loop)",
+                 "phase", {(k,): v for k, v in sorted(dict(times.seconds).items())}),
+            ]
         disk = sched.prefix.disk_stats()
         if disk is not None:
             families += [

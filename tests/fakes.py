@@ -72,6 +72,7 @@ class FakeGenerator:
     token_delay: float = 0.0  # seconds per generated token
     namespace: Namespace = field(default_factory=lambda: Namespace("fake-model"))
     needs_snapshots: bool = False
+    burst: int = 1  # tokens a step emits, as one list (a speculating engine's verify)
 
     def __post_init__(self):
         self.inserted: list[SequenceSpec] = []
@@ -173,17 +174,24 @@ class FakeGenerator:
             self._context[spec.seq_id] = context
             reason = "length"
             generated = self._generated.pop(spec.seq_id, 0) if spec.resume else 0
+            step: list[TokenEvent] = []
             for _ in range(spec.sampling.max_tokens):
-                await asyncio.sleep(self.token_delay)
-                if self._tasks.get(spec.seq_id) is not asyncio.current_task():
-                    return  # preempted or aborted in the same tick
+                if not step:  # a step computes ``burst`` tokens, sent as one delivery
+                    await asyncio.sleep(self.token_delay)
+                    if self._tasks.get(spec.seq_id) is not asyncio.current_task():
+                        return  # preempted or aborted in the same tick
                 tok = next_token(context)
                 generated += 1
                 if tok in spec.sampling.stop_token_ids:
                     reason = "stop"
                     break
                 context.append(tok)
-                self._emit(TokenEvent(spec.seq_id, tok, f"<{tok}>"))
+                step.append(TokenEvent(spec.seq_id, tok, f"<{tok}>"))
+                if len(step) == self.burst:
+                    self._emit(step if self.burst > 1 else step[0])
+                    step = []
+            if step:
+                self._emit(step)
             kv_tokens = context[:-1] if reason == "length" else context
             end = len(kv_tokens) // bs
             first = done // bs

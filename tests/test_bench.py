@@ -110,6 +110,8 @@ async def test_a_short_end_to_end_bench_run(worker):
         assert len(recs) == 6 and all(r.error is None for r in recs)
         later = [r for r in recs if r.turn > 0]
         assert all(r.cached_tokens > 0 for r in later)
+        split = summary["engine_split"]  # the engine's step, by phase, from /metrics
+        assert split["steps"] > 0 and split["ms"]["eval"] > 0 and split["ms"]["step"] > 0
         assert (await scrape(srv.url))["blockserve_requests_running"] == 0
         assert await scrape("http://127.0.0.1:9") == {}  # nothing there: no metrics
 
@@ -405,3 +407,40 @@ def test_a_knee_at_the_highest_rate_run_is_flagged():
                                       "higher rates)")
     pts.append({**pts[-1], "rate": 4, "attainment": 0.5})
     assert format_sweep(pts).endswith("(attainment 1.00)")
+
+
+def test_the_overhead_workload_levels_and_its_step_split():
+    from blockserve.bench.compare import _server_command, _workloads, add_args, \
+        overhead_lines
+    from blockserve.bench.overhead import step_split
+
+    p = argparse.ArgumentParser()
+    add_args(p)
+    args = p.parse_args(["--workloads", "overhead", "--overhead-streams", "1,16",
+                         "--overhead-tokens", "32"])
+    rows = _workloads(args, _chunks)
+    assert [(w.name, c, w.num_requests) for w, c in rows] == [("overhead x1", 1, 1),
+                                                              ("overhead x16", 16, 16)]
+    assert all(t.max_tokens == 32 and t.temperature == 0.0
+               for w, _ in rows for s in w.sessions for t in s.turns)
+    cmd, _, _ = _server_command("blockserve", args, None, 8400)
+    assert cmd[cmd.index("--max-num-seqs") + 1] == "16"  # room for the most streams
+    phase = 'blockserve_engine_step_seconds_total{phase="%s"}'
+    before = {"blockserve_engine_steps_total": 10, phase % "eval": 1.0}
+    after = {"blockserve_engine_steps_total": 110, phase % "eval": 1.5,
+             phase % "events": 0.1}
+    split = step_split(before, after, wall=1.0)
+    assert split["steps"] == 100 and split["steps_per_s"] == 100
+    assert split["ms"]["eval"] == pytest.approx(5.0)
+    assert split["ms"]["events"] == pytest.approx(1.0)
+    assert split["ms"]["other"] == pytest.approx(4.0) and split["ms"]["step"] == 10.0
+    assert step_split({}, {}, 1.0) is None  # a peer: no such metrics
+    recs = [Record(0, 0, ttft=0.1, e2e=1.1, completion_tokens=101, itl=[0.01] * 100)]
+    mine, peer = summarize(recs, 1.0), summarize(recs, 2.0)
+    mine["engine_split"] = split
+    lines = overhead_lines({"overhead x1": {"blockserve": mine, "mlx_lm server": peer}},
+                           ["blockserve"], ["mlx_lm server"], {})
+    text = "\n".join(lines)
+    assert "| 1 | 101 | 10/10 | 50 | 10/10 |" in text
+    assert "tok/s 2.00x, ITL p50 1.00 against mlx_lm server" in text
+    assert "| overhead x1 | blockserve | 100 | 1.0 |" in text

@@ -79,3 +79,35 @@ async def test_a_stop_string_completed_by_the_last_allowed_token(worker):
     assert last.finish_reason == "stop"
     assert cut == pieces[k + 1][: pieces[k + 1].index(stop)]
     assert_idle(sched, worker)
+
+
+def test_a_step_s_events_cross_threads_once_and_nothing_follows_a_finish():
+    """The engine thread hands each step's events over in one call (issue 33), in order:
+    a sequence's tokens, then its finish, and nothing for it after that."""
+    import queue as queue_mod
+
+    from blockserve.scheduler import SamplingParams
+    from blockserve.scheduler.protocol import FinishEvent, SequenceSpec, TokenEvent
+
+    w = EngineWorker("demo:tiny", block_size=16, max_running=8)
+    calls: queue_mod.Queue = queue_mod.Queue()
+    try:
+        w.start(calls.put)
+        for i, n in enumerate((5, 9, 12)):
+            w.insert(SequenceSpec(f"s{i}", [3 + i, 7, 11, 13], 0, [], [],
+                                  SamplingParams(max_tokens=n, ignore_eos=True)))
+        events, lists, finished = [], 0, set()
+        while len(finished) < 3:
+            call = calls.get(timeout=60)
+            lists += isinstance(call, list)
+            for e in call if isinstance(call, list) else [call]:
+                events.append(e)
+                if isinstance(e, FinishEvent):
+                    finished.add(e.seq_id)
+    finally:
+        w.close()
+    assert lists > 0  # several streams' tokens share a call
+    for i, n in enumerate((5, 9, 12)):
+        mine = [e for e in events if e.seq_id == f"s{i}" and
+                isinstance(e, (TokenEvent, FinishEvent))]
+        assert [type(e) for e in mine] == [TokenEvent] * n + [FinishEvent]

@@ -77,17 +77,18 @@ async def test_kv_on_demand_runs_what_fits_now_not_prompt_plus_max_tokens():
     assert_idle(sched, gen, pool)
 
 
+@pytest.mark.parametrize("burst", [1, 4], ids=["a token a step", "4 tokens a step"])
 @pytest.mark.parametrize("room", ["cache keeps its blocks", "no room left"])
-async def test_preemption_parks_the_newest_and_it_resumes_exactly(room):
+async def test_preemption_parks_the_newest_and_it_resumes_exactly(room, burst):
     # Both start in one allocation step each; past 255 positions each needs a second,
     # and the running requests may hold three steps, so the newest is parked and waits
     # at the head of the queue. With a running cap inside a larger limit, the cache
     # keeps its blocks and it resumes by a hit; with the limit itself at three steps,
     # the cache's budget is what the first leaves (nothing), so it recomputes: exact
-    # either way.
+    # either way. Tokens that come several to a step (speculation) grow K/V alike.
     memory = (budget(64, running_cap_bytes=3 * STEP) if room == "cache keeps its blocks"
               else budget(3))
-    sched, gen, pool = make(memory, token_delay=0.001)
+    sched, gen, pool = make(memory, token_delay=0.001, burst=burst)
     first, second = [1] * 8, [2] * 8
     a = sched.submit(Request(first, SamplingParams(max_tokens=400)))
     b = sched.submit(Request(second, SamplingParams(max_tokens=400)))

@@ -419,3 +419,31 @@ async def test_when_the_engine_dies_every_request_ends_and_nothing_more_is_taken
     gen.abort(running.request_id)
     assert sched.num_running == 0 and sched.num_waiting == 0
     assert pool.stats().blocks_pinned == 0
+
+
+async def test_a_step_s_events_come_as_one_list_and_a_stream_s_tokens_as_one_output():
+    """The engine hands a step's events over in one call (issue 33): each request's
+    tokens in it become one output, in order, with usage counting every token."""
+    from blockserve.scheduler.protocol import TokenEvent
+
+    sched, gen, pool = make()
+    real = gen._emit
+    held: list = []
+
+    def in_steps(event):  # tokens two at a time, the other events flush them first
+        held.append(event)
+        if not isinstance(event, TokenEvent) or len(held) == 2:
+            batch = list(held)
+            held.clear()
+            real(batch if len(batch) > 1 else batch[0])
+
+    gen._emit = in_steps
+    prompt = list(range(1, 10))
+    outs = [o async for o in sched.submit(Request(prompt, SamplingParams(max_tokens=5)))]
+    tokens = [t for o in outs for t in o.token_ids]
+    assert tokens == expected_tokens(prompt, 5)
+    assert [len(o.token_ids) for o in outs] == [2, 2, 1, 0]  # the last: the finish
+    assert "".join(o.text for o in outs) == "".join(f"<{t}>" for t in tokens)
+    assert [o.usage.completion_tokens for o in outs[:3]] == [2, 4, 5]
+    assert outs[-1].finish_reason == "length"
+    assert_idle(sched, gen, pool)

@@ -36,6 +36,7 @@ def keep_drafting(monkeypatch):
     drafts, accepted and rejected."""
     monkeypatch.setattr(Drafting, "MIN_SAVED", 0)
     monkeypatch.setattr(runner, "STEP_COST_TOKENS", 1e6)
+    monkeypatch.setattr(runner, "MEASURED_COSTS", False)  # the fixed price, not this CPU's
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +280,66 @@ def test_a_sequence_whose_drafts_fail_joins_the_batch_exactly(model, monkeypatch
     monkeypatch.setattr(RaggedRunner, "_join", spy)
     spec = generate(model, PROMPTS, N, speculative=True)[0]
     assert len(joined) == len(PROMPTS)  # each left speculation for the batch
+    assert spec == [reference_tokens(model, p, N) for p in PROMPTS]
+
+
+# ---- priced by this machine's step costs (issue 33) ------------------------------------
+
+def test_the_step_cost_fit_recovers_fixed_token_and_span_costs():
+    rng = np.random.default_rng(0)
+    cost = runner.StepCost()
+    assert not cost.ready
+    for _ in range(200):
+        tokens, spans = int(rng.integers(1, 64)), int(rng.integers(1, 16))
+        cost.add(tokens, spans, tokens, 0.002 + 1e-4 * tokens + 5e-4 * spans)
+    assert cost.ready
+    assert cost.fixed == pytest.approx(0.002, rel=0.05)
+    assert cost.per_token == pytest.approx(1e-4, rel=0.05)
+    assert cost.per_span == pytest.approx(5e-4, rel=0.05)
+
+
+def _priced(per_token: float, per_span: float, per_emitted: float) -> type:
+    class Fixed(runner.StepCost):
+        ready = True
+
+        def __init__(self):
+            super().__init__()
+            self.per_token, self.per_span, self.fixed = per_token, per_span, 0.0
+            self.seconds, self.emitted = per_emitted, 1.0
+
+        def add(self, *args) -> None:  # keeps its prices
+            pass
+
+    return Fixed
+
+
+def test_a_span_that_costs_more_than_its_drafts_earn_joins_the_batch(model, monkeypatch):
+    """A near-free model on a GPU: a verify's own span costs far more than an accepted
+    token saves, so every sequence soon decodes in the shared batch, exactly."""
+    monkeypatch.setattr(Drafting, "MIN_SAVED", 0)  # the text alone would keep drafting
+    monkeypatch.setattr(runner, "StepCost", _priced(1e-6, 1.0, 1e-3))
+    monkeypatch.setattr(runner, "SPAN_CREDIT", 2)  # leaves before its reply is done
+    joined = []
+    real_join = RaggedRunner._join
+
+    def spy(self, seqs):
+        joined.extend(s.uid for s in seqs if s.drafting is not None)
+        real_join(self, seqs)
+
+    monkeypatch.setattr(RaggedRunner, "_join", spy)
+    spec, _, _, stats = generate(model, PROMPTS, N, speculative=True)
+    assert sorted(joined) == [0, 1, 2]
+    assert stats.steps <= len(PROMPTS) * (runner.SPAN_CREDIT + 1)  # its credit, then out
+    assert spec == [reference_tokens(model, p, N) for p in PROMPTS]
+
+
+def test_free_spans_and_dear_steps_keep_sequences_drafting(model, monkeypatch):
+    """This CPU with SmolLM2: a span costs nothing next to a step, so drafts that come
+    true keep a sequence speculating; the output is still exact."""
+    monkeypatch.setattr(Drafting, "MIN_SAVED", 0)
+    monkeypatch.setattr(runner, "StepCost", _priced(1e-3, 0.0, 1.0))
+    spec, _, _, stats = generate(model, PROMPTS, N, speculative=True)
+    assert stats.accepted > 0 and stats.steps > len(PROMPTS)
     assert spec == [reference_tokens(model, p, N) for p in PROMPTS]
 
 

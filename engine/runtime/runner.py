@@ -30,11 +30,13 @@ stop paying, the sequence joins the batch.
 from __future__ import annotations
 
 import logging
-from collections import deque
+import time
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.generate import StopSequences
 from mlx_lm.models.cache import BatchKVCache, KVCache, TokenBuffer, make_prompt_cache
 
@@ -49,9 +51,80 @@ log = logging.getLogger(__name__)
 # for SmolLM2 at 1.6K tokens of context on this CPU (BENCHMARKS.md, the verify grid).
 # It prices speculation: the larger it is, the more a draft token may cost to verify.
 STEP_COST_TOKENS = 5.0
+# Price speculation from this machine's measured step costs (``StepCost``) once enough
+# steps are seen; STEP_COST_TOKENS until then, or always when False (tests).
+MEASURED_COSTS = True
+SPAN_CREDIT = 16  # spans' cost a speculating sequence may spend before its drafts pay
 DEFAULT_TOKEN_BUDGET = 64  # per step while streams decode; BENCHMARKS.md, the step grid
 DEFAULT_PREFILL_STEP = 256  # per step while none does: nobody waits on a longer step
 MIN_CHUNK = 16  # prefill tokens a step always takes, so decodes never starve a prompt
+
+
+@dataclass
+class StepTimes:
+    """Where an engine step's time goes, summed over steps (seconds, by phase), read by
+    ``/metrics`` (``blockserve_engine_step_seconds``) and the overhead bench.
+
+    The runner's phases: ``draft`` (planning, the lookup's drafts), ``build`` (the
+    forward's and the samplers' graphs, on the host), ``eval`` (waiting for the device:
+    the forward and the sampling ops), ``emit`` (the sampled tokens as responses, trims,
+    joins). The worker's: ``engine`` (its bookkeeping per token: detokenizer, stop
+    strings, finishes, blocks) and ``events`` (handing events to the scheduler's loop)."""
+
+    steps: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+class StepCost:
+    """What a step costs on this machine, fitted online: seconds ~ fixed + per token x
+    tokens fed + per span x attention groups (the decode batch, each verify, each
+    prefill chunk: one attention call per layer each, graphs built on the host).
+
+    Speculation outside the batch is priced from it: a verify's sequence is a span of
+    its own (its attention per layer, its rope, its cache update), which on a GPU or
+    with a small model costs more than the tokens themselves, and on this CPU with
+    SmolLM2 next to nothing. Least squares over recent steps (each weighs ``DECAY`` of
+    the next), with a light ridge so that a design without variety (every step the same
+    shape) still solves; ``ready`` once ``MIN_STEPS`` were seen."""
+
+    DECAY = 0.98
+    MIN_STEPS = 8
+    RIDGE = 1e-3
+
+    def __init__(self) -> None:
+        self._a = np.zeros((3, 3))
+        self._b = np.zeros(3)
+        self.n = 0
+        self.fixed = self.per_token = self.per_span = 0.0
+        self.seconds = 0.0  # a step's seconds, and tokens it emitted (decayed means)
+        self.emitted = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return self.n >= self.MIN_STEPS
+
+    def add(self, tokens: int, spans: int, emitted: int, seconds: float) -> None:
+        x = np.array([1.0, tokens, spans])
+        self._a = self.DECAY * self._a + np.outer(x, x)
+        self._b = self.DECAY * self._b + x * seconds
+        self.n += 1
+        w = 1 - self.DECAY if self.n > 1 else 1.0
+        self.seconds += w * (seconds - self.seconds)
+        self.emitted += w * (emitted - self.emitted)
+        if not self.ready:
+            return
+        ridge = self.RIDGE * np.diag(np.diag(self._a) * [0.0, 1.0, 1.0])
+        try:
+            fixed, tok, span = np.linalg.solve(self._a + ridge, self._b)
+        except np.linalg.LinAlgError:
+            return
+        self.fixed, self.per_token, self.per_span = max(fixed, 0.0), max(tok, 0.0), \
+            max(span, 0.0)
+
+    @property
+    def per_emitted(self) -> float:
+        """Seconds of step per token emitted: what an accepted draft token saves."""
+        return self.seconds / max(self.emitted, 1e-9)
 
 
 @dataclass
@@ -70,10 +143,17 @@ class GenerationResponse:
 
     uid: int
     token: int
-    logprobs: mx.array
+    rows: mx.array = field(repr=False)  # the step's log probabilities, a row per position
+    row: int
     finish_reason: str | None
     prompt_cache: list[Any] | None = None  # on a finish: the caches...
     all_tokens: list[int] | None = None  # ...and the tokens they hold
+
+    @property
+    def logprobs(self) -> mx.array:
+        """This token's row: sliced when asked (few requests want logprobs), not one
+        array op per token per step."""
+        return self.rows[self.row]
 
 
 @dataclass(eq=False)
@@ -92,6 +172,7 @@ class _Seq:
     generated: int = 0
     context: TokenBuffer | None = field(default=None, repr=False)  # processors' tokens
     drafting: Drafting | None = None  # while it speculates (outside the decode batch)
+    balance: float | None = None  # speculation's earnings less its span's cost (seconds)
     rewind: int = 0  # positions its sampler drew last step that were thrown away
 
 
@@ -118,12 +199,15 @@ class RaggedRunner:
                  prefill_step_size: int = DEFAULT_PREFILL_STEP, max_running: int = 16,
                  fallback_sampler: Callable | None = None, speculative: bool = False,
                  draft_stats: DraftStats | None = None,
-                 step_cost_tokens: float | None = None):
+                 step_cost_tokens: float | None = None,
+                 step_times: StepTimes | None = None):
         self.model = model
+        self.times = step_times if step_times is not None else StepTimes()
         self.speculative = speculative
         self.step_cost_tokens = STEP_COST_TOKENS if step_cost_tokens is None \
             else step_cost_tokens
         self.draft_stats = draft_stats if draft_stats is not None else DraftStats()
+        self.cost = StepCost()
         self.token_budget = token_budget
         self.prefill_step_size = prefill_step_size
         self.max_running = max_running
@@ -228,6 +312,8 @@ class RaggedRunner:
         # What an accepted draft token saves, in tokens' cost: its share of the step's
         # own cost, and its own token. A verify emits at most len(draft) + 1 tokens.
         share = 1.0 + self.step_cost_tokens / max(running, 1)
+        if self._measured():  # this machine's: a step's seconds per token emitted
+            share = min(self.cost.per_emitted / max(self.cost.per_token, 1e-9), 1e3)
         verifies = [(s, s.drafting.draft(s.max_tokens - s.generated - 1, share))
                     for s in self._speculating]
         room = self.max_running - running  # prompts that may start decoding
@@ -253,10 +339,15 @@ class RaggedRunner:
         """One forward pass: a token for each decoding sequence (several for a
         speculating one whose draft is accepted) and each prompt that completes, and a
         prefill chunk for the prompts that don't yet."""
+        t0 = time.perf_counter()
         plan = self.plan()
         decodes, verifies, chunks = plan.decodes, plan.verifies, plan.chunks
         if not decodes and not verifies and not chunks:
             return [], []
+        times = self.times
+        times.steps += 1
+        t1 = time.perf_counter()
+        times.seconds["draft"] += t1 - t0
         tokens = [seq.next_token for seq in decodes]
         batch = ragged.Decodes(len(decodes), self._batch) if decodes else None
         spans: list[ragged.Span] = []
@@ -294,10 +385,17 @@ class RaggedRunner:
         if batch is not None:
             states += [c.state for c in batch.caches]
         if not groups:
+            t2 = time.perf_counter()
             mx.eval(states)
+            times.seconds["build"] += t2 - t1
+            times.seconds["eval"] += time.perf_counter() - t2
             return prompt_responses, []
         new_tokens, logprobs = self._sample(groups, logits)
+        t2 = time.perf_counter()
         mx.eval(new_tokens, logprobs, states)
+        t3 = time.perf_counter()
+        times.seconds["build"] += t2 - t1
+        times.seconds["eval"] += t3 - t2
         sampled = new_tokens.tolist()
         started = [seq for seq, _ in chunks if not seq.segments]
         for seq in started:
@@ -306,7 +404,47 @@ class RaggedRunner:
                                     logprobs)
         self._start_decoding([seq for seq in started if seq.uid in self._seqs])
         self._join([seq for seq in self._speculating if not seq.drafting.on])
+        t4 = time.perf_counter()
+        times.seconds["emit"] += t4 - t3
+        self.cost.add(len(tokens), len(spans) + (batch is not None), len(responses),
+                      t4 - t0)
+        self._judge_spans(verifies, responses)
         return prompt_responses, responses
+
+    def _measured(self) -> bool:
+        return MEASURED_COSTS and self.cost.ready
+
+    def _judge_spans(self, verifies: list[tuple[_Seq, list[int]]],
+                     responses: list[GenerationResponse]) -> None:
+        """Speculation outside the batch must pay for its span: each verify's accepted
+        tokens earn a step's seconds per emitted token, its span (a token's worth at
+        least) and drafts cost what the fit says. A sequence starts with a credit of ``SPAN_CREDIT`` spans and
+        joins the batch when its balance runs out (alone, it costs no span: the batch
+        would be one too)."""
+        if not self._measured() or not verifies:
+            return
+        cost = self.cost
+        alone = len(self._decoding) + len(self._speculating) <= 1
+        # A span costs at least a token's worth: the fit can't always tell the two
+        # apart (every sequence speculating: as many spans as decode tokens).
+        unit = max(cost.per_span, cost.per_token)
+        per_span = 0.0 if alone else unit
+        counts: dict[int, int] = {}
+        for r in responses:
+            counts[r.uid] = counts.get(r.uid, 0) + 1
+        leave = []
+        for seq, draft in verifies:
+            if seq.uid not in self._seqs or seq.drafting is None:
+                continue
+            earned = (counts.get(seq.uid, 1) - 1) * cost.per_emitted
+            spent = per_span + len(draft) * cost.per_token
+            cap = SPAN_CREDIT * 4 * unit
+            if seq.balance is None:
+                seq.balance = SPAN_CREDIT * unit
+            seq.balance = min(seq.balance + earned - spent, cap)
+            if seq.balance < 0:
+                leave.append(seq)
+        self._join(leave)
 
     def _emit_step(self, groups: list[tuple[_Seq, int]], drafts: dict[int, list[int]],
                    sampled: list[int], logprobs: mx.array) -> list[GenerationResponse]:
@@ -318,7 +456,7 @@ class RaggedRunner:
             emitted = sampled[row: row + 1] if draft is None else \
                 accepted(draft, sampled[row: row + n])
             for i, token in enumerate(emitted):
-                r = self._emit(seq, token, logprobs[row + i])
+                r = self._emit(seq, token, logprobs, row + i)
                 responses.append(r)
                 if r.finish_reason is not None:
                     finished[seq.uid] = r
@@ -346,14 +484,15 @@ class RaggedRunner:
             self.draft_stats.add(len(draft), kept)
         seq.drafting.update(len(draft), emitted)
 
-    def _emit(self, seq: _Seq, token: int, logprobs: mx.array) -> GenerationResponse:
+    def _emit(self, seq: _Seq, token: int, logprobs: mx.array, row: int
+              ) -> GenerationResponse:
         """One sampled token of ``seq``: its finish, and the token fed next step."""
         seq.generated += 1
         reason = "length" if seq.generated >= seq.max_tokens else None
         if seq.matcher.advance(token):
             reason = "stop"
         seq.next_token = token
-        return GenerationResponse(seq.uid, token, logprobs, reason)
+        return GenerationResponse(seq.uid, token, logprobs, row, reason)
 
     def _start_decoding(self, seqs: list[_Seq]) -> None:
         """Prompts that finished prefilling: speculating ones keep their own caches,

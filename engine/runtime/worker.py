@@ -43,7 +43,7 @@ from blockserve.engine.runtime.kvblocks import (
 )
 from blockserve.engine.runtime.lookup import DraftStats
 from blockserve.engine.runtime.ragged import supports as ragged_supports
-from blockserve.engine.runtime.runner import DEFAULT_TOKEN_BUDGET, RaggedRunner
+from blockserve.engine.runtime.runner import DEFAULT_TOKEN_BUDGET, RaggedRunner, StepTimes
 from blockserve.engine.runtime.sampling import (
     GrammarProcessor,
     Guard,
@@ -154,6 +154,7 @@ class EngineWorker:
         self._runner = runner
         self._speculative = speculative
         self.draft_stats = DraftStats()  # read by /metrics; kept across batch rebuilds
+        self.step_times = StepTimes()  # likewise: where a step's time goes
         self._token_budget = token_budget
         self.block_size = block_size
         self._model_name = model
@@ -166,6 +167,7 @@ class EngineWorker:
         self._stopped = False  # the thread has ended: no command will be read again
         self._stop_lock = threading.Lock()  # orders a call's put against the thread's end
         self._emit: Callable[[EngineEvent], None] | None = None
+        self._pending: list[EngineEvent] | None = None  # a step's events, sent as one
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="blockserve-engine", daemon=True)
@@ -358,7 +360,8 @@ class EngineWorker:
             return RaggedRunner(self.loaded.model, token_budget=self._token_budget,
                                 prefill_step_size=self._prefill_step_size,
                                 max_running=self.max_running,
-                                speculative=self._speculative, draft_stats=self.draft_stats)
+                                speculative=self._speculative, draft_stats=self.draft_stats,
+                                step_times=self.step_times)
         return BatchGenerator(
             self.loaded.model,
             completion_batch_size=self.max_running,
@@ -368,13 +371,21 @@ class EngineWorker:
         )
 
     def _send(self, event: EngineEvent) -> None:
+        if self._pending is not None:  # inside a step: delivered with the others
+            self._pending.append(event)
+            return
+        self._deliver(event)
+
+    def _deliver(self, event: EngineEvent | list[EngineEvent]) -> None:
+        """One cross-thread call: an event, or a step's events in order."""
         if self._emit is None:
             return
+        t0 = time.perf_counter()
         try:
             self._emit(event)
         except RuntimeError:  # the listener's loop has closed: nobody is left to tell
-            log.debug("dropped an event for %s: the scheduler's loop is closed",
-                      event.seq_id)
+            log.debug("dropped events: the scheduler's loop is closed")
+        self.step_times.seconds["events"] += time.perf_counter() - t0
 
     def _handle(self, cmd: _Command, stream) -> None:
         if isinstance(cmd, _Insert):
@@ -553,7 +564,25 @@ class EngineWorker:
                      len(suspects))
 
     def _step(self) -> None:
+        times = self.step_times
+        t0 = time.perf_counter()
         prompt_responses, gen_responses = self._bg.next()
+        t1 = time.perf_counter()
+        if self.runner != "ragged":  # BatchGenerator: its step is one phase
+            times.steps += 1
+            times.seconds["forward"] += t1 - t0
+        sent = times.seconds["events"]
+        self._pending = []
+        try:
+            self._handle_responses(prompt_responses, gen_responses)
+        finally:
+            pending, self._pending = self._pending, None
+            if pending:  # one delivery per step, even when a sequence failed in it
+                self._deliver(pending if len(pending) > 1 else pending[0])
+            times.seconds["engine"] += (time.perf_counter() - t1
+                                        - (times.seconds["events"] - sent))
+
+    def _handle_responses(self, prompt_responses, gen_responses) -> None:
         self._fresh.clear()  # the step went through: the new sequences are in
         for r in prompt_responses:
             seq = self._seqs.get(r.uid)
